@@ -1,0 +1,519 @@
+"""
+Terminal Velocity Matching (TVM): the method and the network, in one file.
+
+Zhou, Parger, Haque, Song, "Terminal Velocity Matching", arXiv 2511.19797 (ICLR 2026).
+Equation, table and section numbers refer to arXiv v1. Read this file next to the paper:
+
+    network      DiT with the paper's "semi-Lipschitz" changes (Sec. 4, App. B)    -> class DiT
+    displacement f(x_t, t, s) = (s - t) [w] F(x_t, t, s, c, w)    (Eq. 4)           -> displacement()
+    terminal     d/ds f = [w] (F + (s - t) dF/ds), one forward-mode JVP (Eq. 17)  -> terminal_velocity()
+    loss         Eq. 15: terminal-velocity term + guided flow matching, both 1/w^2 -> tvm_loss()
+    times        the "gap*" sampler of Table 6                                     -> sample_times()
+    sampler      n uniform steps from t = 1 to 0 (Fig. 3)                          -> sample()
+
+Run `python tvm.py` to print the model sizes and run a small self-check.
+
+Glossary (paper symbol -> name in the code)
+    x_0 ~ p_0          x0        data (pixels in [-1, 1], or normalised SD-VAE latents)
+    x_1 ~ N(0, I)      x1        noise
+    t, s               t, s      times in [0, 1]; t = 1 is noise, t = 0 is data; a jump goes t -> s <= t
+    x_t                x_t       (1 - t) x_0 + t x_1                                        (Sec. 2)
+    v                  v         x_1 - x_0, the conditional velocity (points from data to noise)
+    u(x_t, t)          u         marginal velocity E[v | x_t]; the model's is u_theta(x, t) = [w] F(x, t, t)
+    F_theta            net       the network, called as net(x, t, s, y, w)
+    f_theta            f         the displacement (s - t) [w] F; the jump lands at x_t + f
+    c                  y         class label; y == num_classes is the null class (label dropped)
+    w                  w         guidance weight; the network sees beta = 1 / w (App. F.1)
+    [w]                ws        the factor w of the scaled parameterisation (Sec. 4), or 1 without it
+    theta_sg           -         the online network under stop-gradient (the jump endpoint is detached)
+    theta*_sg          target    the "target" EMA (rate 0.99) under stop-gradient
+    theta**            ema       the evaluation EMA (rate 0.9999): what is saved and sampled from
+    s'                 s_prime   the independent time of the flow-matching term (the "*" of gap*)
+
+Losses are per-element means over (C, H, W), as in the official code, where the paper writes squared
+norms: a constant factor. Where this file follows the official code (github.com/lumalabs/tvm) rather
+than the paper, or the reverse, a comment says so and why.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf
+
+from attention_jvp import attention
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks of the semi-Lipschitz DiT (Sec. 4, App. B)
+# ------------------------------------------------------------------------------------------------
+
+def rms_norm(x, eps=1e-6):
+    """RMSNorm without parameters ("RMSNorm-" of Eq. 16): x / sqrt(mean(x^2) + eps) over the last dim.
+
+    Computed in float32 under autocast, returned in x's dtype. Its Jacobian is bounded by 1/sqrt(eps)
+    (App. B.1), unlike LayerNorm's mean subtraction followed by a learnable affine map.
+    """
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm with a learnable scale over the head dimension, applied to queries and keys (Sec. 4).
+
+    One weight vector of size head_dim, shared by all heads (as in the official code's nn.RMSNorm).
+    """
+
+    def __init__(self, head_dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps = eps
+
+    def forward(self, x):  # (B, H, S, D)
+        return rms_norm(x, self.eps) * self.weight.to(x.dtype)
+
+
+def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
+    """DiT's sin/cos embedding of a scalar per sample. x: (B,) -> (B, dim).
+
+    The raw value is embedded (t in [0, 1], no x1000 scaling), as in the official code (paper-notes
+    §9 #9); the paper does not say.
+    """
+    half = dim // 2
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
+    args = x.to(dtype)[:, None] * freqs[None]                        # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)    # (B, dim)
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoidal embedding followed by Linear-SiLU-Linear: used for t, for the gap t - s, and for
+    the guidance input beta = 1/w (App. F.1)."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, x):  # (B,) -> (B, hidden)
+        emb = sinusoidal_embedding(x, self.freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm. Every call goes through attention_jvp.attention, whose
+    forward-mode derivative can itself be back-propagated (the kernel on a GPU, math elsewhere)."""
+
+    def __init__(self, hidden, num_heads):
+        super().__init__()
+        assert hidden % num_heads == 0, f"hidden size {hidden} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.head_dim = hidden // num_heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.q_norm = QKNorm(self.head_dim)
+        self.k_norm = QKNorm(self.head_dim)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):  # (B, N, hidden)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]                                # each (B, H, N, D)
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = attention(q, k, v)                                          # (B, H, N, D), scale 1/sqrt(D)
+        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+def modulation(c, linear, n):
+    """adaLN modulation vectors: n chunks of linear(SiLU(c)), each RMS-normalised (Eq. 16, App. B.2).
+
+    Normalising bounds the modulation scale a(t), whose unbounded growth the paper singles out as the
+    cause of instability (Fig. 4). The linear is zero-initialised, so the chunks start at exactly 0.
+    """
+    return [rms_norm(m) for m in linear(nnf.silu(c)).chunk(n, dim=-1)]
+
+
+def modulate(x, shift, scale):
+    # Official code's form x * (1 + RMSNorm-(a)) + RMSNorm-(b), not Eq. 16's RMSNorm-(x) * RMSNorm-(a)
+    # + RMSNorm-(b) (paper-notes §9 #2): we follow the code, whose released weights use it. x is already
+    # RMS-normalised by the caller.
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden, num_heads)
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden))
+        self.adaLN = nn.Linear(hidden, 6 * hidden)
+
+    def forward(self, x, c):  # x (B, N, hidden), c (B, hidden)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c, self.adaLN, 6)
+        x = x + gate_a[:, None] * self.attn(modulate(rms_norm(x), shift_a, scale_a))
+        x = x + gate_m[:, None] * self.mlp(modulate(rms_norm(x), shift_m, scale_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch_size, out_channels):
+        super().__init__()
+        self.adaLN = nn.Linear(hidden, 2 * hidden)
+        self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
+
+    def forward(self, x, c):
+        # The official code also RMS-normalises these two modulation vectors; the paper does not
+        # mention it (paper-notes §4 "Difference 2"). We follow the code.
+        shift, scale = modulation(c, self.adaLN, 2)
+        return self.linear(modulate(rms_norm(x), shift, scale))
+
+
+def sincos_pos_embed_2d(hidden, grid):
+    """Fixed 2-D sin/cos positional embedding of DiT (MAE's recipe). -> (grid * grid, hidden)."""
+    def embed_1d(dim, pos):
+        omega = 1.0 / 10_000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1)[:, None] * omega[None]                    # (M, dim/2)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)       # (M, dim)
+    coords = torch.arange(grid, dtype=torch.float64)
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    # DiT's code puts the x coordinate (w) first, then y (h); keep that order.
+    return torch.cat([embed_1d(hidden // 2, gx), embed_1d(hidden // 2, gy)], dim=1).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# The network F_theta(x_t, t, s, c, w)
+# ------------------------------------------------------------------------------------------------
+
+# DiT sizes (Peebles & Xie, Table 1). "XL/2-18h" is the paper's model: 18 heads of dim 64 instead of
+# 16 of dim 72, for the kernel's sake (App. F.1).
+DIT_CONFIGS = {
+    "S/2": dict(hidden_size=384, depth=12, num_heads=6, patch_size=2),
+    "B/2": dict(hidden_size=768, depth=12, num_heads=12, patch_size=2),
+    "L/2": dict(hidden_size=1024, depth=24, num_heads=16, patch_size=2),
+    "XL/2": dict(hidden_size=1152, depth=28, num_heads=16, patch_size=2),
+    "XL/2-18h": dict(hidden_size=1152, depth=28, num_heads=18, patch_size=2),
+}
+
+
+class DiT(nn.Module):
+    """DiT with TVM's changes: parameter-free RMSNorm for every LayerNorm, QK-norm, RMS-normalised
+    adaLN modulations, spectral init, and embedders for t, for the gap t - s and for beta = 1/w.
+
+    forward(x, t, s, y, w) -> F, same shape as x. x: (B, C, H, W); t, s, w: (B,) floats; y: (B,) long,
+    with y == num_classes the null class. The output is returned in float32.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=18, mlp_ratio=4.0, num_classes=1000, time_spectral_init=True):
+        super().__init__()
+        assert input_size % patch_size == 0, f"input size {input_size} is not a multiple of patch {patch_size}"
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.num_classes = num_classes
+        self.grid = input_size // patch_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Fixed, not trained; a Parameter (requires_grad=False) as in DiT, so it counts in the 678M.
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(hidden_size, self.grid)[None], requires_grad=False)
+        self.t_embedder = ScalarEmbedder(hidden_size)      # time t
+        self.gap_embedder = ScalarEmbedder(hidden_size)    # gap t - s (the code's "s" input)
+        self.w_embedder = ScalarEmbedder(hidden_size)      # guidance input beta = 1 / w
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)   # row num_classes: null class
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.time_spectral_init = time_spectral_init
+        if not self.pos_embed.is_meta:  # a meta-device model (for counting parameters) needs no init
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Lipschitz ("spectral") init (Sec. 4, after Qi et al. 2023): xavier-normal weights divided by
+        their largest singular value, zero biases. Exceptions, as in the official code: label table
+        N(0, 0.02); adaLN linears and the output linear zero (adaLN-Zero: every block starts as the
+        identity and F starts at 0); time embedders N(0, 0.02) unless time_spectral_init, which
+        Table 6 and the configs use for the im256 w=2 model (the text says otherwise, paper-notes §9 #3).
+        """
+        def spectral_(weight):
+            nn.init.xavier_normal_(weight)
+            w2d = weight.reshape(weight.shape[0], -1)
+            weight.div_(torch.linalg.matrix_norm(w2d.double(), ord=2).to(weight.dtype))
+
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                spectral_(module.weight)
+                nn.init.zeros_(module.bias)
+        if not self.time_spectral_init:
+            for emb in (self.t_embedder, self.gap_embedder, self.w_embedder):
+                for layer in emb.mlp:
+                    if isinstance(layer, nn.Linear):
+                        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN.weight)
+            nn.init.zeros_(block.adaLN.bias)
+        nn.init.zeros_(self.final_layer.adaLN.weight)
+        nn.init.zeros_(self.final_layer.adaLN.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
+        p, g, C = self.patch_size, self.grid, self.in_channels
+        x = x.reshape(x.shape[0], g, g, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
+
+    def forward(self, x, t, s, y, w):
+        # The network sees (t, t - s, beta = 1/w), as in the official wrapper; a JVP in s then reaches
+        # the network through the gap embedder with tangent -1 (paper-notes §2.2).
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed           # (B, N, hidden)
+        c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c)).float()                       # (B, C, H, W)
+
+
+def build_dit(name_or_kwargs, input_size, in_channels, num_classes, **overrides):
+    """build_dit("XL/2-18h", 32, 4, 1000) or build_dit(dict(hidden_size=..., ...), ...)."""
+    if isinstance(name_or_kwargs, str):
+        if name_or_kwargs not in DIT_CONFIGS:
+            raise ValueError(f"unknown model {name_or_kwargs!r}; expected one of {sorted(DIT_CONFIGS)}")
+        kwargs = dict(DIT_CONFIGS[name_or_kwargs])
+    else:
+        kwargs = dict(name_or_kwargs)
+    kwargs.update(overrides)
+    return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The displacement f and its terminal derivative d/ds f (Eqs. 4, 17)
+# ------------------------------------------------------------------------------------------------
+
+def _bc(a, x):
+    """Broadcast a per-sample (B,) tensor against x (B, ...)."""
+    return a.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def _scale(w, scale_param):
+    """[w]: the factor of the scaled parameterisation (Sec. 4), or 1 without it."""
+    return w if scale_param else torch.ones_like(w)
+
+
+def displacement(net, x_t, t, s, y, w, scale_param=True):
+    """f_theta(x_t, t, s, c, w) = (s - t) [w] F_theta(x_t, t, s, c, w).       (Eq. 4; Sec. 4 scaled)"""
+    return _bc((s - t) * _scale(w, scale_param), x_t) * net(x_t, t, s, y, w)
+
+
+def model_velocity(net, x, t, y, w, scale_param=True):
+    """u_theta(x, t, c, w) = d/ds f_theta |_{s=t} = [w] F_theta(x, t, t, c, w).   (Sec. 3; App. A.5)"""
+    return _bc(_scale(w, scale_param), x) * net(x, t, t, y, w)
+
+
+def terminal_velocity(net, x_t, t, s, y, w, scale_param=True, detach_jvp=False):
+    """(f, d/ds f) with d/ds f = [w] (F + (s - t) dF/ds).                          (Eq. 17, Fig. 11)
+
+    dF/ds is one forward-mode JVP. The paper's tangent is (0, 0, 1) on (x_t, t, s); differentiating only
+    in s is the same product with the zero tangents left out. Reverse-mode gradients flow through both
+    F and dF/ds (second order through the JVP), unless detach_jvp, the paper's cheaper biased variant
+    (Sec. 7.4), which stops the gradient of dF/ds only.
+    """
+    F, dF_ds = torch.func.jvp(lambda s_: net(x_t, t, s_, y, w), (s,), (torch.ones_like(s),))
+    if detach_jvp:
+        dF_ds = dF_ds.detach()
+    ws = _bc(_scale(w, scale_param), x_t)
+    gap = _bc(s - t, x_t)
+    f = gap * ws * F                                  # Eq. 4
+    df_ds = ws * (F + gap * dF_ds)                    # Eq. 17
+    return f, df_ds
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling the loss inputs: times (gap*, Table 6), noise, label dropout, guidance weight
+# ------------------------------------------------------------------------------------------------
+
+def _logit(p):
+    return torch.log(p) - torch.log1p(-p)
+
+
+def sample_times(n, generator=None, device=None, mu_gap=-0.8, sigma_gap=1.0, mu_s=-0.4, sigma_s=1.0):
+    """The "gap*" time sampler (Sec. 7.3, Table 6; official loss.py sample_ts). Returns (t, s, s_prime).
+
+        gap = sigmoid(N(mu_gap, sigma_gap^2))
+        s   = sigmoid(z), z ~ N(mu_s, sigma_s^2) truncated to z <= logit(1 - gap)  (so s <= 1 - gap)
+        t   = s + gap
+        s'  = sigmoid(N(mu_s, sigma_s^2)), independent, for the flow-matching term only
+
+    The truncation is sampled exactly by the inverse CDF: z = mu + sigma Phi^-1(U Phi((b - mu) / sigma)).
+    Computed in float64, returned in float32. Medians: gap 0.31, s 0.33, t 0.71, s' 0.40.
+    """
+    kw = dict(generator=generator, device=device, dtype=torch.float64)
+    gap = torch.sigmoid(mu_gap + sigma_gap * torch.randn(n, **kw))
+    b = (_logit(1 - gap) - mu_s) / sigma_s                                # standardised upper bound
+    z = mu_s + sigma_s * torch.special.ndtri(torch.rand(n, **kw) * torch.special.ndtr(b))
+    s = torch.sigmoid(z)
+    t = (s + gap).clamp(max=1.0)                                         # clamp: rounding only
+    s_prime = torch.sigmoid(mu_s + sigma_s * torch.randn(n, **kw))
+    return t.float(), s.float(), s_prime.float()
+
+
+@dataclass
+class LossInputs:
+    """Everything random in one step of Algorithm 1; the loss is a pure function of these."""
+    x0: torch.Tensor        # (B, ...) data
+    x1: torch.Tensor        # (B, ...) noise
+    t: torch.Tensor         # (B,)
+    s: torch.Tensor         # (B,)
+    s_prime: torch.Tensor   # (B,)
+    y: torch.Tensor         # (B,) long, num_classes = null class
+    w: torch.Tensor         # (B,) guidance weight, 1 where the label was dropped
+
+    def slice(self, i, j):
+        """Rows i:j (a data-parallel rank's share, or a micro-batch)."""
+        return LossInputs(*(getattr(self, k)[i:j] for k in self.__dataclass_fields__))
+
+
+def sample_loss_inputs(x0, y, num_classes, w=2.0, w_range=None, label_dropout=0.1, generator=None):
+    """Step 1-3 of Algorithm 1: noise, times, label dropout and guidance weight for a batch.
+
+    Guidance: constant w (the paper's best, Table 4a; all released configs) unless w_range=(w_min,
+    w_max). Random w follows the paper, beta = 1/w ~ U(1/w_max, 1/w_min) (App. F.1), since beta is
+    what the network sees; the official code instead draws w ~ U(w_min, w_max) (paper-notes §9 #1).
+    Label dropout: y -> null with probability label_dropout, and w forced to 1 there (Sec. 4).
+    """
+    B, device = x0.shape[0], x0.device
+    x1 = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    t, s, s_prime = sample_times(B, generator=generator, device=device)
+    if w_range is None:
+        w = torch.full((B,), float(w), device=device)
+    else:
+        w_min, w_max = w_range
+        beta = 1 / w_max + (1 / w_min - 1 / w_max) * torch.rand(B, generator=generator, device=device)
+        w = 1.0 / beta
+    drop = torch.rand(B, generator=generator, device=device) < label_dropout
+    y = torch.where(drop, torch.full_like(y, num_classes), y)
+    w = torch.where(drop, torch.ones_like(w), w)
+    return LossInputs(x0, x1, t, s, s_prime, y, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loss (Eq. 15)
+# ------------------------------------------------------------------------------------------------
+
+def _mean_dims(x):
+    return x.flatten(1).mean(1)  # (B,)
+
+
+def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True):
+    """Eq. 15 (v1), per sample, then the batch mean:
+
+        (1/w^2) [ || d/ds f_theta(x_t, t, s, c, w) - u_{theta*_sg}(x_t + f_{theta_sg}(x_t, t, s, c, w), s, c, w) ||^2 1[t != s]
+                + || u_theta(x_s', s', c, w) - (w v + (1 - w) u_{theta*_sg}(x_s', s', null, 1)) ||^2 ]
+
+    net is the online network, target the target EMA (a separate module; no gradient reaches it). With
+    terminal=False only the flow-matching term is computed: the baseline of the same network trained
+    as a plain (guided) flow-matching model. Returns (loss, {"terminal": (B,), "fm": (B,)}).
+    """
+    x0, x1, t, s, s_prime, y, w = inp.x0, inp.x1, inp.t, inp.s, inp.s_prime, inp.y, inp.w
+    B = x0.shape[0]
+    v = x1 - x0                                                           # conditional velocity
+    x_sp = _bc(1 - s_prime, x0) * x0 + _bc(s_prime, x0) * x1              # x_{s'}, same (x0, x1)
+    null = torch.full_like(y, null_class(net))
+    ones = torch.ones_like(w)
+
+    if terminal:
+        x_t = _bc(1 - t, x0) * x0 + _bc(t, x0) * x1                       # Sec. 2
+        f, df_ds = terminal_velocity(net, x_t, t, s, y, w, scale_param, detach_jvp)
+        x_s_hat = (x_t + f).detach()                                      # jump endpoint, theta_sg
+        with torch.no_grad():
+            # One forward of the target for both of its batches: the velocity at the jump endpoint
+            # (terminal term) and the unconditional velocity at x_s' (guided FM target, Eq. 14).
+            u_both = model_velocity(target, torch.cat([x_s_hat, x_sp]), torch.cat([s, s_prime]),
+                                    torch.cat([y, null]), torch.cat([w, ones]), scale_param)
+            u_target, u_uncond = u_both[:B], u_both[B:]
+        not_equal = (t != s).to(x0.dtype)                                 # the 1[t != s] of Eq. 12
+        terminal_term = _mean_dims((df_ds - u_target) ** 2) * not_equal / w ** 2
+    else:
+        with torch.no_grad():
+            u_uncond = model_velocity(target, x_sp, s_prime, null, ones, scale_param)
+        terminal_term = torch.zeros(B, device=x0.device)
+
+    u = model_velocity(net, x_sp, s_prime, y, w, scale_param)                       # u_theta(x_s', s', c, w)
+    fm_target = _bc(w, x0) * v + _bc(1 - w, x0) * u_uncond                          # Eq. 14
+    fm_term = _mean_dims((u - fm_target) ** 2) / w ** 2
+    loss = (terminal_term + fm_term).mean()
+    return loss, {"terminal": terminal_term.detach(), "fm": fm_term.detach()}
+
+
+def null_class(net):
+    """The null-class label of a network: its num_classes (toy networks must define the attribute)."""
+    if not hasattr(net, "num_classes"):
+        raise AttributeError(f"{type(net).__name__} needs a `num_classes` attribute, the label of its null "
+                             "class (e.g. 1 for an unconditional toy network whose labels are all 1)")
+    return net.num_classes
+
+
+class TVMLoss(nn.Module):
+    """The whole loss as one module's forward, JVP included, so that DistributedDataParallel can wrap
+    it: torch.func.jvp cannot run through a DDP module (pytorch #102197), but DDP only needs the
+    parameters' gradients, which backward produces as usual. The target EMA is passed in, not owned,
+    so DDP neither broadcasts nor synchronises it (the official code does the same)."""
+
+    def __init__(self, net, scale_param=True, detach_jvp=False, terminal=True):
+        super().__init__()
+        self.net = net
+        self.scale_param, self.detach_jvp, self.terminal = scale_param, detach_jvp, terminal
+
+    def forward(self, inp, target):
+        return tvm_loss(self.net, target, inp, self.scale_param, self.detach_jvp, self.terminal)
+
+
+@torch.no_grad()
+def ema_update(ema, net, rate):
+    """theta_ema <- rate theta_ema + (1 - rate) theta. Used for the target EMA (0.99) and the
+    evaluation EMA (0.9999) of Algorithm 1, step 5."""
+    ema_params = [p for p in ema.parameters()]
+    net_params = [p.detach() for p in net.parameters()]
+    torch._foreach_lerp_(ema_params, net_params, 1.0 - rate)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sampler (Sec. 3 "Sampling", Fig. 3)
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(net, x1, y, w, steps, scale_param=True):
+    """n deterministic jumps on the uniform grid t_k = 1 - k/n:  x <- x + (s - t) [w] F(x, t, s, c, w).
+
+    The state is kept in float64, as in the official generate_images.py; the network runs in its own
+    precision (float32, or bf16 under autocast). w is a network input, so one step is exactly one
+    forward pass: no classifier-free-guidance doubling. w may be a float or a (B,) tensor.
+    """
+    B, device = x1.shape[0], x1.device
+    w = torch.as_tensor(w, dtype=torch.float32, device=device).expand(B)
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    dtype = next(net.parameters()).dtype          # float32 (bf16 comes from autocast), or float64 in tests
+    x = x1.double()
+    for k in range(steps):
+        t = torch.full((B,), float(grid[k]), device=device)
+        s = torch.full((B,), float(grid[k + 1]), device=device)
+        x = x + displacement(net, x.to(dtype), t, s, y, w, scale_param).double()
+    return x
+
+
+# ------------------------------------------------------------------------------------------------
+# python tvm.py: sizes and a small self-check
+# ------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    for name in DIT_CONFIGS:
+        with torch.device("meta"):
+            m = build_dit(name, input_size=32, in_channels=4, num_classes=1000)
+        print(f"DiT-{name:9s} 256 px (32x32x4 latents, 1000 classes): {sum(p.numel() for p in m.parameters()):,} parameters")
+    torch.manual_seed(0)
+    net = build_dit(dict(hidden_size=64, depth=2, num_heads=4, patch_size=2), 8, 1, 10).double()
+    target = build_dit(dict(hidden_size=64, depth=2, num_heads=4, patch_size=2), 8, 1, 10).double()
+    inp = sample_loss_inputs(torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,)), 10)
+    loss, terms = tvm_loss(net, target, inp)
+    loss.backward()
+    print(f"tiny DiT: loss {loss.item():.4f} (terminal {terms['terminal'].mean():.4f}, fm {terms['fm'].mean():.4f})")
+    x = sample(net, torch.randn(4, 1, 8, 8), torch.arange(4), 2.0, steps=2)
+    print(f"2-step sample: shape {tuple(x.shape)}, dtype {x.dtype}")
