@@ -1,0 +1,830 @@
+"""
+Train a Terminal Velocity Matching model (arXiv 2511.19797, Algorithm 1), from a laptop demo to
+ImageNet-512 on several nodes. The method itself lives in tvm.py; this file is data, the loop,
+checkpoints and logs.
+
+The embedded demo: 1,797 8x8 handwritten digits (data/digits.npz), a tiny DiT, CPU, about 10 minutes:
+$ python train.py
+
+ImageNet at 256 or 512 px (one folder of images per class; encoded once into SD-VAE latents, cached
+beside the folder), one GPU:
+$ python train.py --res 256 --data /path/to/imagenet/train
+N GPUs of one machine:
+$ torchrun --standalone --nproc_per_node=8 train.py --res 256 --data /path/to/imagenet/train
+Several machines (run on each, node_rank 0..nnodes-1):
+$ torchrun --nnodes=4 --nproc_per_node=8 --node_rank=0 --master_addr=HOST0 --master_port=29500 \
+      train.py --res 512 --data /path/to/imagenet/train
+Continue a stopped run (same --out):
+$ python train.py --res 256 --data ... --resume
+
+Every field of TrainConfig is a command-line option (--batch_size 256 --lr 2e-4 --grad_clip 1.0 ...);
+`python train.py --help` lists them. Fields left unset take the preset of their --res (PRESETS).
+The run folder (--out) gets ckpt.pt, log.jsonl and samples_<step>.png grids (rows: classes; left:
+1-step samples, right: 4-step samples).
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import tvm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class TrainError(Exception):
+    """A problem the person running train.py can fix; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: one dataclass; every field is a command-line option; None = take the --res preset
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    # data
+    res: int = 0                  # 0: the embedded 8x8 digits (pixels); 256 or 512: SD-VAE latents
+    data: str = None              # res 0: digits.npz; else an image folder (ImageNet layout) or a latents.npy
+    latent_cache: str = ""        # where an image folder is encoded to; "" = beside it, <data>_latents<res>
+    out: str = None               # run folder: ckpt.pt, log.jsonl, samples_*.png
+    # network (tvm.DIT_CONFIGS name, or "tiny"); depth/hidden_size/num_heads > 0 override the preset
+    model: str = None
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
+    # the TVM loss (Eq. 15)
+    w: float = None               # guidance weight, constant (Table 4a): 2.0 at 256, 2.5 at 512
+    w_max: float = 0.0            # > w: random guidance, beta = 1/w ~ U(1/w_max, 1/w); 0 = constant w
+    label_dropout: float = 0.1
+    scale_param: bool = None      # scaled parameterisation f = (s-t) w F; Table 6: off for the 512 w=2.5 run
+    detach_jvp: bool = False      # cheaper, biased variant of Sec. 7.4
+    target_ema: float = 0.99      # theta*: the teacher in the loss (Table 4b)
+    ema: float = None             # theta**: evaluated and sampled; 0.9999 in the paper
+    # optimisation (Table 6): AdamW, constant lr, no warm-up
+    steps: int = None
+    batch_size: int = None        # global: all GPUs and all accumulation rounds together
+    micro_batch: int = 0          # samples per forward on one GPU; 0 = its whole share (no accumulation)
+    lr: float = None
+    beta1: float = 0.9
+    beta2: float = 0.95           # not 0.999: the terminal loss fluctuates with it (Fig. 5)
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    grad_clip: float = None       # max global gradient norm, 0 = off; the official 512 configs use 1.0
+    precision: str = "auto"       # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 | fp64
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda
+    log_every: int = None
+    sample_every: int = None      # sample grid every N steps (and at the end); 0 = never
+    ckpt_every: int = None        # checkpoint every N steps (and at the end)
+    resume: bool = False          # continue from <out>/ckpt.pt
+    fid: bool = True              # digits only: FID of 1- and 4-step samples at the end (fid.py)
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    workers: int = 8              # image-decoding processes while encoding latents
+    # filled in from the data, not by hand
+    input_size: int = 0
+    in_channels: int = 0
+    num_classes: int = 0
+
+
+TINY = dict(hidden_size=128, depth=4, num_heads=4, patch_size=2)   # the digits model, ~1.4M parameters
+MODELS = dict(tvm.DIT_CONFIGS, tiny=TINY)
+
+PRESETS = {
+    # The embedded demo: sized for ~10 minutes on 2 CPU cores. Faster EMA than the paper's 0.9999,
+    # which would average over more steps than the whole run has.
+    0: dict(model="tiny", w=1.5, scale_param=True, ema=0.999, steps=1500, batch_size=128, lr=1e-3,
+            grad_clip=0.0, log_every=25, sample_every=500, ckpt_every=500),
+    # Table 6. Gradient clipping at 1.0 is in the official 512 configs only, not in the paper.
+    256: dict(model="XL/2-18h", w=2.0, scale_param=True, ema=0.9999, steps=300_000, batch_size=2048,
+              lr=1e-4, grad_clip=0.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
+    512: dict(model="XL/2-18h", w=2.5, scale_param=False, ema=0.9999, steps=300_000, batch_size=2048,
+              lr=1e-4, grad_clip=1.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
+}
+
+# Fields that define the network and its data; a checkpoint can only continue a run that agrees on them.
+STRUCTURAL = ("res", "model", "depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes")
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def parse_config(argv=None):
+    """Command line -> TrainConfig with the --res preset filled in."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    derived = ("input_size", "in_channels", "num_classes")
+    types = {bool: _parse_bool, int: int, float: float, str: str}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in derived:
+            continue
+        if f.type is bool:  # "--resume" alone means true
+            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None,
+                           help=f"default {f.default}")
+        else:
+            p.add_argument(f"--{f.name}", type=types[f.type], default=None, help=f"default {f.default}")
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return resolve(TrainConfig(**given))
+
+
+def resolve(cfg):
+    if cfg.res not in PRESETS:
+        raise TrainError(f"--res {cfg.res} is not supported: use 0 (the embedded digits), 256 or 512 "
+                         "(the SD-VAE latent statistics of paper-notes §7 exist for these two only)")
+    for k, v in PRESETS[cfg.res].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.data is None:
+        if cfg.res != 0:
+            raise TrainError(f"--res {cfg.res} needs --data: an image folder in ImageNet layout "
+                             "(DIR/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+        cfg.data = os.path.join(HERE, "data", "digits.npz")
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", "digits" if cfg.res == 0 else f"in{cfg.res}")
+    if cfg.model not in MODELS:
+        raise TrainError(f"--model {cfg.model!r} is unknown; choose one of {sorted(MODELS)}")
+    if cfg.precision not in ("auto", "bf16", "fp32", "fp64"):
+        raise TrainError(f"--precision {cfg.precision!r}: expected auto, bf16, fp32 or fp64")
+    return cfg
+
+
+def model_kwargs(cfg):
+    """The DiT's size: the named preset with any of depth / hidden_size / num_heads overridden."""
+    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    kw = dict(MODELS[cfg["model"]])
+    kw.update({k: cfg[k] for k in ("depth", "hidden_size", "num_heads") if cfg[k]})
+    return kw
+
+
+def build_net(cfg):
+    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return tvm.build_dit(model_kwargs(cfg), cfg["input_size"], cfg["in_channels"], cfg["num_classes"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Data. Digits: pixels in memory. ImageNet: SD-VAE latents, memory-mapped from a .npy file.
+# ------------------------------------------------------------------------------------------------
+
+# Per-channel statistics of raw SD-VAE (ft-ema) latents, from IMM (paper-notes §7). Training data is
+# x0 = (z - mean) / std, with unit final std; decoding inverts it before the VAE.
+LATENT_STATS = {
+    256: dict(mean=[0.865, -0.278, 0.216, 0.374], std=[4.855, 5.319, 3.937, 3.987]),
+    512: dict(mean=[1.56, -0.695, 0.483, 0.729], std=[5.27, 5.91, 4.21, 4.31]),
+}
+
+
+def _stats(res, device, dtype):
+    st = LATENT_STATS[res]
+    return (torch.tensor(st["mean"], device=device, dtype=dtype)[None, :, None, None],
+            torch.tensor(st["std"], device=device, dtype=dtype)[None, :, None, None])
+
+
+class DigitsData:
+    """The 1,797 8x8 digits of UCI "Optical Recognition of Handwritten Digits" (values 0..16, labels
+    0..9), as pixels in [-1, 1]: x0 = v / 8 - 1. Small enough to hold in memory on every rank."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {path}: no such file. The digits ship with the project as "
+                             "data/digits.npz; restore it with `git checkout data/digits.npz`")
+        d = np.load(path)
+        self.images = torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0)[:, None]  # (N, 1, 8, 8)
+        self.labels = d["labels"].astype(np.int64)                                          # (N,)
+        self.num_classes = int(self.labels.max()) + 1
+        self.shape = tuple(self.images.shape[1:])
+        self.posterior = False
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, idx):  # idx (n,) numpy -> (n, 1, 8, 8)
+        return self.images[torch.from_numpy(idx)]
+
+
+class LatentData:
+    """SD-VAE latents of an image folder: latents.npy (N, 8, h, w) float16, the posterior mean and std of
+    each image (N, 4, h, w: fixed latents), with labels.npy (N,) and meta.json beside it. Memory-mapped:
+    each rank reads only the rows of its share of the batch. Latents are raw VAE latents; the posterior
+    sample mean + std * eps is drawn afresh at every step, as in the official code (paper-notes §7)."""
+
+    def __init__(self, path, res):
+        if os.path.isdir(path):
+            path = os.path.join(path, "latents.npy")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {path}: no such latent file. Pass an image folder to encode it, or the "
+                             "latents.npy (or its folder) that an earlier run wrote")
+        labels_path = os.path.join(folder, "labels.npy")
+        if not os.path.isfile(labels_path):
+            raise TrainError(f"{path} has no labels.npy beside it: the latents and their class labels "
+                             f"(int64, shape (N,)) must sit in the same folder {folder}")
+        self.moments = np.load(path, mmap_mode="r")
+        self.labels = np.load(labels_path).astype(np.int64)
+        h = res // 8
+        if self.moments.ndim != 4 or self.moments.shape[1] not in (4, 8) or self.moments.shape[2:] != (h, h):
+            found = "x".join(map(str, self.moments.shape[1:]))
+            guess = (f" These look like latents for --res {self.moments.shape[-1] * 8}: pass that --res, or"
+                     if self.moments.ndim == 4 else "")
+            raise TrainError(f"{path} holds latents of shape {found} per image, but --res {res} needs "
+                             f"4x{h}x{h} (or 8x{h}x{h}: posterior mean and std).{guess} encode the images "
+                             f"again for --res {res} by passing the image folder as --data")
+        if len(self.labels) != len(self.moments):
+            raise TrainError(f"{labels_path} has {len(self.labels)} labels for {len(self.moments)} latents; "
+                             "re-encode the folder (delete the latent folder and pass the images as --data)")
+        meta_path = os.path.join(folder, "meta.json")
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        self.num_classes = int(meta.get("num_classes", self.labels.max() + 1))
+        self.posterior = self.moments.shape[1] == 8
+        self.shape = (4, h, h)
+        self.res = res
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, idx):  # idx (n,) numpy -> (n, 8 or 4, h, w) float32; sorted reads are faster on disk
+        order = np.argsort(idx)
+        rows = np.empty((len(idx),) + self.moments.shape[1:], dtype=np.float32)
+        rows[order] = self.moments[idx[order]]
+        return torch.from_numpy(rows)
+
+    def to_x0(self, raw, eps):
+        """Raw rows on the device -> normalised latents x0. eps: (n, 4, h, w) posterior noise."""
+        z = raw[:, :4] + raw[:, 4:] * eps if self.posterior else raw
+        mean, std = _stats(self.res, raw.device, raw.dtype)
+        return (z - mean) / std
+
+
+class EpochSampler:
+    """The global batch of step k is a pure function of (seed, k): the k-th block of batch_size entries
+    in a sequence of per-epoch random permutations. No state to save; every rank computes the same
+    global indices and takes its own slice, whatever the number of ranks."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.cache = n, seed, {}
+
+    def perm(self, epoch):
+        if epoch not in self.cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cache = {e: p for e, p in self.cache.items() if e == epoch - 1}   # keep one epoch back
+            self.cache[epoch] = torch.randperm(self.n, generator=g).numpy()
+        return self.cache[epoch]
+
+    def batch(self, step, batch_size):  # -> (batch_size,) dataset indices
+        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        epoch, i = pos // self.n, pos % self.n
+        out = np.empty(batch_size, dtype=np.int64)
+        for e in np.unique(epoch):
+            out[epoch == e] = self.perm(int(e))[i[epoch == e]]
+        return out
+
+
+def make_batch(data, sampler, cfg, step, rank, world, device, dtype):
+    """One rank's share of step `step`'s batch, split into micro-batches of tvm.LossInputs.
+
+    Everything random (posterior noise, x1, times, label dropout) is drawn for the *global* batch from a
+    generator seeded by (seed, step), identically on every rank, and then sliced. So the global batch
+    does not depend on the number of ranks or micro-batches: 2 GPUs compute the same step as 1, and a
+    resumed run the same steps as an uninterrupted one. Only the data rows are read per rank.
+    """
+    B = cfg.batch_size
+    Br = B // world
+    lo, hi = rank * Br, (rank + 1) * Br
+    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    idx = sampler.batch(step, B)                                                 # (B,)
+    y = torch.from_numpy(data.labels[idx]).to(device)                            # (B,), cheap for all
+    x0 = torch.zeros((B,) + data.shape, device=device, dtype=dtype)              # (B, C, H, W)
+    raw = data.load(idx[lo:hi]).to(device, dtype)
+    if isinstance(data, LatentData):
+        eps = torch.randn((B,) + data.shape, generator=g, device=device, dtype=dtype)[lo:hi]
+        raw = data.to_x0(raw, eps)
+    x0[lo:hi] = raw
+    w_range = (cfg.w, cfg.w_max) if cfg.w_max > cfg.w else None
+    inputs = tvm.sample_loss_inputs(x0, y, data.num_classes, w=cfg.w, w_range=w_range,
+                                    label_dropout=cfg.label_dropout, generator=g).slice(lo, hi)
+    mb = cfg.micro_batch or Br
+    return [inputs.slice(i, i + mb) for i in range(0, Br, mb)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding an image folder into SD-VAE latents (once; resumable)
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def scan_image_folder(root):
+    """ImageNet layout: root/<class>/<image>. -> (files, labels (N,) int64, class names)."""
+    if not os.path.isdir(root):
+        raise TrainError(f"--data {root}: no such folder. Expected an image folder in ImageNet layout "
+                         f"({root}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise TrainError(f"--data {root} has no class sub-folders. Expected {root}/<class>/<image>.JPEG, "
+                         "one folder per class (for one class, put all images in one sub-folder)")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        imgs = sorted(e.path for e in os.scandir(os.path.join(root, name))
+                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+        if not imgs:
+            raise TrainError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTS)}): "
+                             "add images or remove the folder (every folder is a class)")
+        files += imgs
+        labels += [c] * len(imgs)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def center_crop(img, res):
+    """ADM's preprocessing (guided-diffusion center_crop_arr), used by DiT and TVM: box-downsample by 2
+    while possible, bicubic-resize the short side to res, crop the centre. -> (res, res, 3) uint8."""
+    from PIL import Image
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - res) // 2, (arr.shape[1] - res) // 2
+    return arr[top:top + res, left:left + res]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files, res):
+        self.files, self.res = files, res
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as img:
+                arr = center_crop(img.convert("RGB"), self.res)
+        except Exception as e:
+            raise TrainError(f"cannot read image {self.files[i]} ({type(e).__name__}: {e}). Delete or replace "
+                             "the file and run again; encoding resumes where it stopped") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i     # (3, res, res) uint8
+
+
+def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, world=1, device="cpu",
+                        flush_every=100):
+    """Encode root/<class>/<image> into cache/{latents.npy, labels.npy, meta.json}.
+
+    encoder: (n, 3, res, res) in [-1, 1] -> (n, 8, res/8, res/8) posterior mean and std (VAE.encode).
+    Work is split in chunks of `batch` images, shared round-robin by the ranks. Every `flush_every`
+    chunks the rows are flushed to disk and only then marked in done.npy, so after an interruption (or
+    with another number of GPUs) the next run encodes only what is missing. meta.json is written last: it marks the cache
+    as complete.
+    """
+    meta_path = os.path.join(cache, "meta.json")
+    if os.path.isfile(meta_path):
+        return cache
+    files, labels, classes = scan_image_folder(root)
+    n, h = len(files), res // 8
+    chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+    lat_path, done_path = os.path.join(cache, "latents.npy"), os.path.join(cache, "done.npy")
+    info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch)
+    if rank == 0:
+        os.makedirs(cache, exist_ok=True)
+        info_path = os.path.join(cache, "encoding.json")
+        if os.path.isfile(info_path) and json.load(open(info_path)) != info:
+            raise TrainError(f"{cache} holds an unfinished encoding of a different folder or --res "
+                             f"({json.load(open(info_path))} vs now {info}): delete {cache} and run again")
+        if not os.path.isfile(info_path):
+            np.lib.format.open_memmap(lat_path, mode="w+", dtype=np.float16, shape=(n, 8, h, h)).flush()
+            np.save(done_path, np.zeros(len(chunks), dtype=np.uint8))
+            np.save(os.path.join(cache, "labels.npy"), labels)
+            json.dump(info, open(info_path, "w"))
+    if world > 1:
+        dist.barrier()
+    lat = np.load(lat_path, mmap_mode="r+")
+    done = np.load(done_path, mmap_mode="r+")
+    todo = [c for c in range(len(chunks)) if c % world == rank and not done[c]]
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_sampler=[range(*chunks[c]) for c in todo],
+                                         num_workers=workers)
+    pending = []
+    for (imgs, idx), c in zip(tqdm(loader, desc=f"encoding {root} -> {cache}", disable=rank != 0), todo):
+        x = imgs.to(device).float() / 127.5 - 1.0                                # (n, 3, res, res)
+        lat[chunks[c][0]:chunks[c][1]] = encoder(x).float().cpu().numpy().astype(np.float16)
+        pending.append(c)
+        if len(pending) == flush_every or c == todo[-1]:
+            lat.flush()
+            done[pending] = 1
+            done.flush()
+            pending = []
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if not np.all(np.load(done_path)):
+            raise TrainError(f"encoding of {root} is incomplete; run again to finish it")
+        _atomic_write_text(meta_path, json.dumps(dict(info, classes=classes, root=os.path.abspath(root)), indent=1))
+    if world > 1:
+        dist.barrier()
+    return cache
+
+
+def open_data(cfg, rank, world, device):
+    if cfg.res == 0:
+        return DigitsData(cfg.data)
+    if not os.path.exists(cfg.data):
+        raise TrainError(f"--data {cfg.data} does not exist. Expected an image folder in ImageNet layout "
+                         f"({cfg.data}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+    if os.path.isdir(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "latents.npy")):
+        # An image folder: encode it once, or reuse its complete cache.
+        cache = cfg.latent_cache or cfg.data.rstrip("/") + f"_latents{cfg.res}"
+        if not os.path.isfile(os.path.join(cache, "meta.json")):
+            scan_image_folder(cfg.data)           # a bad folder is reported before the VAE is loaded
+            vae = load_vae(device, cfg.vae)
+            encode_image_folder(cfg.data, cache, cfg.res, vae.encode_moments, workers=cfg.workers,
+                                rank=rank, world=world, device=device)
+            del vae
+        return LatentData(cache, cfg.res)
+    return LatentData(cfg.data, cfg.res)
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAE (SD-VAE ft-ema, through diffusers): only for encoding and for decoding samples
+# ------------------------------------------------------------------------------------------------
+
+class VAE:
+    def __init__(self, name, device):
+        try:
+            from diffusers.models import AutoencoderKL
+        except ImportError:
+            raise TrainError("the SD-VAE needs the `diffusers` package, used only to encode images and decode "
+                             "samples: `pip install diffusers`. (Training from an existing latents.npy "
+                             "with --sample_every 0 needs neither.)") from None
+        try:
+            self.vae = AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+        except Exception as e:
+            raise TrainError(f"could not load the VAE weights {name!r} ({type(e).__name__}: {e}). diffusers "
+                             f"downloads them from the Hugging Face Hub on first use; on a machine without "
+                             f"network, fetch them elsewhere with `huggingface-cli download {name}` and pass "
+                             f"the downloaded folder as --vae") from None
+
+    @torch.no_grad()
+    def encode_moments(self, img):  # (n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8): posterior mean, std
+        d = self.vae.encode(img).latent_dist
+        return torch.cat([d.mean, d.std], dim=1)
+
+    @torch.no_grad()
+    def decode(self, z):  # (n, 4, h, w) raw latents -> (n, 3, 8h, 8w) in about [-1, 1]
+        return self.vae.decode(z).sample
+
+
+def load_vae(device, name="stabilityai/sd-vae-ft-ema"):
+    return VAE(name, device)
+
+
+@torch.no_grad()
+def to_uint8_images(x0, config_dict, vae=None, batch=32):
+    """Model samples -> uint8 (N, H, W, 3). Digits: pixels in [-1, 1], grey repeated to RGB. Latents:
+    un-normalised with LATENT_STATS and decoded by the VAE (loaded here if not given).
+    round((x + 1) * 127.5) equals EDM2's (x * 127.5 + 128).clip(0, 255).to(uint8)."""
+    res = config_dict["res"]
+    if res == 0:
+        img = x0.float()
+    else:
+        vae = vae or load_vae(x0.device)
+        dtype = next(vae.vae.parameters()).dtype
+        mean, std = _stats(res, x0.device, torch.float32)
+        z = x0.float() * std + mean
+        img = torch.cat([vae.decode(z[i:i + batch].to(dtype)).float() for i in range(0, len(z), batch)])
+    img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, complete, and loadable with weights_only=True
+# ------------------------------------------------------------------------------------------------
+
+def _atomic_write_text(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, fsync, then rename over `path`: a rename is atomic, so a kill at
+    any moment leaves either the previous checkpoint or the new one, never half of one."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    """This process's RNG states as plain lists and tensors (so weights_only loading accepts them).
+    Training draws its randomness from per-step generators (make_batch); these are saved for code that
+    uses the global RNGs (and because a resumed run should be the same process, state for state)."""
+    np_state = np.random.get_state()
+    return dict(python=list(random.getstate()[1]), python_version=random.getstate()[0],
+                numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]], torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(s):
+    random.setstate((s["python_version"], tuple(s["python"]), None))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.isfile(path):
+        raise TrainError(f"no checkpoint at {path}. Give the ckpt.pt that a train.py run wrote in its --out folder")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                         "It may be truncated (an interrupted copy?) or not from train.py") from None
+    missing = [k for k in ("config", "model", "ema", "target", "opt", "step") if k not in state]
+    if missing:
+        raise TrainError(f"{path} is not a train.py checkpoint: it lacks {missing}")
+    return state
+
+
+def load_model_from_checkpoint(path, which="ema", device="cpu"):
+    """-> (network in eval mode, config dict). which: "ema" (theta**, evaluated in the paper), "target"
+    (theta*, the 0.99 EMA) or "model" (the online weights)."""
+    if which not in ("ema", "target", "model"):
+        raise TrainError(f"which={which!r}: expected 'ema', 'target' or 'model'")
+    state = load_checkpoint(path, device)
+    net = build_net(state["config"]).to(device)
+    net.load_state_dict(state[which])
+    return net.eval().requires_grad_(False), state["config"]
+
+
+# ------------------------------------------------------------------------------------------------
+# One training step (Algorithm 1, steps 4-5): reused by a benchmark that feeds its own batches
+# ------------------------------------------------------------------------------------------------
+
+def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
+    """Forward + backward over the micro-batches (gradient accumulation), finite check, clipping,
+    AdamW, both EMAs. model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this
+    rank's share of the global batch. Returns global means: loss, terminal, fm, grad_norm, skipped."""
+    opt.zero_grad(set_to_none=True)
+    n_rank = sum(len(mb.y) for mb in micro_batches)
+    sums = None
+    for i, mb in enumerate(micro_batches):
+        # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
+        sync = model.no_sync() if isinstance(model, DDP) and i < len(micro_batches) - 1 else nullcontext()
+        with sync:
+            with amp:
+                loss, terms = model(mb, target)
+            # Mean over this rank's share; DDP's all-reduce then averages the ranks: the global mean.
+            (loss * (len(mb.y) / n_rank)).backward()
+        s = torch.stack([loss.detach() * len(mb.y), terms["terminal"].sum(), terms["fm"].sum()]).double()
+        sums = s if sums is None else sums + s
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    means = (sums / (n_rank * (dist.get_world_size() if dist.is_initialized() else 1))).tolist()
+    params = [p for p in net.parameters() if p.requires_grad]
+    # The norm of the global gradient (already all-reduced), identical on every rank.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    ok = all(math.isfinite(v) for v in means) and bool(torch.isfinite(grad_norm))
+    if ok:
+        opt.step()
+        tvm.ema_update(target, net, cfg.target_ema)   # theta*  (teacher of the next step)
+        tvm.ema_update(ema, net, cfg.ema)             # theta** (what is evaluated)
+    else:  # The official code zeroes NaN losses; we skip the whole step and log it.
+        opt.zero_grad(set_to_none=True)
+    return dict(loss=means[0], terminal=means[1], fm=means[2], grad_norm=float(grad_norm), skipped=not ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample grids
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(net, cfg, device, vae=None, per_class=8, steps=(1, 4), amp=nullcontext()):
+    """uint8 image: one row per class (all classes up to 10; else 8 spread over the classes), per_class
+    samples with 1 step on the left and with 4 steps on the right. Fixed noise, so grids of one run are
+    comparable step to step."""
+    cfg_d = dataclasses.asdict(cfg)
+    K = cfg.num_classes
+    classes = list(range(K)) if K <= 10 else [int(c) for c in np.linspace(0, K - 1, 8)]
+    if K == 1000:
+        classes = [207, 360, 387, 974, 88, 979, 417, 279]   # DiT's sample classes
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    x1 = torch.randn((len(classes) * per_class, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
+    y = torch.tensor(classes).repeat_interleave(per_class).to(device)
+    dtype = next(net.parameters()).dtype
+    blocks = []
+    for n in steps:
+        with amp:
+            x0 = tvm.sample(net, x1.to(device, dtype), y, cfg.w, n, scale_param=cfg.scale_param)
+        img = to_uint8_images(x0, cfg_d, vae)                                   # (N, H, W, 3)
+        if cfg.res == 0:  # 8x8 digits: enlarge 4x (nearest) to be visible
+            img = img.repeat(4, axis=1).repeat(4, axis=2)
+        blocks.append(img)
+    H, pad = blocks[0].shape[1], 2
+    grid = np.full((len(classes) * (H + pad) + pad, len(steps) * (per_class * (H + pad) + 3 * pad), 3),
+                   128, np.uint8)
+    for b, img in enumerate(blocks):
+        x_off = b * (per_class * (H + pad) + 3 * pad) + pad
+        for i in range(len(img)):
+            r, c = divmod(i, per_class)
+            grid[pad + r * (H + pad):pad + r * (H + pad) + H, x_off + c * (H + pad):x_off + c * (H + pad) + H] = img[i]
+    return grid
+
+
+def save_png(arr, path):
+    from PIL import Image
+    Image.fromarray(arr).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is rank 0 of 1.
+    -> (rank, world, device). NCCL on GPUs, gloo on CPUs (the CPU test of this file uses gloo)."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda, but PyTorch sees no GPU: check `nvidia-smi`, or use --device cpu")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if want_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if want_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
+
+
+def check_batch(cfg, world):
+    if cfg.batch_size % world:
+        lo = cfg.batch_size // world * world
+        raise TrainError(f"--batch_size {cfg.batch_size} (global) does not divide across {world} processes: "
+                         f"use a multiple of {world}, e.g. {max(lo, world)} or {lo + world}")
+    share = cfg.batch_size // world
+    if cfg.micro_batch and share % cfg.micro_batch:
+        raise TrainError(f"--micro_batch {cfg.micro_batch} does not divide the per-process batch {share} "
+                         f"(= {cfg.batch_size} / {world} processes): pick a divisor of {share}")
+
+
+def check_resumable(saved, cfg, path):
+    """A checkpoint continues only a run with the same network and data shape; other settings (steps,
+    lr, logging, ...) may change on resume, and are reported."""
+    now = dataclasses.asdict(cfg)
+    bad = {k: (saved.get(k), now[k]) for k in STRUCTURAL if saved.get(k) != now[k]}
+    if bad:
+        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in bad.items())
+        raise TrainError(f"{path} comes from another configuration ({diff}). Resume with the checkpoint's "
+                         f"settings (its config is printed by `python -c \"import torch; print(torch.load("
+                         f"'{path}')['config'])\"`), or start a new run with another --out")
+    return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    rank, world, device = setup_distributed(cfg)
+    check_batch(cfg, world)
+    master = rank == 0
+    cuda = device.type == "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = False          # Table 6: TF32 off
+    torch.backends.cudnn.allow_tf32 = False
+
+    data = open_data(cfg, rank, world, device)
+    cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
+    cfg.num_classes = data.num_classes
+    vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
+
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg).to(device, dtype)
+    ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
+    target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
+    # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
+    # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
+    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    step = 0
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path, device)
+        changed = check_resumable(state["config"], cfg, ckpt_path)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        target.load_state_dict(state["target"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        if len(state.get("rng", [])) == world:
+            set_rng_state(state["rng"][rank])
+        if master:
+            print(f"resuming {ckpt_path} at step {step}" + "".join(
+                f"\n  changed: {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        del state
+    elif os.path.exists(ckpt_path):
+        raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+
+    if master:
+        os.makedirs(cfg.out, exist_ok=True)
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
+              f"process(es) on {device.type}, {precision}; {cfg.batch_size // world} samples per process "
+              f"per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
+        log = open(os.path.join(cfg.out, "log.jsonl"), "a")
+
+    def checkpoint():
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if master:
+            save_checkpoint(dict(config=dataclasses.asdict(cfg), model=net.state_dict(), ema=ema.state_dict(),
+                                 target=target.state_dict(), opt=opt.state_dict(), step=step, rng=rngs,
+                                 world_size=world), ckpt_path)
+
+    def samples():
+        if master:
+            ema.eval()
+            grid = sample_grid(ema, cfg, device, vae, amp=amp)
+            save_png(grid, os.path.join(cfg.out, f"samples_{step:07d}.png"))
+            save_png(grid, os.path.join(cfg.out, "samples.png"))
+
+    sampler = EpochSampler(len(data), cfg.seed)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    acc, t_last, n_last = [], time.time(), step
+    while step < cfg.steps:
+        batch = make_batch(data, sampler, cfg, step, rank, world, device, dtype)
+        stats = train_step(model, net, ema, target, opt, batch, cfg, amp)
+        step += 1
+        bar.update(1)
+        if stats["skipped"]:
+            msg = dict(step=step, event="skipped: non-finite loss or gradient", **stats)
+            if master:
+                tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
+                log.write(json.dumps(msg) + "\n")
+        else:
+            acc.append(stats)
+        if master and acc:
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", terminal=f"{stats['terminal']:.4f}",
+                            fm=f"{stats['fm']:.4f}", gnorm=f"{stats['grad_norm']:.3f}", refresh=False)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if master and acc:
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.time() - t_last
+                row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
+                log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
+                                          s_per_step=dt / (step - n_last),
+                                          img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
+                log.flush()
+            acc, t_last, n_last = [], time.time(), step
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+            samples()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+    bar.close()
+
+    if master and cfg.res == 0 and cfg.fid:
+        report_fid(ema, cfg, data, device, log)
+    if master:
+        log.close()
+        print(f"done: {ckpt_path}, {os.path.join(cfg.out, 'log.jsonl')}"
+              + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
+    if world > 1:
+        dist.destroy_process_group()
+    return cfg
+
+
+def report_fid(ema, cfg, data, device, log):
+    """Issue 5: FID of 1- and 4-step samples of the digits model against the real digits (fid.py)."""
+    pass
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except TrainError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
