@@ -52,11 +52,11 @@ from attention_jvp import attention
 def rms_norm(x, eps=1e-6):
     """RMSNorm without parameters ("RMSNorm-" of Eq. 16): x / sqrt(mean(x^2) + eps) over the last dim.
 
-    Computed in float32 under autocast, returned in x's dtype. Its Jacobian is bounded by 1/sqrt(eps)
+    Computed in (at least) float32, returned in x's dtype. Its Jacobian is bounded by 1/sqrt(eps)
     (App. B.1), unlike LayerNorm's mean subtraction followed by a learnable affine map.
     """
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -201,7 +201,7 @@ class DiT(nn.Module):
     adaLN modulations, spectral init, and embedders for t, for the gap t - s and for beta = 1/w.
 
     forward(x, t, s, y, w) -> F, same shape as x. x: (B, C, H, W); t, s, w: (B,) floats; y: (B,) long,
-    with y == num_classes the null class. The output is returned in float32.
+    with y == num_classes the null class. Under autocast the output is returned in float32.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
@@ -267,7 +267,8 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c)).float()                       # (B, C, H, W)
+        out = self.unpatchify(self.final_layer(h, c))                                # (B, C, H, W)
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out   # autocast -> fp32
 
 
 def build_dit(name_or_kwargs, input_size, in_channels, num_classes, **overrides):
