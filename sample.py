@@ -1,0 +1,231 @@
+"""
+Sample from a trained TVM model (a train.py checkpoint): a PNG grid for people and an .npz of uint8
+images in the layout of the ADM evaluation suite (arr_0: N x H x W x 3) for FID.
+
+The embedded digits model, 1 and 4 steps (then the FID against the real digits with fid.py):
+$ python sample.py --ckpt runs/digits/ckpt.pt --steps 1 --n 1000
+$ python sample.py --ckpt runs/digits/ckpt.pt --steps 4 --n 1000 --classes 3
+$ python fid.py runs/digits/samples_1step_w1.5_seed0_n1000.npz digits
+
+ImageNet 256, FID-50K (1 NFE, w = 2 as in the paper's Table 1), on 8 GPUs of one machine:
+$ torchrun --standalone --nproc_per_node=8 sample.py --ckpt runs/in256/ckpt.pt --steps 1 --cfg 2.0 \
+      --num_samples 50000 --batch_size 125
+(--num_samples is --n; under torchrun spell it out, as torchrun reads "--n" as one of its own options.)
+$ python fid.py runs/in256/samples_1step_w2_seed0_n50000.npz VIRTUAL_imagenet256_labeled.npz
+
+Sampling is Fig. 3 of the paper (tvm.sample): n uniform jumps from t = 1 to s = 0, each one forward pass
+of the network, whose guidance weight w (--cfg) is an input, so 1 step = 1 NFE with guidance.
+
+Determinism. Sample i (0 <= i < N) takes its noise x_1 and its class label from its own generator,
+seeded with (seed, i) (numpy SeedSequence), and the N samples are cut into global batches [kB, (k+1)B) that the processes
+take in turn (batch k on rank k mod world). So sample i has the same noise and label whatever N, the
+number of GPUs or their order; with the same --batch_size on the same kind of device the pixels are
+identical too (a different batch size can change float32 round-off, hence rarely a pixel by one level).
+
+Latent models are decoded by train.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
+local folder given with --vae). Pixel models (the 8x8 digits, one channel) give RGB by repeating the
+channel; only the PNG grid is enlarged (nearest neighbour), never the .npz that FID reads.
+"""
+
+import argparse
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import fid
+import train
+import tvm
+
+
+class SampleError(Exception):
+    """A problem the person running sample.py can fix; the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise and labels: a function of (seed, sample index) only
+# ------------------------------------------------------------------------------------------------
+
+def noise_and_label(seed, i, shape, classes, num_classes):
+    """x_1 ~ N(0, I) of `shape` and a label for sample i, from a generator of its own seeded with
+    (seed, i). classes None: uniform over 0..num_classes-1; else a list of chosen labels, and sample i
+    takes classes[i mod len(classes)] (the noise is the same either way).
+
+    numpy's SeedSequence hashes the pair (seed, i) into the 128-bit state of a PCG64 generator. Not
+    torch.Generator().manual_seed(...): the CPU generator keeps only the low 32 bits of its seed, so
+    seeds built from (seed, i) would collide (a test caught seeds 7 and 8 giving the same images), and a
+    hash down to 32 bits would give two of 50,000 samples the same noise about one run in three.
+    """
+    rng = np.random.default_rng([seed, i])
+    x1 = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))             # (C, H, W)
+    y = int(rng.integers(num_classes)) if classes is None else classes[i % len(classes)]
+    return x1, y
+
+
+@torch.no_grad()
+def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", vae=None):
+    """Samples number `indices` (a list of ints) -> uint8 (len(indices), H, W, 3). config: the
+    checkpoint's config dict (train.py): shapes, res, scale_param. The function train.py's end-of-run FID
+    can call directly."""
+    C, S = config["in_channels"], config["input_size"]
+    pairs = [noise_and_label(seed, i, (C, S, S), classes, config["num_classes"]) for i in indices]
+    x1 = torch.stack([p[0] for p in pairs]).to(device)                            # (B, C, S, S)
+    y = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)      # (B,)
+    dtype = next(net.parameters()).dtype
+    x0 = tvm.sample(net, x1.to(dtype), y, w, steps, scale_param=config["scale_param"])   # (B, C, S, S) float64
+    return train.to_uint8_images(x0, config, vae)                                 # (B, H, W, 3) uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# Output: the ADM .npz and a PNG grid
+# ------------------------------------------------------------------------------------------------
+
+def image_grid(images, max_images=64, min_side=64):
+    """uint8 (N, H, W, 3) -> one uint8 grid image of the first max_images, about square, 2 px white
+    gaps; images smaller than min_side are enlarged by an integer factor (nearest neighbour)."""
+    images = images[:max_images]
+    zoom = max(1, math.ceil(min_side / images.shape[1]))
+    images = images.repeat(zoom, axis=1).repeat(zoom, axis=2)                     # (n, zH, zW, 3)
+    n, H, W, _ = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows, pad = math.ceil(n / cols), 2
+    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 255, np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = img
+    return grid
+
+
+def default_out(ckpt, steps, w, seed, n, classes):
+    tag = "" if classes is None else "_class" + "-".join(map(str, classes))
+    return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"samples_{steps}step_w{w:g}{tag}_seed{seed}_n{n}")
+
+
+# ------------------------------------------------------------------------------------------------
+# python sample.py / torchrun sample.py
+# ------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="ckpt.pt written by train.py")
+    p.add_argument("--steps", type=int, default=1, help="sampling steps = network evaluations (paper: 1, 2, 4)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance weight w; default: the w the model was trained with")
+    # --num_samples is the same option: under torchrun write that one, since torchrun's own parser takes
+    # "--n" for an abbreviation of its --nnodes / --nproc_per_node and stops with "ambiguous option".
+    p.add_argument("--n", "--num_samples", dest="n", type=int, default=64, help="number of samples (50000 for FID-50K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", default="random",
+                   help="'random' (uniform over the classes) or chosen labels, e.g. '3' or '1,2,3' (cycled)")
+    p.add_argument("--batch_size", type=int, default=64, help="samples per forward pass on each process")
+    p.add_argument("--which", default="ema", choices=("ema", "target", "model"),
+                   help="weights to sample: ema (theta**, what the paper evaluates), target (theta*), model")
+    p.add_argument("--out", default=None, help="output path without extension (.npz and .png are added); "
+                   "default: samples_<steps>step_w<w>_seed<seed>_n<n> beside the checkpoint")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--vae", default=None, help="SD-VAE for latent models: a Hub name or a local folder "
+                   "(default: the one in the checkpoint's config)")
+    p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: need at least 1 step (the paper reports 1, 2 and 4)")
+    if args.n < 1:
+        p.error(f"--n {args.n}: need at least 1 sample")
+    if args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size}: need at least 1")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: need a seed >= 0")
+    if args.cfg is not None and not args.cfg > 0:
+        p.error(f"--cfg {args.cfg}: the guidance weight must be positive (the network sees beta = 1/w); "
+                "w = 1 is no guidance")
+    return args
+
+
+def parse_classes(text, num_classes):
+    if text == "random":
+        return None
+    try:
+        classes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise SampleError(f"--classes {text!r}: expected 'random' or comma-separated integers, e.g. 1,2,3") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SampleError(f"--classes {bad}: this model has classes 0..{num_classes - 1}")
+    return classes
+
+
+def main(argv=None):
+    """-> the .npz path (on rank 0; None on the others)."""
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
+    torch.backends.cudnn.allow_tf32 = False
+    if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
+        raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
+                          "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`)")
+    rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device))
+    net, config = train.load_model_from_checkpoint(args.ckpt, which=args.which, device=device)
+    classes = parse_classes(args.classes, config["num_classes"])
+    w = config["w"] if args.cfg is None else args.cfg
+    w_hi = config.get("w_max") or config["w"]
+    if rank == 0 and not min(config["w"], w_hi) - 1e-9 <= w <= max(config["w"], w_hi) + 1e-9:
+        print(f"note: --cfg {w:g} lies outside the guidance weights this model was trained on "
+              f"({config['w']:g}" + (f"..{w_hi:g}" if w_hi != config["w"] else "") + "); the network "
+              "takes w as an input but has not learned other values", file=sys.stderr)
+    vae = None
+    if config["res"]:   # latents: load the decoder before any sampling, so a missing VAE fails at once
+        vae = train.load_vae(device, args.vae or config["vae"])
+    out = args.out or default_out(args.ckpt, args.steps, w, args.seed, args.n, classes)
+
+    # Global batches [kB, (k+1)B), batch k on rank k mod world: the result does not depend on world.
+    batches = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
+    mine = batches[rank::world]
+    images = []
+    for idx in tqdm(mine, desc=f"sampling {args.steps} step(s), w={w:g}", disable=rank != 0, unit="batch"):
+        images.append(generate(net, config, idx, args.steps, w, args.seed, classes, device, vae))
+    images = np.concatenate(images) if images else None
+    if world == 1:
+        return save_outputs(out, images, args.grid)
+
+    # Several processes: each writes its share, rank 0 puts them in index order. Shards go through the
+    # file system (one machine, or a shared one): 50,000 images at 256 px are ~10 GB, too much to gather
+    # through the process group.
+    shard = f"{out}.rank{rank}of{world}.npy"
+    if images is not None:
+        np.save(shard, images)
+    dist.barrier()
+    path = None
+    if rank == 0:
+        parts = [np.load(f"{out}.rank{r}of{world}.npy") for r in range(min(world, len(batches)))]
+        full = np.empty((args.n, *parts[0].shape[1:]), np.uint8)
+        offsets = [0] * world
+        for k, b in enumerate(batches):          # batch k sits in rank k mod world's shard, in order
+            r = k % world
+            full[b[0]:b[-1] + 1] = parts[r][offsets[r]:offsets[r] + len(b)]
+            offsets[r] += len(b)
+        path = save_outputs(out, full, args.grid)
+        for r in range(min(world, len(batches))):
+            os.remove(f"{out}.rank{r}of{world}.npy")
+    dist.barrier()
+    dist.destroy_process_group()
+    return path
+
+
+def save_outputs(out, images, grid):
+    """Write <out>.npz (ADM layout) and <out>.png (grid); -> the .npz path."""
+    from PIL import Image
+    fid.save_images_npz(out + ".npz", images)
+    Image.fromarray(image_grid(images, grid)).save(out + ".png")
+    print(f"wrote {out}.npz ({len(images)} images, {images.shape[1]}x{images.shape[2]}) and {out}.png")
+    return out + ".npz"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SampleError, train.TrainError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
