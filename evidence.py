@@ -146,7 +146,7 @@ class Run:
     task: str = "checkerboard"
     method: str = "tvm"            # "tvm" (Eq. 15) or "fm" (the flow-matching term only)
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2500
     batch: int = 256
     lr: float = 1e-3
     betas: tuple = (0.9, 0.95)     # the paper's AdamW betas (Table 6); beta2 = 0.95 matters (Fig. 5)
@@ -371,12 +371,12 @@ def tables(results, floors, n_seeds):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps, one seed: checks the pipeline in ~1 min")
-    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 3000; quick 300)")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 2500; quick 300)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 1)")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
-    steps = args.steps or (300 if args.quick else 3000)
+    steps = args.steps or (300 if args.quick else 2500)
     n_seeds = args.seeds or (1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
     runs = plan(steps, range(n_seeds))
@@ -402,8 +402,8 @@ def main():
     wall = time.time() - t0
 
     md, rows = tables(results, floors, n_seeds)
-    machine = (f"{platform.machine()}, {os.cpu_count()} logical CPUs, {args.workers} worker process(es) of one "
-               f"thread, torch {torch.__version__}")
+    machine = (f"{cpu_name()}, {len(os.sched_getaffinity(0))} usable logical CPUs, "
+               f"{args.workers} worker process(es) of one thread, torch {torch.__version__}")
     md += (f"\nWall time {wall / 60:.1f} min for {len(runs)} runs of {steps} steps, evaluation and figures included "
            f"({machine}). Command: `python {' '.join(sys.argv)}`.\n")
     print("\n" + md)
@@ -419,6 +419,14 @@ def main():
                        runs=[{k: v for k, v in r.items() if k != "samples"} for r in results]), f, indent=1)
     print(f"wrote {args.out}/: tables.md, sw2.csv, results.json, checkerboard.png, 8gaussians.png, "
           "8gaussians_guided.png")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def figures(results, out):
