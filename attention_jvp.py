@@ -138,21 +138,30 @@ if HAS_TRITON:
         tl.store(LSE + bh * N + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
 
     @triton.jit
-    def _tangent_kernel(Q, K, V, QT, KT, VT, O, LSE, OT, MU, N, qk_scale, sm_scale,
+    def _tangent_kernel(Q, K, V, QT, KT, VT, LSE, OT, MU, N, qk_scale, sm_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Tangent O' for one block of rows, given O and lse2 from _fwd_kernel (paper Sec. 4 / App. C).
+        """Tangent O' for one block of rows, given lse2 from _fwd_kernel (paper Sec. 4 / App. C).
 
         Differentiating P_ij = exp(alpha S_ij) / sum_k exp(alpha S_ik) along the tangent:
             P'_ij = P_ij (alpha S'_ij - mu_i),      mu_i = sum_j P_ij alpha S'_ij
         so
-            O'_i = sum_j P'_ij v_j + P_ij v'_j
-                 = sum_j P_ij alpha S'_ij v_j  -  mu_i O_i  +  sum_j P_ij v'_j.
+            O'_i = sum_j P'_ij v_j + P_ij v'_j.
         Because lse2 is already known, P_ij = exp2(c S_ij - lse2_i) is exact inside the loop: no online
-        rescaling, and the three sums (mu, sum P alpha S' v, sum P v') accumulate directly. mu_i is
-        stored (one float per row) for the backward. Only O(N) statistics are kept; S, S', P live as
-        (BLOCK_M, BLOCK_N) tiles in registers.
-        Matrix products per key block: 5 (S, S' = q' k^T + q k'^T, (P alpha S') v, P v').
+        rescaling. mu_i is only known after the last key block, so P' cannot be formed directly.
+        The textbook way, O'_i = sum_j P_ij alpha S'_ij v_j - mu_i O_i + sum_j P_ij v'_j, rounds
+        P alpha S' to bf16/fp16 before its product with v and then cancels the large common part
+        mu_i O_i: an error of u |mu| |v| (u = unit roundoff) that can exceed O' itself (at N = 1,
+        O' = v' exactly but the formula leaves u mu v behind). Instead, each key block b subtracts its
+        own P-weighted mean c_ib = sum_{j in b} P_ij alpha S'_ij / sum_{j in b} P_ij before rounding:
+            O'_i = sum_b [ sum_{j in b} P_ij (alpha S'_ij - c_ib) v_j ]      (rounded operand is small)
+                 + sum_b c_ib (P v)_ib  -  mu_i sum_b (P v)_ib                (fp32, same (P v)_ib both times)
+                 + sum_j P_ij v'_j
+        which is exact when one block holds all the mass (N <= BLOCK_N, or a peaked softmax) and
+        otherwise leaves only the spread of c_ib around mu_i in the cancellation. Cost: one product,
+        (P v)_ib, per key block. mu_i is stored (one float per row) for the backward; S, S', P exist
+        only as (BLOCK_M, BLOCK_N) tiles in registers.
+        Matrix products per key block: 6 (S; S' = q' k^T + q k'^T; P (alpha S' - c) v; P v; P v').
         """
         n_blocks = tl.cdiv(N, BLOCK_M)
         pid = tl.program_id(0)
@@ -172,7 +181,9 @@ if HAS_TRITON:
         qt = tl.load(QT + q_off, mask=q_mask, other=0.0)  # q'
         lse = tl.load(LSE + bh * N + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         mu = tl.zeros([BLOCK_M], tl.float32)  # sum_j P_ij alpha S'_ij
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_j P_ij alpha S'_ij v_j + P_ij v'_j
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_b sum_j P_ij (alpha S'_ij - c_ib) v_j + P_ij v'_j
+        cpv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_b c_ib (P v)_ib
+        pv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # sum_b (P v)_ib  (= O, in fp32)
         for start_n in range(0, N, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < N
@@ -184,16 +195,21 @@ if HAS_TRITON:
             vt = tl.load(VT + kv_off, mask=kv_mask, other=0.0)  # v'
 
             s = tl.dot(q, tl.trans(k))  # S   (BLOCK_M, BLOCK_N)
-            st = tl.dot(qt, tl.trans(k)) + tl.dot(q, tl.trans(kt))  # S'
+            st = (tl.dot(qt, tl.trans(k)) + tl.dot(q, tl.trans(kt))) * sm_scale  # alpha S'
             p = tl.math.exp2(s * qk_scale - lse[:, None])  # P, exactly normalised
             p = tl.where(col_ok[None, :], p, 0.0)
-            ps = p * (st * sm_scale)  # P * alpha S'
-            mu += tl.sum(ps, 1)
-            acc += tl.dot(ps.to(v.dtype), v)
+            ps = p * st  # P alpha S'
+            l_b = tl.sum(p, 1)  # this block's share of the row's probability
+            mu_b = tl.sum(ps, 1)
+            c = tl.where(l_b > 0.0, mu_b / l_b, 0.0)  # c_ib
+            mu += mu_b
+            pv_b = tl.dot(p.to(v.dtype), v)  # (P v)_ib   (BLOCK_M, BLOCK_D)
+            pv += pv_b
+            cpv += c[:, None] * pv_b
+            acc += tl.dot((ps - p * c[:, None]).to(v.dtype), v)
             acc += tl.dot(p.to(vt.dtype), vt)
 
-        o = tl.load(O + q_off, mask=q_mask, other=0.0).to(tl.float32)
-        ot = acc - mu[:, None] * o  # O' = sum P alpha S' v - mu O + sum P v'
+        ot = acc + (cpv - mu[:, None] * pv)
         tl.store(OT + q_off, ot.to(OT.dtype.element_ty), mask=q_mask)
         tl.store(MU + bh * N + offs_m, mu, mask=row_ok)
 
@@ -375,13 +391,13 @@ def _triton_forward(q, k, v, scale):
     return o, lse
 
 
-def _triton_tangent(q, k, v, qt, kt, vt, o, lse, scale):
+def _triton_tangent(q, k, v, qt, kt, vt, lse, scale):
     """O' (B, H, N, D) and mu (B, H, N) fp32."""
     B, H, N, D = q.shape
     ot = torch.empty_like(q)
     mu = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     BM, BN, warps, stages = _config("tangent", q)
-    _tangent_kernel[_grid(N, B * H, BM)](q, k, v, qt, kt, vt, o, lse, ot, mu, N, scale * LOG2E, scale,
+    _tangent_kernel[_grid(N, B * H, BM)](q, k, v, qt, kt, vt, lse, ot, mu, N, scale * LOG2E, scale,
                                          HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=BM, BLOCK_N=BN,
                                          num_warps=warps, num_stages=stages)
     return ot, mu
@@ -426,70 +442,94 @@ def _triton_backward(q, k, v, o, lse, do, scale, tangent=None):
 # ================================================================================================
 # 3. Autograd glue.
 #
-#   plain call      _Attention.forward            -> O              (1 kernel, nothing else)
-#   backward from O _Attention.backward(dO)       -> dq, dk, dv     (primal-only backward)
-#   under a JVP     _Attention.jvp(q', k', v')    -> O' = _AttentionTangent.apply(q, k, v, q', k', v', ...)
-#   backward from O' _AttentionTangent.backward(dO') -> dq, dk, dv, dq', dk', dv'
+#   plain call        _Attention.forward             -> O, lse         (1 kernel, nothing else)
+#   backward from O   _Attention.backward(dO)        -> dq, dk, dv     (primal-only backward kernel)
+#   under a JVP       _Attention.jvp(q', k', v')     -> O' from _AttentionTangent.apply(q, k, v, q', k', v', O, lse)
+#                     attention() then returns O + Z, where Z is an all-zero output of the same
+#                     _AttentionTangent node ("route"; a stride-0 view, no memory).
+#   backward          _AttentionTangent.backward(dO', dZ = dO) -> all six gradients, ONE fused kernel
 #
-# Gradients from the two outputs reach q, k, v along two separate graph nodes and autograd adds
-# them: O's node sees only dO, O''s node only dO'. Nothing is counted twice because
-# _AttentionTangent receives O and lse as *constants* (detached, non-differentiable): its backward
-# returns the total derivative of O' with respect to its six inputs, recomputing what it needs.
-# O is computed once; the tangent kernel reuses O and lse from the forward.
+# Why the route Z. Under a JVP the user's O and O' come out of two different graph nodes (_Attention
+# makes O, _AttentionTangent makes O'), so autograd would hand dO to one and dO' to the other, and
+# the backward would run twice over the keys (5 + 13 matrix products instead of 15). Adding Z to O
+# makes the gradient of the returned O arrive, unchanged (d(O + Z)/dZ = identity), at
+# _AttentionTangent as the gradient of Z; the graph also orders it after that addition, so it always
+# sees dO and dO' together. _Attention's own backward then returns nothing (ctx.box.routed), so
+# nothing is counted twice. Without a JVP there is no Z and _Attention.backward does the work.
+#
+# _AttentionTangent receives O and lse as *constants* (detached): its backward returns the total
+# derivative of (O, O') with respect to its six inputs. O is computed once; the tangent kernel reuses
+# O and lse from the forward kernel.
 # ================================================================================================
+
+class _Box:
+    """Mutable state shared by one attention() call's graph nodes: the route Z and whether it is used."""
+    route = None
+    routed = False
+
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, scale):
+    def forward(q, k, v, scale, box):
         return _triton_forward(q, k, v, scale)  # (O, lse2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
+        q, k, v, scale, box = inputs
         o, lse = output
-        ctx.scale = scale
+        ctx.scale, ctx.box = scale, box
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v, o, lse)
 
     @staticmethod
     def backward(ctx, do, _dlse):
+        if ctx.box.routed:  # under a JVP: dO reached _AttentionTangent through the route Z
+            return None, None, None, None, None
         _check_not_functorch_wrapped(do)
         q, k, v, o, lse = ctx.saved_tensors
         with torch.no_grad():
             grads = _triton_backward(q, k, v, o, lse, do.contiguous(), ctx.scale)
-        return _no_second_derivative(q, grads) + (None,)
+        return _no_second_derivative(q, grads) + (None, None)
 
     @staticmethod
-    def jvp(ctx, qt, kt, vt, _scale_t):
+    def jvp(ctx, qt, kt, vt, _scale_t, _box_t):
         q, k, v, o, lse = ctx.saved_tensors
         # An input without a tangent arrives as None: its tangent is zero.
         qt, kt, vt = [torch.zeros_like(x) if t is None else t.to(x.dtype).contiguous()
                       for x, t in ((q, qt), (k, kt), (v, vt))]
-        ot, _mu = _AttentionTangent.apply(q, k, v, qt, kt, vt, o.detach(), lse, ctx.scale)
+        ot, _mu, ctx.box.route = _AttentionTangent.apply(q, k, v, qt, kt, vt, o.detach(), lse, ctx.scale)
         return ot, None
 
 
 class _AttentionTangent(torch.autograd.Function):
     @staticmethod
     def forward(q, k, v, qt, kt, vt, o, lse, scale):
-        return _triton_tangent(q, k, v, qt, kt, vt, o, lse, scale)  # (O', mu)
+        ot, mu = _triton_tangent(q, k, v, qt, kt, vt, lse, scale)
+        route = o.new_zeros(()).expand(o.shape)  # Z = 0, (B, H, N, D) with stride 0
+        return ot, mu, route
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, qt, kt, vt, o, lse, scale = inputs
-        ot, mu = output
+        ot, mu, _route = output
         ctx.scale = scale
         ctx.mark_non_differentiable(mu)
+        ctx.set_materialize_grads(False)  # a missing dO or dO' arrives as None: skip its terms
         ctx.save_for_backward(q, k, v, qt, kt, vt, o, lse, ot, mu)
 
     @staticmethod
-    def backward(ctx, dot_, _dmu):
-        _check_not_functorch_wrapped(dot_)
+    def backward(ctx, dot_, _dmu, do):
+        if dot_ is None and do is None:
+            return (None,) * 9
+        _check_not_functorch_wrapped(dot_ if dot_ is not None else do)
         q, k, v, qt, kt, vt, o, lse, ot, mu = ctx.saved_tensors
+        tangent = None if dot_ is None else (qt, kt, vt, ot, mu, dot_.contiguous())
         with torch.no_grad():
-            grads = _triton_backward(q, k, v, o, lse, None, ctx.scale,
-                                     tangent=(qt, kt, vt, ot, mu, dot_.contiguous()))
+            grads = _triton_backward(q, k, v, o, lse, None if do is None else do.contiguous(), ctx.scale,
+                                     tangent=tangent)
+        if tangent is None:  # only O was used: the tangent inputs get no gradient
+            grads = grads + (None, None, None)
         return _no_second_derivative(q, grads) + (None, None, None)  # o, lse, scale: constants here
 
     @staticmethod
@@ -579,11 +619,14 @@ def _triton_unsupported(q, k, v):
     return None
 
 
-@torch.compiler.disable  # a graph break: Dynamo does not trace through custom jvp rules reliably
 def _triton_attention(q, k, v, scale):
     # The kernels index contiguous (B, H, N, D) slices; views (e.g. after a QK-norm or a head split)
     # are copied once here, inside autograd, so tangents and gradients follow the copy.
-    o, _lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+    box = _Box()
+    o, _lse = _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, box)
+    if box.route is not None and torch.is_grad_enabled():  # a JVP ran and a backward may follow
+        box.routed = True
+        o = o + box.route  # same values; sends dO to the fused backward (see "Why the route Z")
     return o
 
 
@@ -664,7 +707,13 @@ def check(B, H, N, D, dtype, device, seed=0):
 
 
 def benchmark(B, H, N, D, dtype=torch.bfloat16):
-    """Median ms and peak extra MiB of jvp-forward + backward through both outputs, and of plain SDPA."""
+    """Median ms and peak extra MiB of one training-style step, for the kernel and naive math attention
+    (torch.func.jvp forward, then backward through both outputs) and plain SDPA (forward + backward).
+
+    Two times per row: 'wall' is triton.testing.do_bench of the eager step, which includes Python and
+    torch.func overhead (the GPU idles when the step is shorter than that overhead: small N);
+    'graph' replays the same step captured in a CUDA graph, i.e. GPU time alone.
+    """
     dev = "cuda"
     q, k, v, qt, kt, vt, do, dot_ = [torch.randn(B, H, N, D, device=dev, dtype=dtype) for _ in range(8)]
     leaves = [x.requires_grad_() for x in (q, k, v, qt, kt, vt)]
@@ -691,7 +740,14 @@ def benchmark(B, H, N, D, dtype=torch.bfloat16):
         torch.cuda.synchronize()
         mib = (torch.cuda.max_memory_allocated() - base) / 2**20
         ms = triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median")
-        out[name] = (ms, mib)
+        try:
+            graph_ms = triton.testing.do_bench_cudagraph(step, grad_to_none=leaves, return_mode="median")
+        except Exception as e:  # capture can fail on some stacks; the wall time still stands
+            print(f"  (CUDA-graph timing of {name} failed: {type(e).__name__}: {str(e)[:80]})")
+            graph_ms = float("nan")
+        out[name] = (ms, graph_ms, mib)
+        for x in leaves:
+            x.grad = None
     return out
 
 
@@ -723,11 +779,14 @@ def main():
     for shape in [(64, 18, 256, 64), (16, 18, 1024, 64), (2, 16, 4096, 64), (256, 6, 256, 64)]:
         r = benchmark(*shape)
         rows.append((shape, r))
-    print("\njvp forward + backward through O and O' (bf16); plain SDPA = forward + backward, no JVP")
-    print(f"{'B, H, N, D':>20} | {'kernel ms / MiB':>16} | {'naive ms / MiB':>16} | {'SDPA ms / MiB':>14} | kernel/SDPA")
+    print("\njvp forward + backward through O and O' (bf16); plain SDPA = forward + backward, no JVP.")
+    print("wall = do_bench of the eager step (median ms); graph = the same step replayed as a CUDA graph")
+    print(f"{'B, H, N, D':>18} | {'kernel wall/graph ms, MiB':>26} | {'naive wall/graph ms, MiB':>25} | "
+          f"{'SDPA wall/graph ms, MiB':>24} | kernel/SDPA wall, graph")
     for shape, r in rows:
-        (km, kb), (nm, nb), (sm, sb) = r["kernel"], r["naive"], r["sdpa"]
-        print(f"{str(shape):>20} | {km:7.3f} / {kb:6.0f} | {nm:7.3f} / {nb:6.0f} | {sm:6.3f} / {sb:5.0f} | {km / sm:5.2f}x")
+        (kw, kg, kb), (nw, ng, nb), (sw, sg, sb) = r["kernel"], r["naive"], r["sdpa"]
+        print(f"{str(shape):>18} | {kw:7.3f} / {kg:6.3f}, {kb:5.0f} | {nw:7.2f} / {ng:6.2f}, {nb:5.0f} | "
+              f"{sw:6.3f} / {sg:6.3f}, {sb:4.0f} | {kw / sw:5.2f}x, {kg / sg:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import attention_jvp as aj  # noqa: E402
@@ -90,6 +90,7 @@ def _assert_close(got, ref, tol, what=""):
 @given(B=st.integers(1, 2), H=st.integers(1, 2), N=st.integers(1, 40), D=st.sampled_from([16, 24, 64, 72]),
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16),
        scale=st.sampled_from([None, 0.3]))
+@example(B=1, H=1, N=1, D=64, dtype=torch.float16, seed=1, scale=0.3)  # one key: dq = dk = 0 exactly
 def test_func_jvp_and_all_six_gradients_match_float64(B, H, N, D, dtype, seed, scale):
     xs = _inputs(B, H, N, D, dtype, seed)
     got = _eight_via_func_jvp(lambda q, k, v: _kernel_scaled(q, k, v, scale), xs)
@@ -202,3 +203,27 @@ def test_dispatch():
     assert aj._BACKEND == "auto"
     qb = q.detach().bfloat16()
     torch.testing.assert_close(aj.attention(qb, qb, qb), aj.reference_attention(qb, qb, qb))
+
+
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+def test_one_fused_backward_under_jvp_and_plain_forward_alone(mode, monkeypatch):
+    """Under a JVP, O and O' are computed by one forward and one tangent kernel and the backward through
+    both runs as ONE fused kernel launch (dO and dO' together); a plain call runs only the forward."""
+    launches = []
+    for name in ("_triton_forward", "_triton_tangent", "_triton_backward"):
+        real = getattr(aj, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if _name == "_triton_backward":
+                launches.append(("backward", args[5] is not None, kwargs.get("tangent") is not None))
+            else:
+                launches.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(aj, name, spy)
+    xs = _inputs(1, 2, 18, 16, torch.float32, seed=8)
+    (_eight_via_func_jvp if mode == "func.jvp" else _eight_via_dual)(_kernel, xs)
+    assert launches == ["_triton_forward", "_triton_tangent", ("backward", True, True)]
+    launches.clear()
+    q = xs[0].clone().requires_grad_()
+    _kernel(q, xs[1], xs[2]).backward(xs[6])
+    assert launches == ["_triton_forward", ("backward", True, False)]
