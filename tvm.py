@@ -130,7 +130,8 @@ def modulation(c, linear, n):
     Normalising bounds the modulation scale a(t), whose unbounded growth the paper singles out as the
     cause of instability (Fig. 4). The linear is zero-initialised, so the chunks start at exactly 0.
     """
-    return [rms_norm(m) for m in linear(nnf.silu(c)).chunk(n, dim=-1)]
+    mods = linear(nnf.silu(c))                                          # (B, n * hidden)
+    return rms_norm(mods.unflatten(-1, (n, -1))).unbind(dim=-2)        # n x (B, hidden), one kernel
 
 
 def modulate(x, shift, scale):
