@@ -17,10 +17,17 @@ materialises (S x S) matrices. This file is the whole answer, in the order a rea
                                softmax JVP), _bwd_preprocess + _bwd_kernel (the six gradients).
                                The math is derived in comments beside each kernel.
     3. autograd glue        -- _Attention (plain call, backward from O) whose jvp() calls
-                               _AttentionTangent (O', backward from O' into all six inputs).
+                               _AttentionTangent (O', and ONE fused backward from O and O' into all
+                               six inputs).
     4. attention()          -- the dispatch: Triton on CUDA (or on the CPU under TRITON_INTERPRET=1),
                                the reference otherwise; use_backend() switches it.
     5. __main__             -- correctness check against float64 and the benchmark.
+
+Cost, in (BLOCK_M x BLOCK_N x D) matrix products per tile of the N x N score matrix: forward 2,
+tangent 6, fused backward 15; 23 in all, against 7 (2 + 5) for plain FlashAttention forward +
+backward, so a JVP step cannot cost much less than ~3.3x plain attention. Measured on an H100
+(parts/KERNEL_NOTES.md): 3.4x (N = 256), 4.4x (N = 1024), 4.8x (N = 4096) of PyTorch's SDPA in GPU
+time. Extra memory is linear in N: per row, fp32 lse and mu, plus fp32 dq, dq' accumulators.
 
 Run:
     python attention_jvp.py                       # GPU: check + benchmark table (bf16, H100/H200)
