@@ -440,10 +440,10 @@ def _triton_backward(q, k, v, o, lse, do, scale, tangent=None):
                                      HAS_DO=has_do, TANGENT=has_t,
                                      HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=BM, BLOCK_N=BN,
                                      num_warps=warps, num_stages=stages)
-    grads = (dq.to(q.dtype), dk, dv)
-    if has_t:
-        grads += (dqt.to(q.dtype), dkt, dvt)
-    return grads
+    dq = dq.to(q.dtype)  # rebinding frees the fp32 accumulator before dq' is converted (peak memory)
+    if not has_t:
+        return dq, dk, dv
+    return dq, dk, dv, dqt.to(q.dtype), dkt, dvt
 
 
 # ================================================================================================
