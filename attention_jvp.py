@@ -348,7 +348,7 @@ if HAS_TRITON:
 
 # ------------------------------------------------------------------------------------------------
 # Launchers. Block sizes: small on the CPU interpreter (so that tests cross block edges at small N),
-# tuned on an H100 for the GPU (see parts/KERNEL_NOTES.md).
+# tuned on an H100 and an H200 for the GPU (see parts/KERNEL_NOTES.md).
 # ------------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -366,7 +366,7 @@ def _config(kind, q):
     return _GPU_CONFIGS[kind][0 if row_bytes <= 128 else 1 if row_bytes <= 256 else 2]
 
 
-# Measured on an H200 with Triton 3.6 (parts/KERNEL_NOTES.md). Rows by the bytes of one padded row:
+# Tuned on an H200 and an H100, Triton 3.6 (parts/KERNEL_NOTES.md). Rows by the bytes of one padded row:
 # [0] bf16/fp16 D <= 64 (the tuned case), [1] bf16/fp16 D <= 128 or fp32 D <= 64, [2] fp32 D <= 128;
 # larger rows get smaller tiles to fit the 227 KiB of shared memory per SM. In 'bwd', BLOCK_N is the
 # key block a program owns and BLOCK_M the query block of its inner loop.
