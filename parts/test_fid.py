@@ -260,3 +260,25 @@ def test_stats_npz_round_trip_and_sources(tmp_path, images, features):
     with pytest.raises(ValueError, match="arr_0"):
         np.savez(tmp_path / "bad.npz", images=images)
         fid.stats_from_npz(str(tmp_path / "bad.npz"))
+
+
+def test_dataset_features_cache(tmp_path, monkeypatch):
+    """The cache is read back when the images are the same, and recomputed when they change. The network
+    is replaced by a counter here: what is tested is the bookkeeping, not Inception."""
+    calls = []
+    def fake_features(images, *args, **kwargs):
+        calls.append(len(images))
+        return images.reshape(len(images), -1)[:, :1].astype(np.float64) * np.ones((1, 2048))
+    imgs = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    monkeypatch.setattr(fid, "inception_features", fake_features)
+    monkeypatch.setattr(fid, "dataset_images", lambda name: imgs)
+    cache = str(tmp_path / "c.npz")
+    first = fid.dataset_features("digits", cache=cache)
+    again = fid.dataset_features("digits", cache=cache)
+    np.testing.assert_array_equal(first, again)
+    assert calls == [3]
+    imgs = imgs.copy()
+    imgs[0, 0, 0, 0] ^= 1
+    monkeypatch.setattr(fid, "dataset_images", lambda name: imgs)
+    fid.dataset_features("digits", cache=cache)
+    assert calls == [3, 3]
