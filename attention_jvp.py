@@ -354,8 +354,13 @@ if HAS_TRITON:
 LOG2E = 1.4426950408889634
 
 
+# Triton decides at decoration (import) time whether @triton.jit kernels run in its CPU interpreter,
+# so the dispatch must use the same moment's TRITON_INTERPRET, not the variable's current value.
+_INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def _config(kind, q):
@@ -614,7 +619,8 @@ def _triton_unsupported(q, k, v):
     if not HAS_TRITON:
         return "triton is not installed"
     if not (q.is_cuda or (q.device.type == "cpu" and _interpreting())):
-        return f"tensors are on {q.device}; Triton needs CUDA, or the CPU with TRITON_INTERPRET=1"
+        return (f"tensors are on {q.device}; Triton needs CUDA, or the CPU with TRITON_INTERPRET=1 set "
+                "before attention_jvp (and triton) are first imported")
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         return f"expected q, k, v of one shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if q.shape[-1] > 128:
