@@ -245,6 +245,12 @@ def test_stats_npz_round_trip_and_sources(tmp_path, images, features):
     mu2, sigma2 = fid.stats_from_npz(str(tmp_path / "stats.npz"))
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)
+    # A file shaped like ADM's VIRTUAL_imagenet256_labeled.npz (reference images for precision/recall,
+    # mu/sigma over the whole training set, spatial mu_s/sigma_s for sFID): mu and sigma are what FID uses.
+    np.savez(tmp_path / "adm.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:7], sigma_s=np.eye(7))
+    mu3, sigma3 = fid.stats_from_source(str(tmp_path / "adm.npz"))
+    np.testing.assert_array_equal(mu3, mu)
+    np.testing.assert_array_equal(sigma3, sigma)
     # An image .npz and a folder of PNGs give the statistics of their images.
     from PIL import Image
     fid.save_images_npz(str(tmp_path / "imgs.npz"), images)
