@@ -58,8 +58,9 @@ def noise_and_label(seed, i, shape, classes, num_classes):
 
     numpy's SeedSequence hashes the pair (seed, i) into the 128-bit state of a PCG64 generator. Not
     torch.Generator().manual_seed(...): the CPU generator keeps only the low 32 bits of its seed, so
-    seeds built from (seed, i) would collide (a test caught seeds 7 and 8 giving the same images), and a
-    hash down to 32 bits would give two of 50,000 samples the same noise about one run in three.
+    seed * 2^32 + i would give every seed the same images, seed + i would make seed 1 repeat seed 0
+    shifted by one sample, and a hash down to 32 bits would give two of 50,000 samples the same noise
+    in about one run out of four (birthday bound, 1 - exp(-50000^2 / 2^33)).
     """
     rng = np.random.default_rng([seed, i])
     x1 = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))             # (C, H, W)
