@@ -368,6 +368,104 @@ def tables(results, floors, n_seeds):
     return "\n".join(md) + "\n", rows
 
 
+# ------------------------------------------------------------------------------------------------
+# The embedded digits (train.py's default job): FID of TVM and of the flow-matching baseline
+# ------------------------------------------------------------------------------------------------
+
+def train_digits(method, steps=None, device="cpu"):
+    """train.py's digits run (its --res 0 preset: tiny DiT, w = 1.5, scaled param., 1500 steps of 128),
+    with the full TVM loss or with the flow-matching term only. The loop is train.py's main() without
+    checkpoints and logs, built from its pieces so that both methods share everything else.
+    Returns (eval-EMA network, config, seconds)."""
+    import train
+    argv = ["--fid", "false", "--sample_every", "0", "--device", device] + (["--steps", str(steps)] if steps else [])
+    cfg = train.parse_config(argv)
+    data = train.DigitsData(cfg.data)
+    cfg.in_channels, cfg.input_size, cfg.num_classes = data.shape[0], data.shape[1], data.num_classes
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    net = train.build_net(cfg).to(dev)
+    ema, target = copy.deepcopy(net).requires_grad_(False), copy.deepcopy(net).requires_grad_(False)
+    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, terminal=method == "tvm")
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    sampler = train.EpochSampler(len(data), cfg.seed)
+    t0 = time.time()
+    for step in range(cfg.steps):
+        batch = train.make_batch(data, sampler, cfg, step, 0, 1, dev, torch.float32)
+        train.train_step(model, net, ema, target, opt, batch, cfg)
+    return ema.eval(), cfg, time.time() - t0
+
+
+def digits(out, n_fid=1000, steps=None, device="cpu", n_real=None):
+    """FID (fid.py, against all 1,797 real digits) of TVM with 1 and 4 jumps and of flow matching with 1
+    and 50 Euler steps, n_fid samples each with balanced labels, plus a grid of each (digits.png)."""
+    import train
+    import fid
+    from PIL import Image
+    t_start = time.time()
+    real = fid.dataset_images("digits")[:n_real]                                  # (1797, 8, 8, 3) uint8
+    real_labels = train.DigitsData(train.parse_config([]).data).labels[:n_real]
+    feats_real = fid.inception_features(real, device=device)
+    # The floor: FID between two halves of the real digits (N = 898 vs 899).
+    half = np.random.default_rng(0).permutation(len(real))
+    floor = fid.fid_from_features(feats_real[half[:len(real) // 2]], feats_real[half[len(real) // 2:]])
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn((n_fid, 1, 8, 8), generator=g).to(device)
+    y = (torch.arange(n_fid) % 10).to(device)
+    res, seconds, grids = {}, {}, [("real", real, real_labels)]
+    for method, step_counts in (("tvm", (1, 4)), ("fm", (1, 50))):
+        net, cfg, seconds[method] = train_digits(method, steps, device)
+        for n in step_counts:
+            if method == "tvm":
+                x0 = tvm.sample(net, x1, y, cfg.w, n, cfg.scale_param)
+            else:
+                x0 = euler_sample(net, x1, y, cfg.w, n, cfg.scale_param)
+            images = train.to_uint8_images(x0, asdict(cfg))                       # (n_fid, 8, 8, 3)
+            label = f"{method.upper()} {n}"
+            res[label] = fid.fid_from_features(fid.inception_features(images, device=device), feats_real)
+            grids.append((label, images, y.cpu().numpy()))
+            print(f"  digits {label}: FID {res[label]:.2f}", flush=True)
+    wall = time.time() - t_start
+
+    # One grid per sampler: row c holds the first 10 images of class c, upscaled 3x (nearest).
+    tiles = []
+    for label, images, labels in grids:
+        blank = np.full((10,) + images.shape[1:], 255, np.uint8)
+        rows = [np.concatenate([images[labels == c][:10], blank])[:10] for c in range(10)]  # pad short rows
+        block = np.concatenate([np.concatenate(list(r), 1) for r in rows], 0)     # (80, 80, 3)
+        block = block.repeat(3, 0).repeat(3, 1)                                    # (240, 240, 3)
+        tiles.append(np.pad(block, ((20, 4), (4, 4), (0, 0)), constant_values=255))
+    img = Image.fromarray(np.concatenate(tiles, 1))
+    from PIL import ImageDraw, ImageFont
+    draw = ImageDraw.Draw(img)
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:
+        font = ImageFont.load_default()
+    for i, (label, _, _) in enumerate(grids):
+        text = label if label == "real" else f"{label}: FID {res[label]:.1f}"
+        draw.text((i * tiles[0].shape[1] + 4, 2), text, fill="black", font=font)
+    img.save(os.path.join(out, "digits.png"))
+
+    md = ["### The digits default (train.py --res 0): FID against the 1,797 real digits, lower is better\n",
+          f"| real vs real (two halves) | TVM 1 | TVM 4 | FM 1 | FM 50 | train s TVM | FM |",
+          "|---|---|---|---|---|---|---|",
+          f"| {floor:.2f} | {res['TVM 1']:.2f} | {res['TVM 4']:.2f} | {res['FM 1']:.2f} | {res['FM 50']:.2f} | "
+          f"{seconds['tvm']:.0f} | {seconds['fm']:.0f} |",
+          f"\n{n_fid} samples per sampler (labels balanced), {cfg.steps} steps of batch {cfg.batch_size}, "
+          f"w = {cfg.w}, seed {cfg.seed}. Wall time {wall / 60:.1f} min on {device} ({cpu_name()}, "
+          f"{len(os.sched_getaffinity(0))} usable logical CPUs, torch {torch.__version__}). "
+          f"Command: `python {' '.join(sys.argv)}`."]
+    md = "\n".join(md) + "\n"
+    print("\n" + md)
+    with open(os.path.join(out, "digits.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(out, "digits.json"), "w") as f:
+        json.dump(dict(fid=res, floor=floor, train_seconds=seconds, wall_seconds=wall, n_fid=n_fid,
+                       steps=cfg.steps, device=device, command=" ".join(sys.argv)), f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps, one seed: checks the pipeline in ~1 min")
@@ -375,7 +473,16 @@ def main():
     ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 1)")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
+    ap.add_argument("--digits", action="store_true", help="run only the digits comparison (FID; slow on a CPU)")
+    ap.add_argument("--fid-samples", type=int, default=None, help="digits: samples per sampler (default 1000)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
     args = ap.parse_args()
+    if args.digits:
+        os.makedirs(args.out, exist_ok=True)
+        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else 1000),
+               steps=args.steps or (20 if args.quick else None), device=args.device,
+               n_real=40 if args.quick else None)
+        return
     steps = args.steps or (300 if args.quick else 2500)
     n_seeds = args.seeds or (1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
