@@ -401,19 +401,21 @@ def train_digits(method, steps=None, device="cpu"):
     return ema.eval(), cfg, time.time() - t0
 
 
-def digits(out, n_fid=1000, steps=None, device="cpu", n_real=None):
+def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
     """FID (fid.py, against all 1,797 real digits) of TVM with 1 and 4 jumps and of flow matching with 1
-    and 50 Euler steps, n_fid samples each with balanced labels, plus a grid of each (digits.png)."""
+    and 50 Euler steps, n_fid samples each (default: train.py's fid_samples) with balanced labels, plus a
+    grid of each (digits.png)."""
     import train
     import fid
     from PIL import Image
     t_start = time.time()
+    n_fid = n_fid or train.TrainConfig().fid_samples
     real = fid.dataset_images("digits")[:n_real]                                  # (1797, 8, 8, 3) uint8
     real_labels = train.DigitsData(train.parse_config([]).data).labels[:n_real]
     feats_real = fid.inception_features(real, device=device)
-    # The floor: FID between two halves of the real digits (N = 898 vs 899).
-    half = np.random.default_rng(0).permutation(len(real))
-    floor = fid.fid_from_features(feats_real[half[:len(real) // 2]], feats_real[half[len(real) // 2:]])
+    # The floor: FID of n_fid real digits against the other real digits (the samples are scored against all).
+    perm = np.random.default_rng(0).permutation(len(real))
+    floor = fid.fid_from_features(feats_real[perm[:n_fid]], feats_real[perm[n_fid:]])
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((n_fid, 1, 8, 8), generator=g).to(device)
     y = (torch.arange(n_fid) % 10).to(device)
@@ -453,7 +455,7 @@ def digits(out, n_fid=1000, steps=None, device="cpu", n_real=None):
     img.save(os.path.join(out, "digits.png"))
 
     md = ["### The digits default (train.py --res 0): FID against the 1,797 real digits, lower is better\n",
-          f"| real vs real (two halves) | TVM 1 | TVM 4 | FM 1 | FM 50 | train s TVM | FM |",
+          f"| {n_fid} real vs the other {len(real) - n_fid} real | TVM 1 | TVM 4 | FM 1 | FM 50 | train s TVM | FM |",
           "|---|---|---|---|---|---|---|",
           f"| {floor:.2f} | {res['TVM 1']:.2f} | {res['TVM 4']:.2f} | {res['FM 1']:.2f} | {res['FM 50']:.2f} | "
           f"{seconds['tvm']:.0f} | {seconds['fm']:.0f} |",
@@ -478,12 +480,12 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--digits", action="store_true", help="run only the digits comparison (FID; slow on a CPU)")
-    ap.add_argument("--fid-samples", type=int, default=None, help="digits: samples per sampler (default 1000)")
+    ap.add_argument("--fid-samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
     args = ap.parse_args()
     if args.digits:
         os.makedirs(args.out, exist_ok=True)
-        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else 1000),
+        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else None),
                steps=args.steps or (20 if args.quick else None), device=args.device,
                n_real=40 if args.quick else None)
         return
