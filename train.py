@@ -153,7 +153,7 @@ def parse_config(argv=None):
 def resolve(cfg):
     if cfg.res not in PRESETS:
         raise TrainError(f"--res {cfg.res} is not supported: use 0 (the embedded digits), 256 or 512 "
-                         "(the SD-VAE latent statistics of paper-notes §7 exist for these two only)")
+                         "(LATENT_STATS, the per-channel SD-VAE latent statistics, exist for these two only)")
     for k, v in PRESETS[cfg.res].items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
