@@ -345,6 +345,7 @@ def test_tiny_model_fits_tiny_dataset():
 
 
 
+
 # ================================================================================================
 # attention_jvp.py: the kernel against float64 autograd of the math reference
 # ================================================================================================
@@ -1731,3 +1732,19 @@ def test_dataset_features_cache(tmp_path, monkeypatch):
     fid.dataset_features("digits", cache=cache)
     assert calls == [3, 3]
 
+
+
+# ================================================================================================
+# train.py --benchmark: the training-step benchmark runs, and times what it says
+# ================================================================================================
+
+def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
+    """The GPU benchmark's code path, on the CPU with a tiny model: both kinds of step run through
+    train_step, and the TVM step (a JVP forward, a backward through it, a target forward of twice the
+    batch) costs more than the flow-matching step of the same network."""
+    cfg = train.parse_config(["--benchmark", "--device", "cpu"])
+    rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1)
+    (row,) = rows
+    assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
+    out = capsys.readouterr().out
+    assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out

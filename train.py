@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import attention_jvp
 import tvm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +100,8 @@ class TrainConfig:
     fid_real: int = 500           # ... against this many real digits (a fixed random subset)
     vae: str = "stabilityai/sd-vae-ft-ema"
     workers: int = 8              # image-decoding processes while encoding latents
+    attention: str = "auto"       # auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend
+    benchmark: bool = False       # time the TVM and flow-matching steps on random latents, then exit
     # filled in from the data, not by hand
     input_size: int = 0
     in_channels: int = 0
@@ -709,6 +712,13 @@ def check_resumable(saved, cfg, path):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.benchmark:
+        return benchmark(cfg)
+    with attention_jvp.use_backend(cfg.attention):
+        return train(cfg)
+
+
+def train(cfg):
     rank, world, device = setup_distributed(cfg)
     check_batch(cfg, world)
     master = rank == 0
@@ -865,6 +875,84 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
         f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
     log.write(json.dumps(result) + "\n")
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# python train.py --benchmark: the step on random latents, TVM against flow matching, same run
+# ------------------------------------------------------------------------------------------------
+
+# (model, image side in pixels, batch): the latents are (batch, 4, px / 8, px / 8).
+BENCH_CASES = (("XL/2-18h", 256, 32), ("XL/2-18h", 512, 8), ("XL/2-18h", 512, 16), ("B/2", 256, 32))
+
+
+def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2):
+    """Seconds per step, images per second and peak memory of the TVM step (Eq. 15: the JVP forward,
+    the backward through it, one target forward for two batches, the guided FM term, AdamW, both EMAs)
+    and of a flow-matching step of the same network (the FM term alone, no JVP), in the same run, on
+    random latents shaped like ImageNet-256/512: no data needed. The paper's settings for that resolution
+    (Table 6), bf16 autocast and TF32 off on a GPU; the median of `steps` timed steps after `warmup`.
+    --attention and --detach_jvp select the variants, --device the device. Returns the rows; a case that
+    does not fit is None."""
+    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise TrainError("--device cuda, but PyTorch sees no GPU: check `nvidia-smi`, or use --device cpu")
+    device = torch.device("cuda" if want_cuda else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda else nullcontext()
+    name = torch.cuda.get_device_name() if want_cuda else "CPU"
+    print(f"{name}, torch {torch.__version__}, attention {cfg.attention}, detach_jvp {cfg.detach_jvp}, "
+          f"median of {steps} steps after {warmup}\n"
+          "| model | px | batch | TVM step | flow-matching step | TVM / FM |\n| --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for model, px, batch in cases:
+        row = dict(model=model, px=px, batch=batch)
+        for kind in ("tvm", "fm"):
+            row[kind] = _time_step(cfg, row["model"], px, row["batch"], kind, device, amp, steps, warmup)
+        rows.append(row)
+        cell = lambda m: "out of memory" if m is None else f"{m['s']:.3f} s, {m['img_s']:.0f} img/s, " + (
+            f"{m['gib']:.1f} GiB" if m["gib"] is not None else "-")
+        ratio = f"{row['tvm']['s'] / row['fm']['s']:.2f}x" if row["tvm"] and row["fm"] else "-"
+        print(f"| {row['model']} | {px} | {row['batch']} | {cell(row['tvm'])} | {cell(row['fm'])} | {ratio} |",
+              flush=True)
+    return rows
+
+
+def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
+    c = resolve(TrainConfig(res=256 if px <= 256 else 512, data="random", model=model, batch_size=batch,
+                            detach_jvp=cfg.detach_jvp, device=cfg.device))
+    c.input_size, c.in_channels, c.num_classes = px // 8, 4, 1000
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with torch.device(device):      # built (and spectrally initialised) on the GPU directly
+            torch.manual_seed(0)
+            net = build_net(c)
+            ema = copy.deepcopy(net).requires_grad_(False)
+            target = copy.deepcopy(net).requires_grad_(False)
+        model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm")
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=c.lr,
+                                betas=(c.beta1, c.beta2), eps=c.adam_eps, weight_decay=c.weight_decay)
+        g = torch.Generator(device).manual_seed(0)
+        times = []
+        with attention_jvp.use_backend(cfg.attention):
+            for _ in range(warmup + steps):
+                x0 = torch.randn(batch, 4, px // 8, px // 8, device=device, generator=g)
+                y = torch.randint(0, 1000, (batch,), device=device, generator=g)
+                inp = tvm.sample_loss_inputs(x0, y, 1000, w=c.w, label_dropout=c.label_dropout, generator=g)
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                train_step(model_, net, ema, target, opt, [inp], c, amp)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        sec = float(np.median(times[warmup:]))
+        return dict(s=sec, img_s=batch / sec, gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+    except torch.cuda.OutOfMemoryError:
+        return None
 
 
 if __name__ == "__main__":
