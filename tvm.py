@@ -430,7 +430,7 @@ def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True
                                     torch.cat([y, null]), torch.cat([w, ones]), scale_param)
             u_target, u_uncond = u_both[:B], u_both[B:]
         not_equal = (t != s).to(x0.dtype)                                 # the 1[t != s] of Eq. 12
-        terminal_term = _mean_dims((df_ds - u_target) ** 2) * not_equal / w ** 2
+        terminal_term = _mean_dims((df_ds - u_target) ** 2) * not_equal / w ** 2   # Eq. 15, term 1
     else:
         with torch.no_grad():
             u_uncond = model_velocity(target, x_sp, s_prime, null, ones, scale_param)
@@ -438,7 +438,7 @@ def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True
 
     u = model_velocity(net, x_sp, s_prime, y, w, scale_param)                       # u_theta(x_s', s', c, w)
     fm_target = _bc(w, x0) * v + _bc(1 - w, x0) * u_uncond                          # Eq. 14
-    fm_term = _mean_dims((u - fm_target) ** 2) / w ** 2
+    fm_term = _mean_dims((u - fm_target) ** 2) / w ** 2                             # Eq. 15, term 2
     loss = (terminal_term + fm_term).mean()
     return loss, {"terminal": terminal_term.detach(), "fm": fm_term.detach()}
 
@@ -497,7 +497,7 @@ def sample(net, x1, y, w, steps, scale_param=True):
     for k in range(steps):
         t = torch.full((B,), float(grid[k]), device=device)
         s = torch.full((B,), float(grid[k + 1]), device=device)
-        x = x + displacement(net, x.to(dtype), t, s, y, w, scale_param).double()
+        x = x + displacement(net, x.to(dtype), t, s, y, w, scale_param).double()   # Fig. 3
     return x
 
 
