@@ -346,6 +346,7 @@ def test_tiny_model_fits_tiny_dataset():
 
 
 
+
 # ================================================================================================
 # attention_jvp.py: the kernel against float64 autograd of the math reference
 # ================================================================================================
@@ -950,7 +951,9 @@ def _report(results, label):
     return ratio
 
 
-if __name__ == "__main__":
+def theorem_sweep():
+    """The fixed-seed sweep: how often each bound fails over 400 random models (`python test_tvm.py`;
+    its output is evidence/theorem_sweep.txt)."""
     np.set_printoptions(precision=17)
     for label, t in (("t = 1 (one-step generation)", 1.0), ("t ~ U(0.05, 1)", None)):
         results = sweep(400, seed=0, t=t)
@@ -1748,3 +1751,7 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
     out = capsys.readouterr().out
     assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out
+
+
+if __name__ == "__main__":
+    theorem_sweep()   # python test_tvm.py: the fixed-seed sweep of Theorem 1, as in evidence/theorem_sweep.txt
