@@ -117,11 +117,13 @@ class Attention(nn.Module):
 
     def forward(self, x):  # (B, N, hidden)
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                # each (B, H, N, D)
+        # Linears see (B * N, C): on 3-D inputs, nn.Linear under torch.func.jvp + backward runs as batched
+        # matrix products with the weight expanded per sample (measured: a 10-20% slower CPU step).
+        qkv = self.qkv(x.reshape(B * N, C)).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # each (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         o = attention(q, k, v)                                          # (B, H, N, D), scale 1/sqrt(D)
-        return self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return self.proj(o.transpose(1, 2).reshape(B * N, C)).reshape(B, N, C)
 
 
 def modulation(c, linear, n):
@@ -151,9 +153,11 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Linear(hidden, 6 * hidden)
 
     def forward(self, x, c):  # x (B, N, hidden), c (B, hidden)
+        B, N, C = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c, self.adaLN, 6)
         x = x + gate_a[:, None] * self.attn(modulate(rms_norm(x), shift_a, scale_a))
-        x = x + gate_m[:, None] * self.mlp(modulate(rms_norm(x), shift_m, scale_m))
+        h = modulate(rms_norm(x), shift_m, scale_m).reshape(B * N, C)   # 2-D for the linears (Attention)
+        x = x + gate_m[:, None] * self.mlp(h).reshape(B, N, C)
         return x
 
 
@@ -167,7 +171,8 @@ class FinalLayer(nn.Module):
         # The official code also RMS-normalises these two modulation vectors; the paper does not
         # mention it (paper-notes §4 "Difference 2"). We follow the code.
         shift, scale = modulation(c, self.adaLN, 2)
-        return self.linear(modulate(rms_norm(x), shift, scale))
+        B, N, C = x.shape
+        return self.linear(modulate(rms_norm(x), shift, scale).reshape(B * N, C)).reshape(B, N, -1)
 
 
 def sincos_pos_embed_2d(hidden, grid):
