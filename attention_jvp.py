@@ -26,7 +26,7 @@ materialises (S x S) matrices. This file is the whole answer, in the order a rea
 Cost, in (BLOCK_M x BLOCK_N x D) matrix products per tile of the N x N score matrix: forward 2,
 tangent 6, fused backward 15; 23 in all, against 7 (2 + 5) for plain FlashAttention forward +
 backward, so a JVP step cannot cost much less than ~3.3x plain attention. Measured on an H100
-(parts/KERNEL_NOTES.md): 3.4x (N = 256), 4.4x (N = 1024), 4.8x (N = 4096) of PyTorch's SDPA in GPU
+(notes/kernel.md): 3.4x (N = 256), 4.4x (N = 1024), 4.8x (N = 4096) of PyTorch's SDPA in GPU
 time. Extra memory is linear in N: per row, fp32 lse and mu, plus fp32 dq, dq' accumulators.
 
 Run:
@@ -348,7 +348,7 @@ if HAS_TRITON:
 
 # ------------------------------------------------------------------------------------------------
 # Launchers. Block sizes: small on the CPU interpreter (so that tests cross block edges at small N),
-# tuned on an H100 and an H200 for the GPU (see parts/KERNEL_NOTES.md).
+# tuned on an H100 and an H200 for the GPU (see notes/kernel.md).
 # ------------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -371,7 +371,7 @@ def _config(kind, q):
     return _GPU_CONFIGS[kind][0 if row_bytes <= 128 else 1 if row_bytes <= 256 else 2]
 
 
-# Tuned on an H200 and an H100, Triton 3.6 (parts/KERNEL_NOTES.md). Rows by the bytes of one padded row:
+# Tuned on an H200 and an H100, Triton 3.6 (notes/kernel.md). Rows by the bytes of one padded row:
 # [0] bf16/fp16 D <= 64 (the tuned case), [1] bf16/fp16 D <= 128 or fp32 D <= 64, [2] fp32 D <= 128;
 # larger rows get smaller tiles to fit the 227 KiB of shared memory per SM. In 'bwd', BLOCK_N is the
 # key block a program owns and BLOCK_M the query block of its inner loop.

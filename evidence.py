@@ -377,7 +377,8 @@ def tables(results, floors, n_seeds):
 # ------------------------------------------------------------------------------------------------
 
 def train_digits(method, steps=None, device="cpu"):
-    """train.py's digits run (its --res 0 preset: tiny DiT, w = 1.5, scaled param., 1500 steps of 128),
+    """train.py's digits run (its --res 0 preset: tiny DiT, w = 1.5, scaled param., batch 128, 1,000 steps;
+    the committed evidence/digits.md used --steps 1500, the preset when it was measured),
     with the full TVM loss or with the flow-matching term only. The loop is train.py's main() without
     checkpoints and logs, built from its pieces so that both methods share everything else.
     Returns (eval-EMA network, config, seconds)."""

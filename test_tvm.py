@@ -348,6 +348,7 @@ def test_tiny_model_fits_tiny_dataset():
 
 
 
+
 # ================================================================================================
 # attention_jvp.py: the kernel against float64 autograd of the math reference
 # ================================================================================================
@@ -367,7 +368,7 @@ def test_tiny_model_fits_tiny_dataset():
 #   float16: 3e-3 = 6 u, u = 2^-11 = 4.9e-4. P, P alpha S', dS, dS' are rounded to fp16 before each
 #            matrix product (one u each, relative), and every output is rounded to fp16 (u/2).
 #            The fp16 naive math attention lands at ~2 u on these shapes.
-# Run: python -m pytest -q parts/test_attention_jvp.py   (about a minute on 2 cores)
+# Run: python -m pytest -q test_tvm.py -k kernel   (about a minute on 2 cores)
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
@@ -603,8 +604,8 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference():
 #
 # Theorem 1 (the 2-Wasserstein bound, Sec. 3 Eq. 10, proof App. A.4), checked in closed form.
 #
-#     python -m pytest -q parts/test_theorem.py     # the property tests (a few seconds)
-#     python parts/test_theorem.py                  # the fixed-seed sweep: how often each bound fails
+#     python -m pytest -q test_tvm.py     # the property tests (a few seconds)
+#     python test_tvm.py                  # the fixed-seed sweep: how often each bound fails
 #
 # Everything below is float64 numpy; the only integrals are over time, done by quadrature.
 #
@@ -918,7 +919,7 @@ def test_quadrature_has_converged(model, t):
         assert abs(coarse[key] - fine[key]) <= 1e-6 * fine[key] + 1e-15, key
 
 
-# Counter-example to the printed bound: the worst "small" case of the t = 1 sweep (`python parts/test_theorem.py`,
+# Counter-example to the printed bound: the worst "small" case of the t = 1 sweep (`python test_tvm.py`,
 # seed 0), a model within 0.01 of perfect in every coefficient. LHS/RHS = 1.84 for the printed bound; 0.63 for
 # "direct". (mu0, sigma0, t, eps_a coefficients, eps_b coefficients) over EXPONENTS.
 FAILING_CASE = (
@@ -977,7 +978,7 @@ def theorem_sweep():
 # Tests of train.py: exact resume, DDP (gloo, 2 processes) against one process, gradient accumulation,
 # the non-finite guard, atomic checkpoints, the latent cache, and every documented bad-input error.
 #
-#     python -m pytest -q parts/test_train.py
+#     python -m pytest -q test_tvm.py
 #
 # All runs use a tiny DiT (hidden 32, depth 1) on the embedded digits, or on fake latents, on the CPU.
 
@@ -1289,7 +1290,7 @@ def test_ddp_two_gpus_bf16_agree_with_one(tmp_path):
 # the ADM .npz layout; the split over processes (torchrun's environment, two CPU processes on gloo) gives
 # the single-process result; and clear errors for bad input. Run with
 #
-#     python -m pytest -q parts/test_sample.py
+#     python -m pytest -q test_tvm.py
 #
 # The checkpoints are tiny DiTs built here and saved with train.py's own save_checkpoint, in its format;
 # their weights are perturbed away from the adaLN-zero init, under which F = 0 and every "sample" would
@@ -1463,7 +1464,7 @@ def test_fid_reference_digits_match_the_samples_pixel_convention():
 # convention against a transcription of TF1's resize_bilinear, the detector's shape, determinism and value
 # range, and the .npz / folder layouts. Run with
 #
-#     python -m pytest -q parts/test_fid.py
+#     python -m pytest -q test_tvm.py
 #
 # The Inception forward pass costs ~6 GFLOP per image (0.1-0.2 s on a CPU core pair), so only a few tiny
 # images go through it; everything about the distance runs on small matrices drawn by hypothesis.
