@@ -1755,5 +1755,26 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
     assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out
 
 
+def test_presets_follow_table_6_time_embedder_init():
+    """Table 6: spectral time-embedder init for the 256 px w=2 recipe, N(0, 0.02) for the 512 px w=2.5 one."""
+    for res, spectral in ((256, True), (512, False)):
+        cfg = train.resolve(train.TrainConfig(res=res, data="unused", model="tiny"))
+        cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 4, 10
+        torch.manual_seed(0)
+        w = train.build_net(cfg).t_embedder.mlp[0].weight.double()
+        norm = torch.linalg.matrix_norm(w, ord=2).item()
+        if spectral:
+            assert norm == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert w.std().item() == pytest.approx(0.02, rel=0.1) and abs(norm - 1.0) > 0.1
+
+
+def test_resume_refuses_another_parameterisation(tmp_path):
+    """scale_param changes what the stored F means (w F or F): a resume must not switch it."""
+    run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    with pytest.raises(train.TrainError, match="scale_param"):
+        run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume", "--scale_param", "false")
+
+
 if __name__ == "__main__":
     theorem_sweep()   # python test_tvm.py: the fixed-seed sweep of Theorem 1, as in evidence/theorem_sweep.txt

@@ -74,6 +74,8 @@ class TrainConfig:
     w_max: float = 0.0            # > w: random guidance, beta = 1/w ~ U(1/w_max, 1/w); 0 = constant w
     label_dropout: float = 0.1
     scale_param: bool = None      # scaled parameterisation f = (s-t) w F; Table 6: off for the 512 w=2.5 run
+    time_spectral_init: bool = None  # spectral init of the t / gap / w embedders; Table 6: yes for im256
+                                  # w=2 and im512 w=2.25, N(0, 0.02) for im256 w=1.75 and im512 w=2.5
     detach_jvp: bool = False      # cheaper, biased variant of Sec. 7.4
     target_ema: float = 0.99      # theta*: the teacher in the loss (Table 4b)
     ema: float = None             # theta**: evaluated and sampled; 0.9999 in the paper
@@ -115,17 +117,19 @@ PRESETS = {
     # The embedded demo, sized for ~10 minutes on 2 CPU cores (~0.4 s per step, then ~2 min of FID).
     # Eval EMA 0.99, not the paper's 0.9999: over 1,000 steps a slow EMA still carries the early
     # weights (0.999 gives visibly noisy digits).
-    0: dict(model="tiny", w=1.5, scale_param=True, ema=0.99, steps=1000, batch_size=128, lr=1e-3,
+    0: dict(model="tiny", w=1.5, scale_param=True, time_spectral_init=True, ema=0.99, steps=1000, batch_size=128, lr=1e-3,
             grad_clip=0.0, log_every=25, sample_every=500, ckpt_every=500),
     # Table 6. Gradient clipping at 1.0 is in the official 512 configs only, not in the paper.
-    256: dict(model="XL/2-18h", w=2.0, scale_param=True, ema=0.9999, steps=300_000, batch_size=2048,
+    256: dict(model="XL/2-18h", w=2.0, scale_param=True, time_spectral_init=True, ema=0.9999, steps=300_000, batch_size=2048,
               lr=1e-4, grad_clip=0.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
-    512: dict(model="XL/2-18h", w=2.5, scale_param=False, ema=0.9999, steps=300_000, batch_size=2048,
+    512: dict(model="XL/2-18h", w=2.5, scale_param=False, time_spectral_init=False, ema=0.9999, steps=300_000, batch_size=2048,
               lr=1e-4, grad_clip=1.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
 }
 
 # Fields that define the network and its data; a checkpoint can only continue a run that agrees on them.
-STRUCTURAL = ("res", "model", "depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes")
+# scale_param too: it changes what the stored F means (w F or F).
+STRUCTURAL = ("res", "model", "depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes",
+              "scale_param")
 
 
 def _parse_bool(text):
@@ -182,6 +186,8 @@ def model_kwargs(cfg):
     cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
     kw = dict(MODELS[cfg["model"]])
     kw.update({k: cfg[k] for k in ("depth", "hidden_size", "num_heads") if cfg[k]})
+    if cfg.get("time_spectral_init") is not None:     # absent from older checkpoints: tvm.DiT's default
+        kw["time_spectral_init"] = cfg["time_spectral_init"]
     return kw
 
 

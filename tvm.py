@@ -236,7 +236,8 @@ class DiT(nn.Module):
         their largest singular value, zero biases. Exceptions, as in the official code: label table
         N(0, 0.02); adaLN linears and the output linear zero (adaLN-Zero: every block starts as the
         identity and F starts at 0); time embedders N(0, 0.02) unless time_spectral_init, which
-        Table 6 and the configs use for the im256 w=2 model (the text says otherwise, paper-notes §9 #3).
+        Table 6 and the configs use for the im256 w=2 and im512 w=2.25 models, not for im256 w=1.75 and
+        im512 w=2.5 (the text says "except time embedding layers", paper-notes §9 #3).
         """
         def spectral_(weight):
             nn.init.xavier_normal_(weight)
