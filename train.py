@@ -598,6 +598,12 @@ def load_model_from_checkpoint(path, which="ema", device="cpu"):
 # One training step (Algorithm 1, steps 4-5): reused by a benchmark that feeds its own batches
 # ------------------------------------------------------------------------------------------------
 
+def make_optimizer(net, cfg):
+    """AdamW over the trainable parameters (Table 6: constant lr, betas (0.9, 0.95), no weight decay)."""
+    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+
+
 def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
     """Forward + backward over the micro-batches (gradient accumulation), finite check, clipping,
     AdamW, both EMAs. model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this
@@ -750,8 +756,7 @@ def train(cfg):
     model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(net, cfg)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step = 0
@@ -900,10 +905,10 @@ def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2):
     (Table 6), bf16 autocast and TF32 off on a GPU; the median of `steps` timed steps after `warmup`.
     --attention and --detach_jvp select the variants, --device the device. Returns the rows; a case that
     does not fit is None."""
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise TrainError("--device cuda, but PyTorch sees no GPU: check `nvidia-smi`, or use --device cpu")
-    device = torch.device("cuda" if want_cuda else "cpu")
+    if "RANK" in os.environ:
+        raise TrainError("--benchmark times one process: run it with python, not torchrun")
+    _, _, device = setup_distributed(cfg)           # a single process: only picks the device
+    want_cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda else nullcontext()
@@ -940,8 +945,7 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
             ema = copy.deepcopy(net).requires_grad_(False)
             target = copy.deepcopy(net).requires_grad_(False)
         model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm")
-        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=c.lr,
-                                betas=(c.beta1, c.beta2), eps=c.adam_eps, weight_decay=c.weight_decay)
+        opt = make_optimizer(net, c)
         g = torch.Generator(device).manual_seed(0)
         times = []
         with attention_jvp.use_backend(cfg.attention):
