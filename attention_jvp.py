@@ -532,23 +532,54 @@ class _AttentionTangent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dot_, _dmu, do):
-        if dot_ is None and do is None:
-            return (None,) * 9
-        _check_not_functorch_wrapped(dot_ if dot_ is not None else do)
-        q, k, v, qt, kt, vt, o, lse, ot, mu = ctx.saved_tensors
-        tangent = None if dot_ is None else (qt, kt, vt, ot, mu, dot_.contiguous())
-        with torch.no_grad():
-            grads = _triton_backward(q, k, v, o, lse, None if do is None else do.contiguous(), ctx.scale,
-                                     tangent=tangent)
-        if tangent is None:  # only O was used: the tangent inputs get no gradient
-            grads = grads + (None, None, None)
-        return _no_second_derivative(q, grads) + (None, None, None)  # o, lse, scale: constants here
+        return _fused_backward(ctx, do, dot_) + (None, None, None)  # o, lse, scale: constants here
 
     @staticmethod
     def jvp(ctx, *tangents):
         raise NotImplementedError(
             "attention_jvp: a second forward-mode derivative (jvp of jvp) is not implemented by the "
             "Triton kernel. Wrap the call in attention_jvp.use_backend('reference') for higher orders.")
+
+
+def _fused_backward(ctx, do, dot_):
+    """The six gradients (q, k, v, q', k', v') from dO and dO' (either may be None) in one kernel.
+    ctx holds (q, k, v, q', k', v', O, lse, O', mu) and the scale."""
+    if dot_ is None and do is None:
+        return (None,) * 6
+    _check_not_functorch_wrapped(dot_ if dot_ is not None else do)
+    q, k, v, qt, kt, vt, o, lse, ot, mu = ctx.saved_tensors
+    tangent = None if dot_ is None else (qt, kt, vt, ot, mu, dot_.contiguous())
+    with torch.no_grad():
+        grads = _triton_backward(q, k, v, o, lse, None if do is None else do.contiguous(), ctx.scale,
+                                 tangent=tangent)
+    if tangent is None:  # only O was used: the tangent inputs get no gradient
+        grads = grads + (None, None, None)
+    return _no_second_derivative(q, grads)
+
+
+class _AttentionPair(torch.autograd.Function):
+    """(O, O') as two ordinary outputs, for callers that carry tangents themselves (attention_pair):
+    the forward and tangent kernels, then the same fused backward as under a JVP. No forward-mode AD
+    is involved, so no route is needed: dO and dO' arrive at this one node together."""
+
+    @staticmethod
+    def forward(q, k, v, qt, kt, vt, scale):
+        o, lse = _triton_forward(q, k, v, scale)
+        ot, mu = _triton_tangent(q, k, v, qt, kt, vt, lse, scale)
+        return o, ot, lse, mu
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, qt, kt, vt, scale = inputs
+        o, ot, lse, mu = output
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse, mu)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, qt, kt, vt, o, lse, ot, mu)
+
+    @staticmethod
+    def backward(ctx, do, dot_, _dlse, _dmu):
+        return _fused_backward(ctx, do, dot_) + (None,)  # scale
 
 
 def _check_not_functorch_wrapped(grad_output):
@@ -632,6 +663,7 @@ def _triton_unsupported(q, k, v):
     return None
 
 
+@torch.compiler.disable  # opaque to torch.compile, see _triton_attention_pair
 def _triton_attention(q, k, v, scale):
     # The kernels index contiguous (B, H, N, D) slices; views (e.g. after a QK-norm or a head split)
     # are copied once here, inside autograd, so tangents and gradients follow the copy.
@@ -664,6 +696,36 @@ def attention(q, k, v, scale=None):
         raise RuntimeError(f"attention_jvp: the Triton backend cannot run this call: {reason}. "
                            "Use use_backend('auto') or use_backend('reference').")
     return reference_attention(q, k, v, scale)
+
+
+@torch.compiler.disable
+def _triton_attention_pair(q, k, v, qt, kt, vt, scale):
+    # Opaque to torch.compile (a graph break around the call): traced by dynamo, the kernels' float
+    # scale argument becomes a float64 scalar (seen with torch 2.11, Triton 3.6: "Loop-carried variable
+    # m_i ... fp32 ... re-assigned to fp64") and the kernel fails to build. Run eagerly, the call costs
+    # the same; the code around it in a block is still compiled.
+    o, ot, _lse, _mu = _AttentionPair.apply(q, k, v, qt, kt, vt, scale)
+    return o, ot
+
+
+def attention_pair(q, k, v, qt, kt, vt, scale=None):
+    """(O, O') = torch.func.jvp(attention, (q, k, v), (q', k', v')), as a plain function of six tensors.
+
+    For networks that propagate their tangent by hand (tvm.DiT.forward_jvp): the result is an ordinary
+    pair of outputs, so reverse mode, activation checkpointing and torch.compile see no forward-mode AD.
+    The Triton path runs the same three kernels as attention() under a JVP; the reference path is math
+    attention under torch.func.jvp. Same dispatch rules as attention().
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if _BACKEND != "reference":
+        k, v, qt, kt, vt = [x.to(q.dtype) for x in (k, v, qt, kt, vt)]
+        reason = _triton_unsupported(q, k, v)
+        if reason is None:
+            return _triton_attention_pair(*[x.contiguous() for x in (q, k, v, qt, kt, vt)], scale)
+        if _BACKEND == "triton":
+            raise RuntimeError(f"attention_jvp: the Triton backend cannot run this call: {reason}. "
+                               "Use use_backend('auto') or use_backend('reference').")
+    return torch.func.jvp(lambda q_, k_, v_: reference_attention(q_, k_, v_, scale), (q, k, v), (qt, kt, vt))
 
 
 # ================================================================================================

@@ -86,9 +86,11 @@ def random_inputs(B=4, num_classes=3, seed=1, dtype=torch.float64, w=2.0):
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 10_000), scale_param=st.booleans(), w=st.floats(1.0, 4.0))
-def test_terminal_velocity_matches_finite_difference(seed, scale_param, w):
-    """Eq. 17: the JVP's d/ds f equals the central difference of Eq. 4's f in s (float64)."""
+@given(seed=st.integers(0, 10_000), scale_param=st.booleans(), w=st.floats(1.0, 4.0),
+       jvp=st.sampled_from(["func", "manual"]))
+def test_terminal_velocity_matches_finite_difference(seed, scale_param, w, jvp):
+    """Eq. 17: the JVP's d/ds f equals the central difference of Eq. 4's f in s (float64), whether
+    dF/ds comes from torch.func.jvp or from the network's by-hand forward_jvp."""
     net = tiny_dit(seed)
     g = torch.Generator().manual_seed(seed)
     B = 3
@@ -97,7 +99,7 @@ def test_terminal_velocity_matches_finite_difference(seed, scale_param, w):
     s = t * torch.rand(B, generator=g, dtype=torch.float64)
     y = torch.randint(0, 4, (B,), generator=g)
     ww = torch.full((B,), w, dtype=torch.float64)
-    f, df_ds = tvm.terminal_velocity(net, x, t, s, y, ww, scale_param)
+    f, df_ds = tvm.terminal_velocity(net, x, t, s, y, ww, scale_param, jvp=jvp)
     h = 1e-5
     fd = (tvm.displacement(net, x, t, s + h, y, ww, scale_param)
           - tvm.displacement(net, x, t, s - h, y, ww, scale_param)) / (2 * h)
@@ -256,6 +258,87 @@ def test_gradient_flows_through_the_jvp_unless_detached():
         grads[detach] = (loss.item(), net.gap_embedder.mlp[0].weight.grad.clone())
     assert grads[False][0] == pytest.approx(grads[True][0], rel=1e-12)
     assert not torch.allclose(grads[False][1], grads[True][1])
+
+
+def _func_jvp(fn, primals, tangents):
+    return torch.func.jvp(fn, primals, tangents)
+
+
+def test_each_by_hand_tangent_rule_matches_func_jvp():
+    """Every forward-mode rule written out in tvm.py (the *_jvp functions and forward_jvp methods)
+    equals torch.func.jvp of the layer's own forward, in float64, on random inputs and tangents."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    x, dx = r(3, 5, 16), r(3, 5, 16)
+    c, dc = r(3, 16), r(3, 16)
+    a, da = r(3, 5, 16), r(3, 5, 16)
+    lin = torch.nn.Linear(16, 24).double()
+    qk = tvm.QKNorm(16).double()
+    with torch.no_grad():
+        qk.weight.copy_(1 + 0.3 * r(16))
+    emb = tvm.ScalarEmbedder(16, freq_dim=8).double()
+    t, dt = torch.rand(3, generator=g, dtype=torch.float64), r(3)
+    cases = {
+        "rms_norm": (tvm.rms_norm_jvp(x, dx), _func_jvp(tvm.rms_norm, (x,), (dx,))),
+        "linear": (tvm.linear_jvp(lin, x, dx), _func_jvp(lin, (x,), (dx,))),
+        "silu": (tvm.silu_jvp(x, dx), _func_jvp(torch.nn.functional.silu, (x,), (dx,))),
+        "gelu_tanh": (tvm.gelu_tanh_jvp(x, dx),
+                      _func_jvp(lambda z: torch.nn.functional.gelu(z, approximate="tanh"), (x,), (dx,))),
+        "qk_norm": (qk.forward_jvp(x, dx), _func_jvp(qk, (x,), (dx,))),
+        "sinusoidal": (tvm.sinusoidal_embedding_jvp(t, dt, 8), _func_jvp(lambda z: tvm.sinusoidal_embedding(z, 8), (t,), (dt,))),
+        "scalar_embedder": (emb.forward_jvp(t, dt), _func_jvp(emb, (t,), (dt,))),
+        "modulate": (tvm.modulate_jvp(x, dx, c, dc, 0.5 * c.flip(0), 0.5 * dc.flip(0)),
+                     _func_jvp(tvm.modulate, (x, c, 0.5 * c.flip(0)), (dx, dc, 0.5 * dc.flip(0)))),
+        "gated_residual": (tvm.gated_residual_jvp(x, dx, c, dc, a, da),
+                           _func_jvp(lambda x_, g_, a_: x_ + g_[:, None] * a_, (x, c, a), (dx, dc, da))),
+    }
+    for name, ((y, dy), (y_ref, dy_ref)) in cases.items():
+        assert (y - y_ref).abs().max() <= 1e-13 * (1 + y_ref.abs().max()), name
+        assert (dy - dy_ref).abs().max() <= 1e-12 * (1 + dy_ref.abs().max()), name
+        assert dy_ref.abs().max() > 1e-3, name                # not 0 = 0
+
+
+@pytest.mark.parametrize("scale_param,detach_jvp,checkpoint_blocks", [
+    (True, False, False), (False, False, False), (True, True, False), (True, False, True)])
+def test_by_hand_tangent_matches_func_jvp_with_gradients(scale_param, detach_jvp, checkpoint_blocks):
+    """DiT.forward_jvp = torch.func.jvp of DiT.forward in s (float64), and the TVM loss built on it has
+    the same value and the same gradient for every parameter; also with detach_jvp and with block
+    checkpointing (which recomputes the blocks in the backward)."""
+    net, target = tiny_dit(11, depth=3), tiny_dit(12, depth=3)
+    inp = random_inputs(B=4, seed=5)
+    x_t = inp.x1 * inp.t[:, None, None, None] + inp.x0 * (1 - inp.t[:, None, None, None])
+    F, dF = net.forward_jvp(x_t, inp.t, inp.s, inp.y, inp.w)
+    F_ref, dF_ref = torch.func.jvp(lambda s_: net(x_t, inp.t, s_, inp.y, inp.w), (inp.s,), (torch.ones_like(inp.s),))
+    assert (F - F_ref).abs().max() <= 1e-13 and (dF - dF_ref).abs().max() <= 1e-12 * dF_ref.abs().max()
+    assert dF_ref.abs().max() > 1e-2
+    out = {}
+    for jvp in ("func", "manual"):
+        net.zero_grad()
+        net.checkpoint_blocks = checkpoint_blocks and jvp == "manual"
+        loss, _ = tvm.tvm_loss(net, target, inp, scale_param=scale_param, detach_jvp=detach_jvp, jvp=jvp)
+        loss.backward()
+        out[jvp] = loss.item(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    assert out["manual"][0] == pytest.approx(out["func"][0], rel=1e-13)
+    assert out["manual"][1].keys() == out["func"][1].keys() and len(out["func"][1]) > 10
+    for n, g_ref in out["func"][1].items():
+        assert (out["manual"][1][n] - g_ref).abs().max() <= 1e-11 * (1 + g_ref.abs().max()), n
+    with pytest.raises(ValueError, match="jvp must be one of"):
+        tvm.tvm_loss(net, target, inp, jvp="forward")
+
+
+def test_compiled_blocks_match_eager_and_really_compile():
+    """train.check_step_paths on the CPU in float64: the loss and gradient by torch.func.jvp, by hand,
+    with block checkpointing and with torch.compile'd blocks (inductor's CPU backend) all equal the
+    float64 torch.func.jvp reference; and dynamo did compile tvm.py's blocks (the name "tvm" is on
+    its skip list, which DiT.compile_blocks works around: without that, "compiled" would mean eager)."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    errors = train.check_step_paths(torch.device("cpu"))
+    assert set(errors) == {"func", "manual", "manual + checkpoint_blocks", "manual + compile"}
+    for path, (e_loss, e_grad) in errors.items():
+        assert e_loss <= 1e-12 and e_grad <= 1e-12, (path, e_loss, e_grad)
+    assert counters["stats"]["unique_graphs"] >= 2            # block forward and forward_jvp at least
+    assert not [k for k in counters["graph_break"] if "tvm.py" in k], dict(counters["graph_break"])
 
 
 def test_network_starts_as_identity_blocks():
@@ -443,6 +526,49 @@ def _kernel_scaled(q, k, v, scale):
         return attention_jvp.attention(q, k, v, scale)
 
 
+def _eight_via_pair(xs, backend):
+    """Same quantities from attention_pair, which returns (O, O') without forward-mode AD."""
+    leaves = [x.detach().clone().requires_grad_() for x in xs[:6]]
+    with attention_jvp.use_backend(backend):
+        o, ot = attention_jvp.attention_pair(*leaves)
+    torch.autograd.backward((o, ot), (xs[6], xs[7]))
+    return [o.detach(), ot.detach()] + [x.grad for x in leaves], o
+
+
+@settings(max_examples=8, deadline=None)
+@given(N=st.integers(1, 40), D=st.sampled_from([16, 64, 72]),
+       dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16))
+def test_kernel_attention_pair_matches_float64(N, D, dtype, seed):
+    """attention_pair (the by-hand tangent path of tvm.DiT.forward_jvp): the same O, O' and six
+    gradients as float64 torch.func.jvp of math attention, from one _AttentionPair node."""
+    xs = _inputs(2, 2, N, D, dtype, seed)
+    got, o = _eight_via_pair(xs, "triton")
+    assert type(o.grad_fn).__name__ == "_AttentionPairBackward"
+    ref = _eight_via_func_jvp(attention_jvp.reference_attention, [x.double() for x in xs])
+    _assert_close(got, ref, TOL[dtype], f"pair N={N} D={D} {dtype}")
+    ref_pair, _ = _eight_via_pair([x.double() for x in xs], "reference")   # its math path: the same truth
+    _assert_close(ref_pair, ref, 1e-12, "pair, reference path")
+
+
+@pytest.mark.parametrize("used", ["O", "O'"])
+def test_kernel_attention_pair_backward_from_one_output(used):
+    """A loss of O alone (flow-matching-like) or of O' alone (detach_jvp's mirror image)."""
+    xs = _inputs(1, 2, 19, 64, torch.float32, seed=3)
+    grads = {}
+    for backend, cast in (("triton", lambda x: x), ("reference", lambda x: x.double())):
+        leaves = [cast(x).detach().clone().requires_grad_() for x in xs[:6]]
+        with attention_jvp.use_backend(backend):
+            o, ot = attention_jvp.attention_pair(*leaves)
+        out, g = (o, xs[6]) if used == "O" else (ot, xs[7])
+        out.backward(cast(g))
+        grads[backend] = [x.grad for x in leaves]
+    for i, (a, b) in enumerate(zip(grads["triton"], grads["reference"])):
+        if b is None or (used == "O" and i >= 3):   # O does not depend on the tangents
+            assert a is None or a.abs().max() == 0, i
+        else:
+            assert _err(a, b) <= TOL[torch.float32], (i, _err(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_forward_ad_dual_tensors_match_float64(dtype):
     xs = _inputs(2, 2, 21, 72, dtype, seed=1)
@@ -568,9 +694,11 @@ def test_kernel_one_fused_backward_under_jvp_and_plain_forward_alone(mode, monke
     assert launches == ["_triton_forward", ("backward", True, False)]
 
 
-def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference():
-    """Integration: the whole TVM loss (Eq. 15, torch.func.jvp in s through a DiT whose q, k are
-    QK-normed views) gives the same loss and parameter gradients with the kernel as with math attention."""
+@pytest.mark.parametrize("jvp", ["func", "manual"])
+def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference(jvp):
+    """Integration: the whole TVM loss (Eq. 15, d/ds F by torch.func.jvp or by the DiT's own
+    forward_jvp, through a DiT whose q, k are QK-normed views) gives the same loss and parameter
+    gradients with the kernel as with math attention."""
     tvm = pytest.importorskip("tvm")
     import copy
     torch.manual_seed(0)
@@ -587,7 +715,7 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference():
     for backend in ("triton", "reference"):
         net.zero_grad()
         with attention_jvp.use_backend(backend):
-            loss, _ = tvm.tvm_loss(net, target, inp)
+            loss, _ = tvm.tvm_loss(net, target, inp, jvp=jvp)
         loss.backward()
         out[backend] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     (l_k, g_k), (l_r, g_r) = out["triton"], out["reference"]
@@ -1748,11 +1876,37 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
     train_step, and the TVM step (a JVP forward, a backward through it, a target forward of twice the
     batch) costs more than the flow-matching step of the same network."""
     cfg = train.parse_config(["--benchmark", "--device", "cpu"])
-    rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1)
+    rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
     (row,) = rows
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
     out = capsys.readouterr().out
     assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out
+
+
+def test_speed_options_train_the_same_model(tmp_path):
+    """--checkpoint_blocks and --jvp func/manual change how the step runs, not what it computes:
+    3 steps give the same weights (float64, so only the order of operations may differ)."""
+    common = ["--steps", 3, "--batch_size", 8, "--precision", "fp64"]
+    runs = {"manual": ["--jvp", "manual"], "func": ["--jvp", "func"],
+            "ckpt": ["--jvp", "manual", "--checkpoint_blocks"]}
+    states = {}
+    for name, extra in runs.items():
+        run_train(tmp_path / name, *common, *extra)
+        states[name] = torch.load(tmp_path / name / "ckpt.pt", weights_only=True)
+    for name in ("func", "ckpt"):
+        states_equal(states["manual"], states[name], atol=1e-12)
+
+
+def test_speed_option_errors():
+    with pytest.raises(train.TrainError, match="--jvp 'fast'"):
+        train.parse_config(["--jvp", "fast"])
+    with pytest.raises(train.TrainError, match="--compile needs --jvp manual"):
+        train.parse_config(["--compile", "--jvp", "func"])
+    assert train.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
+    assert train.parse_bench_cases("") == train.BENCH_CASES
+    for bad in ("XL/2-18h:256", "XL/9:256:32", "B/2:250:8", "B/2:256:x"):
+        with pytest.raises(train.TrainError, match="model:px:batch"):
+            train.parse_bench_cases(bad)
 
 
 def test_presets_follow_table_6_time_embedder_init():

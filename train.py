@@ -77,6 +77,8 @@ class TrainConfig:
     time_spectral_init: bool = None  # spectral init of the t / gap / w embedders; Table 6: yes for im256
                                   # w=2 and im512 w=2.25, N(0, 0.02) for im256 w=1.75 and im512 w=2.5
     detach_jvp: bool = False      # cheaper, biased variant of Sec. 7.4
+    jvp: str = "auto"             # d/ds F by: auto (manual for the DiT) | func (torch.func.jvp) | manual
+                                  # (tvm.DiT.forward_jvp, the tangent carried by hand; equal in float64)
     target_ema: float = 0.99      # theta*: the teacher in the loss (Table 4b)
     ema: float = None             # theta**: evaluated and sampled; 0.9999 in the paper
     # optimisation (Table 6): AdamW, constant lr, no warm-up
@@ -103,7 +105,12 @@ class TrainConfig:
     vae: str = "stabilityai/sd-vae-ft-ema"
     workers: int = 8              # image-decoding processes while encoding latents
     attention: str = "auto"       # auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend
+    compile: bool = False         # torch.compile each DiT block (tvm.DiT.compile_blocks); needs --jvp
+                                  # manual/auto (torch.func.jvp over the kernel does not compile)
+    checkpoint_blocks: bool = False  # recompute block activations in the backward: less memory, ~1/4 more time
     benchmark: bool = False       # time the TVM and flow-matching steps on random latents, then exit
+    bench_check: bool = True      # before timing, check every path's loss and gradient (check_step_paths)
+    bench_cases: str = ""         # e.g. "XL/2-18h:256:32,B/2:256:32" (model:px:batch); "" = BENCH_CASES
     # filled in from the data, not by hand
     input_size: int = 0
     in_channels: int = 0
@@ -178,7 +185,20 @@ def resolve(cfg):
         setattr(cfg, k, getattr(cfg, k) or MODELS[cfg.model][k])
     if cfg.precision not in ("auto", "bf16", "fp32", "fp64"):
         raise TrainError(f"--precision {cfg.precision!r}: expected auto, bf16, fp32 or fp64")
+    if cfg.jvp not in tvm.JVP_METHODS:
+        raise TrainError(f"--jvp {cfg.jvp!r}: expected one of {', '.join(tvm.JVP_METHODS)}")
+    if cfg.compile and cfg.jvp == "func":
+        raise TrainError("--compile needs --jvp manual (or auto): torch.compile cannot trace torch.func.jvp "
+                         "through the attention kernel's custom forward-mode rule")
     return cfg
+
+
+def prepare_net(net, cfg):
+    """Apply the speed options that change how the network runs, not what it computes."""
+    net.checkpoint_blocks = cfg.checkpoint_blocks
+    if cfg.compile:
+        net.compile_blocks()
+    return net
 
 
 def model_kwargs(cfg):
@@ -723,10 +743,25 @@ def check_resumable(saved, cfg, path):
     return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
 
 
+def parse_bench_cases(text):
+    """"XL/2-18h:256:32,B/2:256:32" -> (("XL/2-18h", 256, 32), ("B/2", 256, 32)); "" -> BENCH_CASES."""
+    if not text:
+        return BENCH_CASES
+    cases = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 3 or parts[0] not in MODELS or not (parts[1].isdigit() and parts[2].isdigit()) \
+                or int(parts[1]) % 16:
+            raise TrainError(f"--bench_cases: {item!r} is not model:px:batch with a model of {sorted(MODELS)} "
+                             "and px a multiple of 16, e.g. XL/2-18h:256:32")
+        cases.append((parts[0], int(parts[1]), int(parts[2])))
+    return tuple(cases)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
     if cfg.benchmark:
-        return benchmark(cfg)
+        return benchmark(cfg, parse_bench_cases(cfg.bench_cases), check=cfg.bench_check)
     with attention_jvp.use_backend(cfg.attention):
         return train(cfg)
 
@@ -751,9 +786,11 @@ def train(cfg):
     net = build_net(cfg).to(device, dtype)
     ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
     target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
+    prepare_net(net, cfg)                               # after the copies (compiled methods do not copy)
+    prepare_net(target, cfg)
     # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
     # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
-    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp)
+    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     opt = make_optimizer(net, cfg)
@@ -897,7 +934,7 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
 BENCH_CASES = (("XL/2-18h", 256, 32), ("XL/2-18h", 512, 8), ("XL/2-18h", 512, 16), ("B/2", 256, 32))
 
 
-def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2):
+def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2, check=True):
     """Seconds per step, images per second and peak memory of the TVM step (Eq. 15: the JVP forward,
     the backward through it, one target forward for two batches, the guided FM term, AdamW, both EMAs)
     and of a flow-matching step of the same network (the FM term alone, no JVP), in the same run, on
@@ -913,11 +950,19 @@ def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2):
     torch.backends.cudnn.allow_tf32 = False
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda else nullcontext()
     name = torch.cuda.get_device_name() if want_cuda else "CPU"
-    print(f"{name}, torch {torch.__version__}, attention {cfg.attention}, detach_jvp {cfg.detach_jvp}, "
+    print(f"{name}, torch {torch.__version__}, attention {cfg.attention}, jvp {cfg.jvp}, compile {cfg.compile}, "
+          f"checkpoint_blocks {cfg.checkpoint_blocks}, detach_jvp {cfg.detach_jvp}, "
           f"median of {steps} steps after {warmup}\n"
           "| model | px | batch | TVM step | flow-matching step | TVM / FM |\n| --- | --- | --- | --- | --- | --- |")
+    if check:
+        print("Check first: each path's loss and gradient against float64 torch.func.jvp, math attention "
+              "(small DiT, relative errors):")
+        for path, (e_loss, e_grad) in check_step_paths(device, amp).items():
+            print(f"  {path:28s} loss {e_loss:.1e}  gradient {e_grad:.1e}", flush=True)
     rows = []
     for model, px, batch in cases:
+        if cfg.compile:  # compile each case afresh for its shapes (no dynamic-shape graphs, no recompile limit)
+            torch._dynamo.reset()
         row = dict(model=model, px=px, batch=batch)
         for kind in ("tvm", "fm"):
             row[kind] = _time_step(cfg, row["model"], px, row["batch"], kind, device, amp, steps, warmup)
@@ -930,9 +975,51 @@ def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2):
     return rows
 
 
+def check_step_paths(device, amp=nullcontext(), seed=0):
+    """Loss and gradients of one TVM loss evaluation by each way of computing it (torch.func.jvp,
+    the by-hand tangent, with block checkpointing, compiled), in the benchmark's precision, against
+    float64 torch.func.jvp with math attention on the same device: the check that runs before the
+    timings. A small DiT with every weight perturbed (so no zero-initialised path hides an error).
+    Returns {path: (relative error of the loss, relative Frobenius error of the gradient vector)}."""
+    kw = dict(hidden_size=256, depth=2, num_heads=4, patch_size=2)   # head dim 64, as in XL/2-18h
+    torch.manual_seed(seed)
+    base = tvm.build_dit(kw, 16, 4, 10)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed)
+    inp = tvm.sample_loss_inputs(torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g),
+                                 10, w=2.0, generator=g)
+    fields = [getattr(inp, f.name) for f in dataclasses.fields(inp)]
+
+    def run(dtype, jvp, attention="auto", ckpt=False, compiled=False, amp_=nullcontext()):
+        net = copy.deepcopy(base).to(device, dtype)
+        target = copy.deepcopy(base).to(device, dtype).requires_grad_(False)
+        prepare_net(net, TrainConfig(compile=compiled, checkpoint_blocks=ckpt))
+        prepare_net(target, TrainConfig(compile=compiled))
+        cast = tvm.LossInputs(*[x.to(device) if x.dtype == torch.long else x.to(device, dtype) for x in fields])
+        with attention_jvp.use_backend(attention), amp_:
+            loss, _ = tvm.tvm_loss(net, target, cast, jvp=jvp)
+        loss.backward()
+        return loss.detach().double(), torch.cat([p.grad.double().flatten() for p in net.parameters() if p.grad is not None])
+
+    ref_loss, ref_grad = run(torch.float64, "func", attention="reference")
+    dtype = torch.float64 if device.type == "cpu" and isinstance(amp, nullcontext) else torch.float32
+    paths = {"func": dict(jvp="func"), "manual": dict(jvp="manual"),
+             "manual + checkpoint_blocks": dict(jvp="manual", ckpt=True),
+             "manual + compile": dict(jvp="manual", compiled=True)}
+    errors = {}
+    for name, opts in paths.items():
+        loss, grad = run(dtype, amp_=amp, **opts)
+        errors[name] = (float(abs(loss - ref_loss) / abs(ref_loss)),
+                        float((grad - ref_grad).norm() / ref_grad.norm()))
+    return errors
+
+
 def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
     c = resolve(TrainConfig(res=256 if px <= 256 else 512, data="random", model=model, batch_size=batch,
-                            detach_jvp=cfg.detach_jvp, device=cfg.device))
+                            detach_jvp=cfg.detach_jvp, jvp=cfg.jvp, compile=cfg.compile,
+                            checkpoint_blocks=cfg.checkpoint_blocks, device=cfg.device))
     c.input_size, c.in_channels, c.num_classes = px // 8, 4, 1000
     cuda = device.type == "cuda"
     if cuda:
@@ -944,7 +1031,10 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
             net = build_net(c)
             ema = copy.deepcopy(net).requires_grad_(False)
             target = copy.deepcopy(net).requires_grad_(False)
-        model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm")
+        prepare_net(net, c)
+        prepare_net(target, c)
+        model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm",
+                             jvp=c.jvp)
         opt = make_optimizer(net, c)
         g = torch.Generator(device).manual_seed(0)
         times = []

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
+from torch.utils.checkpoint import checkpoint
 
-from attention_jvp import attention
+from attention_jvp import attention, attention_pair
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,8 +56,41 @@ def rms_norm(x, eps=1e-6):
     Computed in (at least) float32, returned in x's dtype. Its Jacobian is bounded by 1/sqrt(eps)
     (App. B.1), unlike LayerNorm's mean subtraction followed by a learnable affine map.
     """
+    # nnf.rms_norm is one fused kernel on CUDA (it accumulates in float32) and the formula elsewhere.
+    return nnf.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+# The same layers with their tangent carried by hand ("_jvp" functions and forward_jvp methods). Each
+# takes a primal x and its tangent dx and returns (y, dy), dy = J_y(x) dx: the forward-mode rule of
+# the layer, written out. The network's tangent in s then needs no torch.func.jvp (the reference path,
+# tested against this one), which lets activation checkpointing and torch.compile see plain autograd.
+
+def rms_norm_jvp(x, dx, eps=1e-6):
+    """y = x r with r = (mean(x^2) + eps)^(-1/2);  dy = r (dx - y mean(y dx)). Computed in float32."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    dxf = dx.to(xf.dtype)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * r
+    dy = r * (dxf - y * (y * dxf).mean(-1, keepdim=True))
+    return y.to(x.dtype), dy.to(x.dtype)
+
+
+def linear_jvp(layer, x, dx):
+    """y = x W^T + b;  dy = dx W^T."""
+    return layer(x), nnf.linear(dx, layer.weight)
+
+
+def silu_jvp(x, dx):
+    """y = x sigmoid(x);  dy = sigmoid(x) (1 + x (1 - sigmoid(x))) dx. Applied to (B, hidden) only."""
+    sig = torch.sigmoid(x)
+    return x * sig, dx.to(x.dtype) * sig * (1 + x * (1 - sig))
+
+
+def gelu_tanh_jvp(x, dx):
+    """Elementwise: dy = gelu'(x) dx for the tanh-approximate GELU. aten's gelu_backward(g, x) computes
+    g gelu'(x) in one kernel (autograd's own backward of gelu) and is itself differentiable, so with
+    g = dx it is the JVP."""
+    return nnf.gelu(x, approximate="tanh"), torch.ops.aten.gelu_backward(dx.to(x.dtype), x, approximate="tanh")
 
 
 class QKNorm(nn.Module):
@@ -71,7 +105,12 @@ class QKNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):  # (B, H, S, D)
-        return rms_norm(x, self.eps) * self.weight.to(x.dtype)
+        return nnf.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+    def forward_jvp(self, x, dx):
+        y, dy = rms_norm_jvp(x, dx, self.eps)
+        weight = self.weight.to(y.dtype)
+        return y * weight, dy * weight
 
 
 def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
@@ -87,6 +126,17 @@ def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)    # (B, dim)
 
 
+def sinusoidal_embedding_jvp(x, dx, dim=256, max_period=10_000.0):
+    """d/dx [cos(x f), sin(x f)] = [-sin(x f) f, cos(x f) f], times dx."""
+    half = dim // 2
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
+    args = x.to(dtype)[:, None] * freqs[None]
+    dargs = dx.to(dtype)[:, None] * freqs[None]
+    return (torch.cat([torch.cos(args), torch.sin(args)], dim=-1),
+            torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1))
+
+
 class ScalarEmbedder(nn.Module):
     """Sinusoidal embedding followed by Linear-SiLU-Linear: used for t, for the gap t - s, and for
     the guidance input beta = 1/w (App. F.1)."""
@@ -99,6 +149,13 @@ class ScalarEmbedder(nn.Module):
     def forward(self, x):  # (B,) -> (B, hidden)
         emb = sinusoidal_embedding(x, self.freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+    def forward_jvp(self, x, dx):
+        dtype = self.mlp[0].weight.dtype
+        emb, demb = sinusoidal_embedding_jvp(x, dx, self.freq_dim)
+        h, dh = linear_jvp(self.mlp[0], emb.to(dtype), demb.to(dtype))
+        h, dh = silu_jvp(h, dh)
+        return linear_jvp(self.mlp[2], h, dh)
 
 
 class Attention(nn.Module):
@@ -125,6 +182,18 @@ class Attention(nn.Module):
         o = attention(q, k, v)                                          # (B, H, N, D), scale 1/sqrt(D)
         return self.proj(o.transpose(1, 2).reshape(B * N, C)).reshape(B, N, C)
 
+    def forward_jvp(self, x, dx):
+        B, N, C = x.shape
+        heads = lambda a: a.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv, dqkv = linear_jvp(self.qkv, x.reshape(B * N, C), dx.reshape(B * N, C))
+        (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)
+        q, dq = self.q_norm.forward_jvp(q, dq)
+        k, dk = self.k_norm.forward_jvp(k, dk)
+        o, do = attention_pair(q, k, v, dq, dk, dv)                    # the kernel's O and O'
+        tokens = lambda a: a.transpose(1, 2).reshape(B * N, C)
+        o, do = linear_jvp(self.proj, tokens(o), tokens(do))
+        return o.reshape(B, N, C), do.reshape(B, N, C)
+
 
 def modulation(c, linear, n):
     """adaLN modulation vectors: n chunks of linear(SiLU(c)), each RMS-normalised (Eq. 16, App. B.2).
@@ -136,11 +205,32 @@ def modulation(c, linear, n):
     return rms_norm(mods.unflatten(-1, (n, -1))).unbind(dim=-2)        # n x (B, hidden), one kernel
 
 
+def modulation_jvp(c, dc, linear, n):
+    h, dh = silu_jvp(c, dc)
+    mods, dmods = linear_jvp(linear, h, dh)
+    mods, dmods = rms_norm_jvp(mods.unflatten(-1, (n, -1)), dmods.unflatten(-1, (n, -1)))
+    return mods.unbind(dim=-2), dmods.unbind(dim=-2)
+
+
 def modulate(x, shift, scale):
     # Official code's form x * (1 + RMSNorm-(a)) + RMSNorm-(b), not Eq. 16's RMSNorm-(x) * RMSNorm-(a)
     # + RMSNorm-(b) (paper-notes §9 #2): we follow the code, whose released weights use it. x is already
-    # RMS-normalised by the caller.
-    return x * (1 + scale[:, None]) + shift[:, None]
+    # RMS-normalised by the caller. addcmul: one kernel for shift + x * (1 + scale).
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
+
+
+def modulate_jvp(x, dx, shift, dshift, scale, dscale):
+    """y = x (1 + scale) + shift;  dy = dx (1 + scale) + x dscale + dshift."""
+    y = modulate(x, shift, scale)
+    dy = torch.addcmul(torch.addcmul(dshift[:, None], dx, 1 + scale[:, None]), x, dscale[:, None])
+    return y, dy
+
+
+def gated_residual_jvp(x, dx, gate, dgate, a, da):
+    """y = x + gate a;  dy = dx + dgate a + gate da."""
+    y = torch.addcmul(x, gate[:, None], a)
+    dy = torch.addcmul(torch.addcmul(dx, dgate[:, None], a), gate[:, None], da)
+    return y, dy
 
 
 class DiTBlock(nn.Module):
@@ -155,10 +245,26 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):  # x (B, N, hidden), c (B, hidden)
         B, N, C = x.shape
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = modulation(c, self.adaLN, 6)
-        x = x + gate_a[:, None] * self.attn(modulate(rms_norm(x), shift_a, scale_a))
+        x = torch.addcmul(x, gate_a[:, None], self.attn(modulate(rms_norm(x), shift_a, scale_a)))
         h = modulate(rms_norm(x), shift_m, scale_m).reshape(B * N, C)   # 2-D for the linears (Attention)
-        x = x + gate_m[:, None] * self.mlp(h).reshape(B, N, C)
+        x = torch.addcmul(x, gate_m[:, None], self.mlp(h).reshape(B, N, C))   # x + gate * MLP(h)
         return x
+
+    def forward_jvp(self, x, dx, c, dc):
+        """forward() and its tangent; same lines, each layer through its _jvp rule."""
+        B, N, C = x.shape
+        (shift_a, scale_a, gate_a, shift_m, scale_m, gate_m), d = modulation_jvp(c, dc, self.adaLN, 6)
+        dshift_a, dscale_a, dgate_a, dshift_m, dscale_m, dgate_m = d
+        h, dh = rms_norm_jvp(x, dx)
+        h, dh = modulate_jvp(h, dh, shift_a, dshift_a, scale_a, dscale_a)
+        a, da = self.attn.forward_jvp(h, dh)
+        x, dx = gated_residual_jvp(x, dx, gate_a, dgate_a, a, da)
+        h, dh = rms_norm_jvp(x, dx)
+        h, dh = modulate_jvp(h, dh, shift_m, dshift_m, scale_m, dscale_m)
+        h, dh = linear_jvp(self.mlp[0], h.reshape(B * N, C), dh.reshape(B * N, C))
+        h, dh = gelu_tanh_jvp(h, dh)
+        a, da = linear_jvp(self.mlp[2], h, dh)
+        return gated_residual_jvp(x, dx, gate_m, dgate_m, a.reshape(B, N, C), da.reshape(B, N, C))
 
 
 class FinalLayer(nn.Module):
@@ -173,6 +279,14 @@ class FinalLayer(nn.Module):
         shift, scale = modulation(c, self.adaLN, 2)
         B, N, C = x.shape
         return self.linear(modulate(rms_norm(x), shift, scale).reshape(B * N, C)).reshape(B, N, -1)
+
+    def forward_jvp(self, x, dx, c, dc):
+        (shift, scale), (dshift, dscale) = modulation_jvp(c, dc, self.adaLN, 2)
+        B, N, C = x.shape
+        h, dh = rms_norm_jvp(x, dx)
+        h, dh = modulate_jvp(h, dh, shift, dshift, scale, dscale)
+        h, dh = linear_jvp(self.linear, h.reshape(B * N, C), dh.reshape(B * N, C))
+        return h.reshape(B, N, -1), dh.reshape(B, N, -1)
 
 
 def sincos_pos_embed_2d(hidden, grid):
@@ -227,6 +341,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.time_spectral_init = time_spectral_init
+        # Recompute each block's activations in the backward instead of storing them (less memory, one
+        # more forward of the blocks): train.py --checkpoint_blocks.
+        self.checkpoint_blocks = False
         if not self.pos_embed.is_meta:  # a meta-device model (for counting parameters) needs no init
             self.initialize_weights()
 
@@ -262,6 +379,19 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def compile_blocks(self, **compile_kwargs):
+        """torch.compile each block's forward and forward_jvp ("regional" compilation). All blocks run
+        the same code, so one compiled graph per call signature (shapes, grad mode) serves every block
+        and compile time does not grow with depth; the embedders and the final layer stay eager. The
+        eager methods remain the reference (test_tvm.py compares them). Compile copies of a network
+        after making them (copy.deepcopy would share the compiled methods of the original).
+        """
+        _let_dynamo_trace_tvm_py()
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, **compile_kwargs)
+            block.forward_jvp = torch.compile(block.forward_jvp, **compile_kwargs)
+        return self
+
     def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
         p, g, C = self.patch_size, self.grid, self.in_channels
         x = x.reshape(x.shape[0], g, g, p, p, C)
@@ -273,9 +403,52 @@ class DiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed           # (B, N, hidden)
         c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
         for block in self.blocks:
-            h = block(h, c)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
         out = self.unpatchify(self.final_layer(h, c))                                # (B, C, H, W)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out   # autocast -> fp32
+
+    def forward_jvp(self, x, t, s, y, w):
+        """(F, dF/ds): forward() and its derivative in s, the tangent carried through every layer by
+        hand. Equals torch.func.jvp(lambda s: self(x, t, s, y, w), (s,), (ones,)) (tested in float64).
+
+        Only the gap embedder sees s (its input t - s has tangent -1); x, t, y and w have zero
+        tangents, so the patch, t, w and label embeddings are constants and the tangent enters every
+        block through its adaLN modulation (dc), then through the tokens (dh).
+        """
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        gap, dgap = self.gap_embedder.forward_jvp(t - s, -torch.ones_like(s))
+        c = self.t_embedder(t) + gap + self.w_embedder(1.0 / w) + self.y_embedder(y)
+        dc = dgap
+        dh = torch.zeros_like(h)
+        for block in self.blocks:
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                h, dh = checkpoint(block.forward_jvp, h, dh, c, dc, use_reentrant=False)
+            else:
+                h, dh = block.forward_jvp(h, dh, c, dc)
+        out, dout = self.final_layer.forward_jvp(h, dh, c, dc)
+        out, dout = self.unpatchify(out), self.unpatchify(dout)
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out, dout = out.float(), dout.float()
+        return out, dout
+
+
+def _let_dynamo_trace_tvm_py():
+    """torch._dynamo skips (runs eagerly, never compiles) code in modules of a few third-party names,
+    among them "tvm" (Apache TVM): on import it resolves that name, finds this file, and adds it to its
+    skip list, so torch.compile would silently compile nothing here. Take this one file off the list."""
+    import os
+    from torch._dynamo import trace_rules
+    me = os.path.abspath(__file__)
+    if hasattr(trace_rules, "SKIP_DIRS") and hasattr(trace_rules, "_recompile_re"):
+        kept = [d for d in trace_rules.SKIP_DIRS if os.path.abspath(d) != me]
+        if len(kept) != len(trace_rules.SKIP_DIRS):
+            trace_rules.SKIP_DIRS[:] = kept
+            trace_rules._recompile_re()
+    else:  # a torch whose trace rules moved: ask dynamo to ignore its skip lists instead
+        torch._dynamo.config.dont_skip_tracing = True
 
 
 def build_dit(name_or_kwargs, input_size, in_channels, num_classes, **overrides):
@@ -314,15 +487,28 @@ def model_velocity(net, x, t, y, w, scale_param=True):
     return _bc(_scale(w, scale_param), x) * net(x, t, t, y, w)
 
 
-def terminal_velocity(net, x_t, t, s, y, w, scale_param=True, detach_jvp=False):
+JVP_METHODS = ("auto", "func", "manual")
+
+
+def terminal_velocity(net, x_t, t, s, y, w, scale_param=True, detach_jvp=False, jvp="auto"):
     """(f, d/ds f) with d/ds f = [w] (F + (s - t) dF/ds).                          (Eq. 17, Fig. 11)
 
     dF/ds is one forward-mode JVP. The paper's tangent is (0, 0, 1) on (x_t, t, s); differentiating only
     in s is the same product with the zero tangents left out. Reverse-mode gradients flow through both
     F and dF/ds (second order through the JVP), unless detach_jvp, the paper's cheaper biased variant
     (Sec. 7.4), which stops the gradient of dF/ds only.
+
+    jvp="func": torch.func.jvp of the network, as in the paper's Fig. 11 (the reference). "manual": the
+    network's forward_jvp, the same derivative with the tangent carried by hand through each layer
+    (DiT.forward_jvp; equal in float64, see the tests), which activation checkpointing and torch.compile
+    can handle. "auto": manual if the network has a forward_jvp, else func.
     """
-    F, dF_ds = torch.func.jvp(lambda s_: net(x_t, t, s_, y, w), (s,), (torch.ones_like(s),))
+    if jvp not in JVP_METHODS:
+        raise ValueError(f"jvp must be one of {JVP_METHODS}, got {jvp!r}")
+    if jvp == "manual" or (jvp == "auto" and hasattr(net, "forward_jvp")):
+        F, dF_ds = net.forward_jvp(x_t, t, s, y, w)
+    else:
+        F, dF_ds = torch.func.jvp(lambda s_: net(x_t, t, s_, y, w), (s,), (torch.ones_like(s),))
     if detach_jvp:
         dF_ds = dF_ds.detach()
     ws = _bc(_scale(w, scale_param), x_t)
@@ -408,7 +594,7 @@ def _mean_dims(x):
     return x.flatten(1).mean(1)  # (B,)
 
 
-def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True):
+def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True, jvp="auto"):
     """Eq. 15 (v1), per sample, then the batch mean:
 
         (1/w^2) [ || d/ds f_theta(x_t, t, s, c, w) - u_{theta*_sg}(x_t + f_{theta_sg}(x_t, t, s, c, w), s, c, w) ||^2 1[t != s]
@@ -416,7 +602,7 @@ def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True
 
     net is the online network, target the target EMA (a separate module; no gradient reaches it). With
     terminal=False only the flow-matching term is computed: the baseline of the same network trained
-    as a plain (guided) flow-matching model. Returns (loss, {"terminal": (B,), "fm": (B,)}).
+    as a plain (guided) flow-matching model. jvp: how d/ds F is computed (terminal_velocity). Returns (loss, {"terminal": (B,), "fm": (B,)}).
     """
     x0, x1, t, s, s_prime, y, w = inp.x0, inp.x1, inp.t, inp.s, inp.s_prime, inp.y, inp.w
     B = x0.shape[0]
@@ -427,7 +613,7 @@ def tvm_loss(net, target, inp, scale_param=True, detach_jvp=False, terminal=True
 
     if terminal:
         x_t = _bc(1 - t, x0) * x0 + _bc(t, x0) * x1                       # Sec. 2
-        f, df_ds = terminal_velocity(net, x_t, t, s, y, w, scale_param, detach_jvp)
+        f, df_ds = terminal_velocity(net, x_t, t, s, y, w, scale_param, detach_jvp, jvp)
         x_s_hat = (x_t + f).detach()                                      # jump endpoint, theta_sg
         with torch.no_grad():
             # One forward of the target for both of its batches: the velocity at the jump endpoint
@@ -463,13 +649,13 @@ class TVMLoss(nn.Module):
     parameters' gradients, which backward produces as usual. The target EMA is passed in, not owned,
     so DDP neither broadcasts nor synchronises it (the official code does the same)."""
 
-    def __init__(self, net, scale_param=True, detach_jvp=False, terminal=True):
+    def __init__(self, net, scale_param=True, detach_jvp=False, terminal=True, jvp="auto"):
         super().__init__()
         self.net = net
-        self.scale_param, self.detach_jvp, self.terminal = scale_param, detach_jvp, terminal
+        self.scale_param, self.detach_jvp, self.terminal, self.jvp = scale_param, detach_jvp, terminal, jvp
 
     def forward(self, inp, target):
-        return tvm_loss(self.net, target, inp, self.scale_param, self.detach_jvp, self.terminal)
+        return tvm_loss(self.net, target, inp, self.scale_param, self.detach_jvp, self.terminal, self.jvp)
 
 
 @torch.no_grad()
