@@ -1875,7 +1875,7 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
     """The GPU benchmark's code path, on the CPU with a tiny model: both kinds of step run through
     train_step, and the TVM step (a JVP forward, a backward through it, a target forward of twice the
     batch) costs more than the flow-matching step of the same network."""
-    cfg = train.parse_config(["--benchmark", "--device", "cpu"])
+    cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false"])
     rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
     (row,) = rows
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
