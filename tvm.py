@@ -7,6 +7,7 @@ Equation, table and section numbers refer to arXiv v1. Read this file next to th
     network      DiT with the paper's "semi-Lipschitz" changes (Sec. 4, App. B)    -> class DiT
     displacement f(x_t, t, s) = (s - t) [w] F(x_t, t, s, c, w)    (Eq. 4)           -> displacement()
     terminal     d/ds f = [w] (F + (s - t) dF/ds), one forward-mode JVP (Eq. 17)  -> terminal_velocity()
+                 dF/ds by torch.func.jvp (Fig. 11, the reference) or by hand        -> DiT.forward_jvp()
     loss         Eq. 15: terminal-velocity term + guided flow matching, both 1/w^2 -> tvm_loss()
     times        the "gap*" sampler of Table 6                                     -> sample_times()
     sampler      n uniform steps from t = 1 to 0 (Fig. 3)                          -> sample()
