@@ -460,6 +460,9 @@ def _triton_backward(q, k, v, o, lse, do, scale, tangent=None):
 #                     attention() then returns O + Z, where Z is an all-zero output of the same
 #                     _AttentionTangent node ("route"; a stride-0 view, no memory).
 #   backward          _AttentionTangent.backward(dO', dZ = dO) -> all six gradients, ONE fused kernel
+#   attention_pair    _AttentionPair.forward(q, k, v, q', k', v') -> O, O' (forward + tangent kernels);
+#                     its backward(dO, dO') is the same fused kernel. No forward-mode AD, no route:
+#                     the path of tvm.DiT.forward_jvp, which carries tangents itself.
 #
 # Why the route Z. Under a JVP the user's O and O' come out of two different graph nodes (_Attention
 # makes O, _AttentionTangent makes O'), so autograd would hand dO to one and dO' to the other, and
@@ -606,7 +609,7 @@ def _no_second_derivative(anchor, grads):
 class _SecondDerivativeError(torch.autograd.Function):
     @staticmethod
     def forward(anchor, *grads):
-        return tuple(g.view_as(g) for g in grads)
+        return tuple(None if g is None else g.view_as(g) for g in grads)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -717,8 +720,8 @@ def attention_pair(q, k, v, qt, kt, vt, scale=None):
     attention under torch.func.jvp. Same dispatch rules as attention().
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    k, v, qt, kt, vt = [x.to(q.dtype) for x in (k, v, qt, kt, vt)]   # e.g. mixed autocast outputs
     if _BACKEND != "reference":
-        k, v, qt, kt, vt = [x.to(q.dtype) for x in (k, v, qt, kt, vt)]
         reason = _triton_unsupported(q, k, v)
         if reason is None:
             return _triton_attention_pair(*[x.contiguous() for x in (q, k, v, qt, kt, vt)], scale)

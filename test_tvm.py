@@ -333,12 +333,36 @@ def test_compiled_blocks_match_eager_and_really_compile():
     its skip list, which DiT.compile_blocks works around: without that, "compiled" would mean eager)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    errors = train.check_step_paths(torch.device("cpu"))
+    errors = train.check_step_paths(torch.device("cpu"))["float64"]
     assert set(errors) == {"func", "manual", "manual + checkpoint_blocks", "manual + compile"}
-    for path, (e_loss, e_grad) in errors.items():
-        assert e_loss <= 1e-12 and e_grad <= 1e-12, (path, e_loss, e_grad)
+    for path, (e_loss, e_grad, d_func) in errors.items():
+        assert max(e_loss, e_grad, d_func) <= 1e-12, (path, e_loss, e_grad, d_func)
     assert counters["stats"]["unique_graphs"] >= 2            # block forward and forward_jvp at least
-    assert not [k for k in counters["graph_break"] if "tvm.py" in k], dict(counters["graph_break"])
+    # On the CPU attention is the math reference (no kernel behind torch.compiler.disable): no break at all.
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    train.report_check({"float64": errors})                    # passes its own marks ...
+    with pytest.raises(RuntimeError, match="float64 manual"):  # ... and fails a wrong path
+        train.report_check({"float64": dict(errors, manual=(1e-3, 1e-3, 1e-3))})
+
+
+def test_compiled_network_copies_use_their_own_weights():
+    """copy.deepcopy of a network after compile_blocks (how an EMA is usually made) must give a copy
+    that runs on its own weights, not on the original's."""
+    net = tiny_dit(3, dtype=torch.float32).compile_blocks()
+    copy_ = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in copy_.blocks.parameters():
+            p.zero_()
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    assert torch.equal(copy_.blocks[0](h, c), h)          # zero adaLN gates: the identity
+    assert not torch.allclose(net.blocks[0](h, c), h)
+
+
+def test_checkpoint_blocks_under_func_jvp_is_refused():
+    net, target = tiny_dit(1), tiny_dit(2)
+    net.checkpoint_blocks = True
+    with pytest.raises(ValueError, match="checkpoint_blocks needs jvp='manual'"):
+        tvm.tvm_loss(net, target, random_inputs(), jvp="func")
 
 
 def test_network_starts_as_identity_blocks():
@@ -1902,6 +1926,8 @@ def test_speed_option_errors():
         train.parse_config(["--jvp", "fast"])
     with pytest.raises(train.TrainError, match="--compile needs --jvp manual"):
         train.parse_config(["--compile", "--jvp", "func"])
+    with pytest.raises(train.TrainError, match="--checkpoint_blocks needs --jvp manual"):
+        train.parse_config(["--checkpoint_blocks", "--jvp", "func"])
     assert train.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
     assert train.parse_bench_cases("") == train.BENCH_CASES
     for bad in ("XL/2-18h:256", "XL/9:256:32", "B/2:250:8", "B/2:256:x"):

@@ -37,6 +37,7 @@ than the paper, or the reverse, a comment says so and why.
 """
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +67,16 @@ def rms_norm(x, eps=1e-6):
 # the layer, written out. The network's tangent in s then needs no torch.func.jvp (the reference path,
 # tested against this one), which lets activation checkpointing and torch.compile see plain autograd.
 
-def rms_norm_jvp(x, dx, eps=1e-6):
-    """y = x r with r = (mean(x^2) + eps)^(-1/2);  dy = r (dx - y mean(y dx)). Computed in float32."""
+def rms_norm_jvp(x, dx, eps=1e-6, weight=None):
+    """y = x r with r = (mean(x^2) + eps)^(-1/2);  dy = r (dx - y mean(y dx)); both times `weight` if
+    given (QK-norm). Computed in float32, returned in x's dtype, as nnf.rms_norm does."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     dxf = dx.to(xf.dtype)
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = xf * r
     dy = r * (dxf - y * (y * dxf).mean(-1, keepdim=True))
+    if weight is not None:
+        y, dy = y * weight.to(xf.dtype), dy * weight.to(xf.dtype)
     return y.to(x.dtype), dy.to(x.dtype)
 
 
@@ -82,9 +86,11 @@ def linear_jvp(layer, x, dx):
 
 
 def silu_jvp(x, dx):
-    """y = x sigmoid(x);  dy = sigmoid(x) (1 + x (1 - sigmoid(x))) dx. Applied to (B, hidden) only."""
-    sig = torch.sigmoid(x)
-    return x * sig, dx.to(x.dtype) * sig * (1 + x * (1 - sig))
+    """y = x sigmoid(x);  dy = sigmoid(x) (1 + x (1 - sigmoid(x))) dx. The primal is forward()'s nnf.silu;
+    the tangent is computed in float32 (it acts on (B, hidden) vectors only: cost nil)."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    sig = torch.sigmoid(xf)
+    return nnf.silu(x), (dx.to(xf.dtype) * sig * (1 + xf * (1 - sig))).to(x.dtype)
 
 
 def gelu_tanh_jvp(x, dx):
@@ -109,9 +115,7 @@ class QKNorm(nn.Module):
         return nnf.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
     def forward_jvp(self, x, dx):
-        y, dy = rms_norm_jvp(x, dx, self.eps)
-        weight = self.weight.to(y.dtype)
-        return y * weight, dy * weight
+        return rms_norm_jvp(x, dx, self.eps, self.weight)
 
 
 def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
@@ -183,15 +187,15 @@ class Attention(nn.Module):
         o = attention(q, k, v)                                          # (B, H, N, D), scale 1/sqrt(D)
         return self.proj(o.transpose(1, 2).reshape(B * N, C)).reshape(B, N, C)
 
-    def forward_jvp(self, x, dx):
+    def forward_jvp(self, x, dx):  # x, dx (B, N, hidden)
         B, N, C = x.shape
         heads = lambda a: a.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         qkv, dqkv = linear_jvp(self.qkv, x.reshape(B * N, C), dx.reshape(B * N, C))
-        (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)
+        (q, k, v), (dq, dk, dv) = heads(qkv), heads(dqkv)              # each (B, H, N, D)
         q, dq = self.q_norm.forward_jvp(q, dq)
         k, dk = self.k_norm.forward_jvp(k, dk)
-        o, do = attention_pair(q, k, v, dq, dk, dv)                    # the kernel's O and O'
-        tokens = lambda a: a.transpose(1, 2).reshape(B * N, C)
+        o, do = attention_pair(q, k, v, dq, dk, dv)                    # O and O', (B, H, N, D) each
+        tokens = lambda a: a.transpose(1, 2).reshape(B * N, C)         # (B * N, hidden)
         o, do = linear_jvp(self.proj, tokens(o), tokens(do))
         return o.reshape(B, N, C), do.reshape(B, N, C)
 
@@ -207,6 +211,7 @@ def modulation(c, linear, n):
 
 
 def modulation_jvp(c, dc, linear, n):
+    """modulation() and its tangent: SiLU, the linear, the chunk-wise RMSNorm, each by its rule."""
     h, dh = silu_jvp(c, dc)
     mods, dmods = linear_jvp(linear, h, dh)
     mods, dmods = rms_norm_jvp(mods.unflatten(-1, (n, -1)), dmods.unflatten(-1, (n, -1)))
@@ -384,13 +389,17 @@ class DiT(nn.Module):
         """torch.compile each block's forward and forward_jvp ("regional" compilation). All blocks run
         the same code, so one compiled graph per call signature (shapes, grad mode) serves every block
         and compile time does not grow with depth; the embedders and the final layer stay eager. The
-        eager methods remain the reference (test_tvm.py compares them). Compile copies of a network
-        after making them (copy.deepcopy would share the compiled methods of the original).
+        eager methods remain the reference (test_tvm.py compares them). The compiled functions are
+        bound to each block as methods, so copy.deepcopy of a compiled network binds them to the copy
+        (tested). Only this method makes dynamo trace tvm.py (see _let_dynamo_trace_tvm_py):
+        torch.compile(net) alone would run the blocks eagerly.
         """
         _let_dynamo_trace_tvm_py()
+        forward = torch.compile(DiTBlock.forward, **compile_kwargs)
+        forward_jvp = torch.compile(DiTBlock.forward_jvp, **compile_kwargs)
         for block in self.blocks:
-            block.forward = torch.compile(block.forward, **compile_kwargs)
-            block.forward_jvp = torch.compile(block.forward_jvp, **compile_kwargs)
+            block.forward = types.MethodType(forward, block)
+            block.forward_jvp = types.MethodType(forward_jvp, block)
         return self
 
     def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
@@ -439,7 +448,8 @@ class DiT(nn.Module):
 def _let_dynamo_trace_tvm_py():
     """torch._dynamo skips (runs eagerly, never compiles) code in modules of a few third-party names,
     among them "tvm" (Apache TVM): on import it resolves that name, finds this file, and adds it to its
-    skip list, so torch.compile would silently compile nothing here. Take this one file off the list."""
+    skip list, so torch.compile would silently compile nothing here. Take this one file off the list
+    (private API of torch._dynamo.trace_rules, checked afterwards: an error, never a silent eager run)."""
     import os
     from torch._dynamo import trace_rules
     me = os.path.abspath(__file__)
@@ -448,8 +458,11 @@ def _let_dynamo_trace_tvm_py():
         if len(kept) != len(trace_rules.SKIP_DIRS):
             trace_rules.SKIP_DIRS[:] = kept
             trace_rules._recompile_re()
-    else:  # a torch whose trace rules moved: ask dynamo to ignore its skip lists instead
-        torch._dynamo.config.dont_skip_tracing = True
+    check = getattr(trace_rules, "check_file", None)
+    if check is None or check(__file__).skipped:
+        raise RuntimeError(f"torch {torch.__version__}: torch._dynamo still skips {me} (a module named 'tvm' is on "
+                           "its third-party skip list), so torch.compile would run the blocks eagerly. Run "
+                           "without --compile, or rename tvm.py and its imports.")
 
 
 def build_dit(name_or_kwargs, input_size, in_channels, num_classes, **overrides):
@@ -509,6 +522,9 @@ def terminal_velocity(net, x_t, t, s, y, w, scale_param=True, detach_jvp=False, 
     if jvp == "manual" or (jvp == "auto" and hasattr(net, "forward_jvp")):
         F, dF_ds = net.forward_jvp(x_t, t, s, y, w)
     else:
+        if getattr(net, "checkpoint_blocks", False):
+            raise ValueError("checkpoint_blocks needs jvp='manual': activation checkpointing under torch.func.jvp "
+                             "recomputes a different set of tensors and fails in the backward")
         F, dF_ds = torch.func.jvp(lambda s_: net(x_t, t, s_, y, w), (s,), (torch.ones_like(s),))
     if detach_jvp:
         dF_ds = dF_ds.detach()
