@@ -278,7 +278,13 @@ def test_each_by_hand_tangent_rule_matches_func_jvp():
         qk.weight.copy_(1 + 0.3 * r(16))
     emb = tvm.ScalarEmbedder(16, freq_dim=8).double()
     t, dt = torch.rand(3, generator=g, dtype=torch.float64), r(3)
+    block, final = tvm.DiTBlock(16, num_heads=2).double(), tvm.FinalLayer(16, 2, 1).double()
+    with torch.no_grad():   # the adaLN linears start at 0; move them so every term is exercised
+        for p in list(block.parameters()) + list(final.parameters()):
+            p.add_(0.3 * r(*p.shape))
     cases = {
+        "dit_block": (block.forward_jvp(x, dx, c, dc), _func_jvp(block, (x, c), (dx, dc))),
+        "final_layer": (final.forward_jvp(x, dx, c, dc), _func_jvp(final, (x, c), (dx, dc))),
         "rms_norm": (tvm.rms_norm_jvp(x, dx), _func_jvp(tvm.rms_norm, (x,), (dx,))),
         "linear": (tvm.linear_jvp(lin, x, dx), _func_jvp(lin, (x,), (dx,))),
         "silu": (tvm.silu_jvp(x, dx), _func_jvp(torch.nn.functional.silu, (x,), (dx,))),
@@ -292,6 +298,10 @@ def test_each_by_hand_tangent_rule_matches_func_jvp():
         "gated_residual": (tvm.gated_residual_jvp(x, dx, c, dc, a, da),
                            _func_jvp(lambda x_, g_, a_: x_ + g_[:, None] * a_, (x, c, a), (dx, dc, da))),
     }
+    lin2 = torch.nn.Linear(16, 32).double()
+    (m, dm) = tvm.modulation_jvp(c, dc, lin2, 2)
+    cases["modulation"] = ((torch.stack(m), torch.stack(dm)),
+                           _func_jvp(lambda c_: torch.stack(tvm.modulation(c_, lin2, 2)), (c,), (dc,)))
     for name, ((y, dy), (y_ref, dy_ref)) in cases.items():
         assert (y - y_ref).abs().max() <= 1e-13 * (1 + y_ref.abs().max()), name
         assert (dy - dy_ref).abs().max() <= 1e-12 * (1 + dy_ref.abs().max()), name

@@ -728,3 +728,11 @@ if __name__ == "__main__":
     print(f"tiny DiT: loss {loss.item():.4f} (terminal {terms['terminal'].mean():.4f}, fm {terms['fm'].mean():.4f})")
     x = sample(net, torch.randn(4, 1, 8, 8), torch.arange(4), 2.0, steps=2)
     print(f"2-step sample: shape {tuple(x.shape)}, dtype {x.dtype}")
+    with torch.no_grad():   # off the zero init (where dF/ds = 0), then the by-hand tangent vs torch.func.jvp
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x_t = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    _, dF = net.forward_jvp(x_t, inp.t, inp.s, inp.y, inp.w)
+    _, dF_ref = torch.func.jvp(lambda s_: net(x_t, inp.t, s_, inp.y, inp.w), (inp.s,), (torch.ones_like(inp.s),))
+    print(f"dF/ds by hand vs torch.func.jvp: max difference {(dF - dF_ref).abs().max():.1e} of "
+          f"max |dF/ds| {dF_ref.abs().max():.2f} (float64)")
