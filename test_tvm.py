@@ -485,9 +485,22 @@ def test_tiny_model_fits_tiny_dataset():
 #   float16: 3e-3 = 6 u, u = 2^-11 = 4.9e-4. P, P alpha S', dS, dS' are rounded to fp16 before each
 #            matrix product (one u each, relative), and every output is rounded to fp16 (u/2).
 #            The fp16 naive math attention lands at ~2 u on these shapes.
+#            Except dq, dk, dq', dk' in float16: 1e-2 = 20 u. The 6 u estimate was falsified by
+#            hypothesis (2026-11-27: B=1 H=1 N=2 D=24 scale 0.3 gave dk 3.08e-3). These four are sums
+#            of dS- and dS'-weighted rows, and dS = P (dP - Delta) cancels (P-weighted, each row of
+#            dS sums to 0; Delta = dO.O + ... is formed from the fp16-rounded O and O'), so a relative
+#            rounding of dS and Delta is amplified relative to the result, most at tiny N. Measured
+#            worst over 400 seeds at N = 2, D = 24: 5.0e-3 (10 u); fp16 math attention there: up to
+#            1.7e-2. 1e-2 still fails on any formula error (O(1e-1)).
 # Run: python -m pytest -q test_tvm.py -k kernel   (about a minute on 2 cores)
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+CANCELLING = ("dq", "dk", "dq'", "dk'")   # the dS-weighted gradients (see above)
+
+
+def _tols(dtype):
+    """Per-quantity tolerance for the kernel in `dtype` (see the derivation above)."""
+    return {n: 1e-2 if dtype == torch.float16 and n in CANCELLING else TOL[dtype] for n in attention_jvp.NAMES}
 
 
 def _err(a, b):
@@ -530,10 +543,12 @@ def _kernel(q, k, v):
 
 
 def _assert_close(got, ref, tol, what=""):
+    """tol: one number for all 8 quantities, or {name: tol} (_tols)."""
     names = attention_jvp.NAMES
+    tols = tol if isinstance(tol, dict) else dict.fromkeys(names, tol)
     errs = {n: _err(a, b) for n, a, b in zip(names, got, ref) if b is not None}
-    bad = {n: e for n, e in errs.items() if not e <= tol}  # `not <=` also catches NaN
-    assert not bad, f"{what}: errors above {tol:g}: {bad} (all: {errs})"
+    bad = {n: e for n, e in errs.items() if not e <= tols[n]}  # `not <=` also catches NaN
+    assert not bad, f"{what}: errors above {tols}: {bad} (all: {errs})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,12 +562,13 @@ def _assert_close(got, ref, tol, what=""):
        dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**16),
        scale=st.sampled_from([None, 0.3]))
 @example(B=1, H=1, N=1, D=64, dtype=torch.float16, seed=1, scale=0.3)  # one key: dq = dk = 0 exactly
+@example(B=1, H=1, N=2, D=24, dtype=torch.float16, seed=260, scale=0.3)  # the worst dk found: 10 u
 def test_kernel_func_jvp_and_all_six_gradients_match_float64(B, H, N, D, dtype, seed, scale):
     xs = _inputs(B, H, N, D, dtype, seed)
     got = _eight_via_func_jvp(lambda q, k, v: _kernel_scaled(q, k, v, scale), xs)
     ref = _eight_via_func_jvp(lambda q, k, v: attention_jvp.reference_attention(q, k, v, scale), [x.double() for x in xs])
     assert all(g.dtype == dtype for g in got)
-    _assert_close(got, ref, TOL[dtype], f"B={B} H={H} N={N} D={D} {dtype} scale={scale}")
+    _assert_close(got, ref, _tols(dtype), f"B={B} H={H} N={N} D={D} {dtype} scale={scale}")
 
 
 def _kernel_scaled(q, k, v, scale):
@@ -579,7 +595,7 @@ def test_kernel_attention_pair_matches_float64(N, D, dtype, seed):
     got, o = _eight_via_pair(xs, "triton")
     assert type(o.grad_fn).__name__ == "_AttentionPairBackward"
     ref = _eight_via_func_jvp(attention_jvp.reference_attention, [x.double() for x in xs])
-    _assert_close(got, ref, TOL[dtype], f"pair N={N} D={D} {dtype}")
+    _assert_close(got, ref, _tols(dtype), f"pair N={N} D={D} {dtype}")
     ref_pair, _ = _eight_via_pair([x.double() for x in xs], "reference")   # its math path: the same truth
     _assert_close(ref_pair, ref, 1e-12, "pair, reference path")
 
@@ -607,7 +623,7 @@ def test_kernel_attention_pair_backward_from_one_output(used):
 def test_kernel_forward_ad_dual_tensors_match_float64(dtype):
     xs = _inputs(2, 2, 21, 72, dtype, seed=1)
     _assert_close(_eight_via_dual(_kernel, xs), _eight_via_dual(attention_jvp.reference_attention, [x.double() for x in xs]),
-                  TOL[dtype], "forward_ad")
+                  _tols(dtype), "forward_ad")
 
 
 def test_kernel_plain_call_and_its_backward_match_float64():
