@@ -894,6 +894,9 @@ def train(cfg):
         print(f"done: {ckpt_path}, {os.path.join(cfg.out, 'log.jsonl')}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
     if world > 1:
+        # All ranks leave together: rank 0 may still be writing the last checkpoint; tearing gloo down on
+        # one rank while the other is still inside it hung a CPU test once (torch 2.13).
+        dist.barrier()
         dist.destroy_process_group()
     return cfg
 
