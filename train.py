@@ -832,7 +832,7 @@ def train(cfg):
               f"per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
         log = open(os.path.join(cfg.out, "log.jsonl"), "a")
         if cfg.compile:
-            print("--compile: the DiT blocks are compiled during the first step (a few minutes on a GPU)")
+            print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
 
     def checkpoint():
         rngs = [None] * world
