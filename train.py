@@ -1019,7 +1019,8 @@ def check_step_paths(device, amp=nullcontext(), compiled=True, seed=0):
     fields = [getattr(inp, f.name) for f in dataclasses.fields(inp)]
 
     def run(dtype, jvp, attention="auto", ckpt=False, compiled=False, amp_=nullcontext()):
-        torch._dynamo.reset()   # each compiled path compiles for its own dtype
+        if compiled:
+            torch._dynamo.reset()   # each compiled path compiles for its own dtype
         net = copy.deepcopy(base).to(device, dtype)
         target = copy.deepcopy(base).to(device, dtype).requires_grad_(False)
         prepare_net(net, TrainConfig(compile=compiled, checkpoint_blocks=ckpt))

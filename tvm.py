@@ -124,20 +124,23 @@ def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
     The raw value is embedded (t in [0, 1], no x1000 scaling), as in the official code (paper-notes
     §9 #9); the paper does not say.
     """
+    freqs = _sinusoid_freqs(x, dim, max_period)
+    args = x.to(freqs.dtype)[:, None] * freqs[None]                  # (B, dim / 2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)    # (B, dim)
+
+
+def _sinusoid_freqs(x, dim, max_period):
+    """The dim / 2 frequencies f_k = max_period^(-k / (dim / 2)), in float64 for float64 x, else float32."""
     half = dim // 2
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
-    args = x.to(dtype)[:, None] * freqs[None]                        # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)    # (B, dim)
+    return torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
 
 
 def sinusoidal_embedding_jvp(x, dx, dim=256, max_period=10_000.0):
     """d/dx [cos(x f), sin(x f)] = [-sin(x f) f, cos(x f) f], times dx."""
-    half = dim // 2
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=dtype) / half)
-    args = x.to(dtype)[:, None] * freqs[None]
-    dargs = dx.to(dtype)[:, None] * freqs[None]
+    freqs = _sinusoid_freqs(x, dim, max_period)
+    args = x.to(freqs.dtype)[:, None] * freqs[None]
+    dargs = dx.to(freqs.dtype)[:, None] * freqs[None]
     return (torch.cat([torch.cos(args), torch.sin(args)], dim=-1),
             torch.cat([-torch.sin(args) * dargs, torch.cos(args) * dargs], dim=-1))
 
@@ -402,6 +405,12 @@ class DiT(nn.Module):
             block.forward_jvp = types.MethodType(forward_jvp, block)
         return self
 
+    def _run_block(self, fn, *args):
+        """fn(*args), or recomputed in the backward (checkpoint_blocks) when a backward will follow."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
         p, g, C = self.patch_size, self.grid, self.in_channels
         x = x.reshape(x.shape[0], g, g, p, p, C)
@@ -413,10 +422,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed           # (B, N, hidden)
         c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, use_reentrant=False)
-            else:
-                h = block(h, c)
+            h = self._run_block(block, h, c)
         out = self.unpatchify(self.final_layer(h, c))                                # (B, C, H, W)
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out   # autocast -> fp32
 
@@ -434,10 +440,7 @@ class DiT(nn.Module):
         dc = dgap
         dh = torch.zeros_like(h)
         for block in self.blocks:
-            if self.checkpoint_blocks and torch.is_grad_enabled():
-                h, dh = checkpoint(block.forward_jvp, h, dh, c, dc, use_reentrant=False)
-            else:
-                h, dh = block.forward_jvp(h, dh, c, dc)
+            h, dh = self._run_block(block.forward_jvp, h, dh, c, dc)
         out, dout = self.final_layer.forward_jvp(h, dh, c, dc)
         out, dout = self.unpatchify(out), self.unpatchify(dout)
         if out.dtype in (torch.float16, torch.bfloat16):
