@@ -392,8 +392,7 @@ def train_digits(method, steps=None, device="cpu"):
     net = train.build_net(cfg).to(dev)
     ema, target = copy.deepcopy(net).requires_grad_(False), copy.deepcopy(net).requires_grad_(False)
     model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, terminal=method == "tvm")
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                            betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    opt = train.make_optimizer(net, cfg)
     sampler = train.EpochSampler(len(data), cfg.seed)
     t0 = time.time()
     for step in range(cfg.steps):

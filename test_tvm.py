@@ -1230,8 +1230,8 @@ def tiny_setup(dtype=torch.float64):
     torch.manual_seed(0)
     net = tvm.build_dit(dict(hidden_size=32, depth=1, num_heads=2, patch_size=2), 8, 1, 10).to(dtype)
     ema, target = (train.copy.deepcopy(net).requires_grad_(False) for _ in range(2))
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.95))
-    cfg = train.resolve(train.TrainConfig(batch_size=16))
+    cfg = train.resolve(train.TrainConfig(batch_size=16, lr=1e-3))
+    opt = train.make_optimizer(net, cfg)
     return net, ema, target, opt, cfg
 
 
@@ -1245,7 +1245,8 @@ def test_nonfinite_step_is_skipped():
     assert stats["skipped"] and not np.isfinite(stats["loss"])
     after = list((*net.parameters(), *ema.parameters(), *target.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert not opt.state  # AdamW's moments were not touched either
+    # AdamW's moments and step count were not touched either (the fused AdamW skips on the device)
+    assert all(not st["exp_avg"].any() and not st["exp_avg_sq"].any() and st["step"] == 0 for st in opt.state.values())
     x0[3, 0, 2, 2] = 0.0  # and a finite batch then trains
     stats = train.train_step(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
     assert not stats["skipped"] and any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
@@ -1993,3 +1994,80 @@ def test_resume_refuses_another_parameterisation(tmp_path):
 
 if __name__ == "__main__":
     theorem_sweep()   # python test_tvm.py: the fixed-seed sweep of Theorem 1, as in evidence/theorem_sweep.txt
+
+
+# ================================================================================================
+# The training step without host synchronisation (what train.py's CUDA graph captures), and the
+# benchmark's FLOP count
+# ================================================================================================
+
+def test_ema_update_with_a_device_flag_moves_or_stays():
+    """tvm.ema_update(..., ok): ok True is the plain update (the List overload of _foreach_lerp_ with a
+    0-d weight tensor equals the Scalar one), ok False leaves the EMA exactly as it was."""
+    torch.manual_seed(0)
+    net, ema = (tvm.build_dit(dict(hidden_size=32, depth=1, num_heads=2, patch_size=2), 8, 1, 10).double()
+                for _ in range(2))
+    plain = train.copy.deepcopy(ema)
+    tvm.ema_update(plain, net, 0.9)
+    flagged = train.copy.deepcopy(ema)
+    tvm.ema_update(flagged, net, 0.9, torch.tensor(True))
+    for a, b, e, n in zip(flagged.parameters(), plain.parameters(), ema.parameters(), net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+        torch.testing.assert_close(a, 0.9 * e + 0.1 * n, rtol=0, atol=1e-15)   # the closed form, rate 0.9
+    stayed = train.copy.deepcopy(ema)
+    tvm.ema_update(stayed, net, 0.9, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(stayed.parameters(), ema.parameters()))
+
+
+def test_step_on_device_skips_on_the_device_and_refuses_an_unfused_optimizer():
+    """step_on_device returns its statistics as one tensor (no host synchronisation) and, on a NaN batch,
+    changes no weight, EMA or AdamW moment; train_step (step_on_device + one read) says skipped. An
+    unfused AdamW ignores found_inf, so it is refused rather than silently applying a NaN step."""
+    net, ema, target, opt, cfg = tiny_setup()
+    x0 = torch.randn(16, 1, 8, 8, dtype=torch.float64)
+    x0[0, 0, 0, 0] = float("nan")
+    inputs = tvm.sample_loss_inputs(x0, torch.randint(0, 10, (16,)), 10)
+    before = [p.clone() for p in (*net.parameters(), *ema.parameters(), *target.parameters())]
+    stats = train.step_on_device(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
+    assert isinstance(stats, torch.Tensor) and stats.shape == (len(train.STAT_NAMES),)
+    assert stats[train.STAT_NAMES.index("ok")] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, (*net.parameters(), *ema.parameters(), *target.parameters())))
+    unfused = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    with pytest.raises(TypeError, match="fused AdamW"):
+        train.step_on_device(tvm.TVMLoss(net), net, ema, target, unfused, [inputs], cfg)
+
+
+def test_cuda_graph_option_is_applied_or_refused():
+    """--cuda_graph true on the CPU is refused with a message, not ignored."""
+    with pytest.raises(train.TrainError, match="--cuda_graph needs"):
+        train.benchmark(train.parse_config(["--benchmark", "--device", "cpu", "--cuda_graph", "true"]),
+                        cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
+
+
+def test_step_flops_counts_what_the_network_multiplies():
+    """The benchmark's analytic count L (linears, one forward) equals the multiply-adds the DiT's Linear and
+    Conv2d layers really perform in a forward pass (counted by hooks), and A is the attention's two
+    products N x N x D per head; so the printed MFU rests on a count of this network, not a guess."""
+    C, depth, heads, p, side, cin = 48, 3, 4, 2, 8, 4
+    net = tvm.build_dit(dict(hidden_size=C, depth=depth, num_heads=heads, patch_size=p), side, cin, 10)
+    macs = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Linear):
+            macs.append(inputs[0].numel() // module.in_features * module.in_features * module.out_features)
+        else:  # Conv2d, patch embedding: one multiply-add per output element and kernel entry
+            macs.append(output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1])
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            m.register_forward_hook(hook)
+    B = 3
+    with torch.no_grad():
+        net(torch.randn(B, cin, side, side), torch.rand(B), torch.rand(B), torch.randint(0, 10, (B,)), torch.full((B,), 2.0))
+    N = (side // p) ** 2
+    L, A = train.forward_macs(C, depth, N, p, cin)
+    assert sum(macs) == B * L
+    assert A == depth * heads * 2 * N * N * (C // heads)
+    # The step counts: 11 L + 14 A (TVM) and 4 L + 4 A (FM), 2 FLOPs per multiply-add.
+    L_xl, A_xl = train.forward_macs(1152, 28, 256, 2)
+    assert train.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
+    assert train.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)

@@ -111,9 +111,12 @@ class TrainConfig:
                                   # --jvp manual/auto: torch.func.jvp over the kernel does not compile
     checkpoint_blocks: bool = False  # recompute block activations in the backward: ~1/3 of the memory, ~1.5x
                                      # the time (measured, README); needs --jvp manual/auto
+    cuda_graph: bool = None       # replay the whole step as one CUDA graph (CudaGraphStep); default: on for
+                                  # one process on a GPU, off otherwise (DDP's all-reduce is not captured)
     benchmark: bool = False       # time the TVM and flow-matching steps on random latents, then exit
     bench_check: bool = True      # before timing, check every path's loss and gradient (check_step_paths)
     bench_cases: str = ""         # e.g. "XL/2-18h:256:32,B/2:256:32" (model:px:batch); "" = BENCH_CASES
+    bench_memory_gib: float = 0.0  # cap the GPU memory the benchmark may use (e.g. 80 on a 141 GB H200); 0 = all
     # filled in from the data, not by hand
     input_size: int = 0
     in_channels: int = 0
@@ -628,15 +631,32 @@ def load_model_from_checkpoint(path, which="ema", device="cpu"):
 # ------------------------------------------------------------------------------------------------
 
 def make_optimizer(net, cfg):
-    """AdamW over the trainable parameters (Table 6: constant lr, betas (0.9, 0.95), no weight decay)."""
-    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    """AdamW over the trainable parameters (Table 6: constant lr, betas (0.9, 0.95), no weight decay).
+
+    fused=True: one multi-tensor kernel per step instead of ~10 kernels per parameter (the default
+    implementation took 52-73 ms of an XL/2 step on an H200, most of it launch overhead), and it can
+    skip an update on the device (its found_inf flag), which the CUDA-graph step needs. capturable on
+    CUDA: its step counters live on the GPU, so the step can be captured."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, fused=True, capturable=params[0].is_cuda)
 
 
-def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
-    """Forward + backward over the micro-batches (gradient accumulation), finite check, clipping,
-    AdamW, both EMAs. model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this
-    rank's share of the global batch. Returns global means: loss, terminal, fm, grad_norm, skipped."""
+STAT_NAMES = ("loss", "terminal", "fm", "grad_norm", "ok")
+
+
+def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
+    """Algorithm 1, steps 4-5, without one host synchronisation, so that it can be captured as a CUDA
+    graph (CudaGraphStep): forward + backward over the micro-batches (gradient accumulation), clipping,
+    AdamW, both EMAs. A step whose loss or gradient is not finite changes nothing: AdamW skips its update
+    on the device (found_inf, the protocol of torch.amp.GradScaler) and the EMAs move by 0.
+
+    model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this rank's share of the
+    global batch; opt comes from make_optimizer (fused). Returns a float64 tensor on the device with the
+    global means of loss, terminal and fm terms, the gradient norm, and ok (1.0 or 0.0): STAT_NAMES."""
+    if not opt.defaults.get("fused"):
+        raise TypeError("step_on_device needs the fused AdamW of make_optimizer: an unfused optimizer ignores "
+                        "found_inf and would apply a non-finite step")
     opt.zero_grad(set_to_none=True)
     n_rank = sum(len(mb.y) for mb in micro_batches)
     sums = None
@@ -652,18 +672,72 @@ def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext
         sums = s if sums is None else sums + s
     if dist.is_initialized():
         dist.all_reduce(sums)
-    means = (sums / (n_rank * (dist.get_world_size() if dist.is_initialized() else 1))).tolist()
+    means = sums / (n_rank * (dist.get_world_size() if dist.is_initialized() else 1))
     params = [p for p in net.parameters() if p.requires_grad]
     # The norm of the global gradient (already all-reduced), identical on every rank.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    ok = all(math.isfinite(v) for v in means) and bool(torch.isfinite(grad_norm))
-    if ok:
-        opt.step()
-        tvm.ema_update(target, net, cfg.target_ema)   # theta*  (teacher of the next step)
-        tvm.ema_update(ema, net, cfg.ema)             # theta** (what is evaluated)
-    else:  # The official code zeroes NaN losses; we skip the whole step and log it.
-        opt.zero_grad(set_to_none=True)
-    return dict(loss=means[0], terminal=means[1], fm=means[2], grad_norm=float(grad_norm), skipped=not ok)
+    ok = torch.isfinite(means).all() & torch.isfinite(grad_norm)
+    # The official code zeroes NaN losses; we skip the whole step (and train() logs it).
+    opt.found_inf = (~ok).float()             # fused AdamW: no update, step count unchanged, where 1
+    opt.step()
+    tvm.ema_update(target, net, cfg.target_ema, ok)   # theta*  (teacher of the next step)
+    tvm.ema_update(ema, net, cfg.ema, ok)             # theta** (what is evaluated)
+    return torch.cat([means, grad_norm.double()[None], ok.double()[None]])
+
+
+def step_report(stats):
+    """The device tensor of step_on_device -> dict of floats (one host synchronisation) with `skipped`."""
+    out = dict(zip(STAT_NAMES, stats.tolist()))
+    out["skipped"] = not out.pop("ok")
+    return out
+
+
+def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
+    """One eager training step: step_on_device, then its statistics on the host. Returns global means:
+    loss, terminal, fm, grad_norm, skipped."""
+    return step_report(step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp))
+
+
+class CudaGraphStep:
+    """The whole training step (forward, JVP, backward, clipping, AdamW, both EMAs) replayed as one CUDA
+    graph: the GPU then runs the step's ~10,000 kernels back to back, with no Python or launch overhead
+    between them (measured on an H200: the eager XL/2 step kept the GPU idle about half the time).
+
+    Same function as train_step, call for call: the first `warmup` calls run train_step eagerly (they
+    compile the blocks and create the optimizer state); the next one captures step_on_device on static
+    copies of its batch and replays it; later calls copy their batch into those tensors and replay. A
+    batch must keep the shapes of the first one. Single process only (DDP's all-reduce is not captured).
+    Whatever the step reads must keep its address: parameters, gradients and optimizer state are
+    updated in place, never replaced (load checkpoints before the first call)."""
+
+    def __init__(self, model, net, ema, target, opt, cfg, amp=nullcontext(), warmup=2):
+        if isinstance(model, DDP) or dist.is_initialized():
+            raise TrainError("--cuda_graph runs one process: under torchrun pass --cuda_graph false")
+        self.args, self.cfg, self.amp, self.warmup = (model, net, ema, target, opt), cfg, amp, warmup
+        self.calls, self.graph, self.static, self.stats = 0, None, None, None
+
+    def __call__(self, micro_batches):
+        self.calls += 1
+        if self.calls <= self.warmup:
+            return train_step(*self.args, micro_batches, self.cfg, self.amp)
+        if self.graph is None:
+            self.static = [tvm.LossInputs(*[x.clone() for x in _fields(mb)]) for mb in micro_batches]
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()    # the eager steps' cached blocks: the graph gets a pool of its own
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads (data loading) may use CUDA meanwhile without breaking the capture
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.stats = step_on_device(*self.args, self.static, self.cfg, self.amp)
+        else:
+            for static, mb in zip(self.static, micro_batches, strict=True):
+                for a, b in zip(_fields(static), _fields(mb)):
+                    a.copy_(b)
+        self.graph.replay()
+        return step_report(self.stats)
+
+
+def _fields(inp):
+    return [getattr(inp, f.name) for f in dataclasses.fields(inp)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -782,7 +856,8 @@ def train(cfg):
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
     dtype = torch.float64 if precision == "fp64" else torch.float32
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # cache_enabled=False: autocast's cache of cast weights must not outlive a CUDA-graph capture
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16" else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = False          # Table 6: TF32 off
     torch.backends.cudnn.allow_tf32 = False
 
@@ -803,6 +878,11 @@ def train(cfg):
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     opt = make_optimizer(net, cfg)
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = cuda and world == 1
+    elif cfg.cuda_graph and not (cuda and world == 1):
+        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
+                         "pass --cuda_graph false")
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     step = 0
@@ -852,12 +932,14 @@ def train(cfg):
             save_png(grid, os.path.join(cfg.out, f"samples_{step:07d}.png"))
             save_png(grid, os.path.join(cfg.out, "samples.png"))
 
+    step_fn = CudaGraphStep(model, net, ema, target, opt, cfg, amp) if cfg.cuda_graph else \
+        (lambda batch: train_step(model, net, ema, target, opt, batch, cfg, amp))
     sampler = EpochSampler(len(data), cfg.seed)
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     acc, t_last, n_last = [], time.time(), step
     while step < cfg.steps:
         batch = make_batch(data, sampler, cfg, step, rank, world, device, dtype)
-        stats = train_step(model, net, ema, target, opt, batch, cfg, amp)
+        stats = step_fn(batch)
         step += 1
         bar.update(1)
         if stats["skipped"]:
@@ -962,15 +1044,29 @@ def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2, check=True):
     want_cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if want_cuda else nullcontext()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if want_cuda else nullcontext()
     name = torch.cuda.get_device_name() if want_cuda else "CPU"
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = want_cuda
+    if cfg.cuda_graph and not want_cuda:
+        raise TrainError("--cuda_graph needs a GPU: pass --cuda_graph false")
+    if cfg.bench_memory_gib and want_cuda:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.bench_memory_gib * 2 ** 30 / total))
     print(f"{name}, torch {torch.__version__}, attention {cfg.attention}, jvp {cfg.jvp}, compile {cfg.compile}, "
-          f"checkpoint_blocks {cfg.checkpoint_blocks}, detach_jvp {cfg.detach_jvp}, "
-          f"median of {steps} steps after {warmup}; code {code_version()}")
+          f"cuda_graph {cfg.cuda_graph}, checkpoint_blocks {cfg.checkpoint_blocks}, detach_jvp {cfg.detach_jvp}, "
+          f"median of {steps} steps after {warmup}; code {code_version()}"
+          + (f"; memory capped at {cfg.bench_memory_gib:g} GiB" if cfg.bench_memory_gib and want_cuda else ""))
+    peak = matmul_ceiling(device) if want_cuda else None
+    if peak:
+        print(f"bf16 matrix-product ceiling measured now (8192^3, random data): {peak:.0f} TFLOP/s; model FLOPs "
+              f"utilisation (MFU) below is against it, and against the datasheet's {DATASHEET_BF16_TFLOPS:.0f} dense")
     if check:
         print("Check first: each path's loss and gradient (small DiT, relative errors) against float64 "
               "torch.func.jvp with math attention, and against the func path in the same precision:")
         report_check(check_step_paths(device, amp, compiled=cfg.compile))
+        if cfg.cuda_graph:
+            report_graph_check(check_cuda_graph(device, amp, compiled=cfg.compile))
     print("| model | px | batch | TVM step | flow-matching step | TVM / FM |\n| --- | --- | --- | --- | --- | --- |")
     rows = []
     for model, px, batch in cases:
@@ -979,13 +1075,67 @@ def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2, check=True):
         row = dict(model=model, px=px, batch=batch)
         for kind in ("tvm", "fm"):
             row[kind] = _time_step(cfg, row["model"], px, row["batch"], kind, device, amp, steps, warmup)
+            if row[kind]:
+                row[kind]["tflops"] = step_flops(model, px, batch, kind) / row[kind]["s"] / 1e12
         rows.append(row)
+        mfu = lambda m: f", {m['tflops']:.0f} TFLOP/s = MFU {m['tflops'] / peak:.0%} ({m['tflops'] / DATASHEET_BF16_TFLOPS:.0%})" \
+            if peak else ""
         cell = lambda m: "out of memory" if m is None else f"{m['s']:.3f} s, {m['img_s']:.0f} img/s, " + (
-            f"{m['gib']:.1f} GiB" if m["gib"] is not None else "-")
+            f"{m['gib']:.1f} GiB" if m["gib"] is not None else "-") + mfu(m)
         ratio = f"{row['tvm']['s'] / row['fm']['s']:.2f}x" if row["tvm"] and row["fm"] else "-"
         print(f"| {row['model']} | {px} | {row['batch']} | {cell(row['tvm'])} | {cell(row['fm'])} | {ratio} |",
               flush=True)
     return rows
+
+
+# H100 / H200 SXM, dense bf16 with fp32 accumulation (NVIDIA's datasheet); the measured ceiling is lower.
+DATASHEET_BF16_TFLOPS = 989.0
+
+
+def step_flops(model, px, batch, kind, mlp_ratio=4, freq_dim=256, in_channels=4):
+    """Model FLOPs of one training step, counted analytically: 2 per multiply-add of the matrix products
+    (linears and attention; elementwise work, norms and the optimizer are not counted), the backward
+    twice its forward, recomputation not counted (the MFU convention: work the model needs, not what an
+    implementation spends). Per image, with C the width, N = (px / 8 / patch)^2 tokens, depth blocks:
+
+        L = depth (12 C^2 N + 6 C^2) + N (2 p^2 c C) + 2 C^2 + 3 (freq_dim C + C^2)   multiply-adds of the
+            linears in one forward (qkv 3C^2, proj C^2, MLP 8C^2 per token; adaLN 6C^2 per sample; the
+            patch embedding and output layer; the final adaLN; the t, gap and w embedders)
+        A = depth 2 N^2 C                                                            of the attention
+            (q k^T and P v over all heads)
+
+    TVM step (Eq. 15): the forward with its tangent 2L + 3A (the tangent O' = P'v + Pv', P' from q'k^T
+    and qk'^T: 4 more products), its backward twice that, the target's forward on two batches 2L + 2A,
+    the FM term's forward and backward 3L + 3A: 11 L + 14 A. FM step: 3L + 3A, plus the target's
+    unconditional forward for the guided target (Eq. 14) L + A: 4 L + 4 A. XL/2-18h at 256 px: L = 114.1
+    G, A = 4.2 G per image, so 2.63 TFLOP (TVM) and 0.95 TFLOP (FM) per image.
+    """
+    m = MODELS[model]
+    L, A = forward_macs(m["hidden_size"], m["depth"], (px // 8 // m["patch_size"]) ** 2, m["patch_size"],
+                        in_channels, mlp_ratio, freq_dim)
+    units = (11 * L + 14 * A) if kind == "tvm" else (4 * L + 4 * A)
+    return 2 * units * batch
+
+
+def forward_macs(C, depth, N, p, in_channels=4, mlp_ratio=4, freq_dim=256):
+    """(L, A) of step_flops for one image: multiply-adds of the linears and of the attention in one forward."""
+    L = depth * (3 * C * C + C * C + 2 * mlp_ratio * C * C) * N + depth * 6 * C * C \
+        + N * 2 * p * p * in_channels * C + 2 * C * C + 3 * (freq_dim * C + C * C)
+    return L, depth * 2 * N * N * C
+
+
+def matmul_ceiling(device, n=8192, reps=10):
+    """TFLOP/s of an n^3 bf16 matrix product on random data (cuBLAS), median of `reps`: the attainable ceiling."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / float(np.median(times[3:])) / 1e12
 
 
 def code_version():
@@ -1071,6 +1221,72 @@ def report_check(errors):
         raise RuntimeError(f"the step check failed for: {', '.join(failed)}; the timings would not mean anything")
 
 
+def check_cuda_graph(device, amp=nullcontext(), compiled=True, steps=4, seed=0):
+    """The CUDA-graph step (CudaGraphStep) against the eager step (train_step) on a small DiT with
+    perturbed weights: `steps` steps each from the same weights and batches, the third batch holding a
+    NaN (a step to skip, replayed from the graph). Eager runs twice: with the kernel's atomic adds two
+    eager runs differ too, and that difference is the yardstick. Returns {precision: dict(graph=relative
+    difference graph vs eager, eager=eager vs eager, skipped_unchanged=bool)}; the differences are over
+    the online weights, both EMAs and AdamW's first moments after the last step."""
+    kw = dict(hidden_size=256, depth=2, num_heads=4, patch_size=2)
+    torch.manual_seed(seed)
+    base = tvm.build_dit(kw, 16, 4, 10)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(steps):
+        x0 = torch.randn(8, 4, 16, 16, generator=g)
+        if i == 2:
+            x0[1, 2, 3, 4] = float("nan")
+        batches.append(tvm.sample_loss_inputs(x0, torch.randint(0, 10, (8,), generator=g), 10, w=2.0, generator=g))
+    c = TrainConfig(lr=1e-3, grad_clip=1.0, ema=0.999, target_ema=0.99, compile=compiled)
+
+    def run(graph, amp_):
+        net = copy.deepcopy(base).to(device)
+        ema, target = (copy.deepcopy(net).requires_grad_(False) for _ in range(2))
+        prepare_net(net, c)
+        prepare_net(target, c)
+        opt = make_optimizer(net, c)
+        model = tvm.TVMLoss(net)
+        step = CudaGraphStep(model, net, ema, target, opt, c, amp_, warmup=1) if graph else \
+            (lambda mb: train_step(model, net, ema, target, opt, mb, c, amp_))
+        state = lambda: [t.detach().clone() for t in (*net.parameters(), *ema.parameters(), *target.parameters())] \
+            + [opt.state[p]["exp_avg"].clone() for p in opt.state]
+        unchanged = True
+        for i, inp in enumerate(batches):
+            inp = tvm.LossInputs(*[x.to(device) for x in _fields(inp)])
+            before = state() if i == 2 else None
+            stats = step([inp])
+            if i == 2:
+                unchanged = stats["skipped"] and all(torch.equal(a, b) for a, b in zip(before, state()))
+        return torch.cat([t.double().flatten() for t in state()]), unchanged
+
+    rel = lambda a, b: float((a - b).norm() / b.norm())
+    out = {}
+    for label, amp_ in (("float32", nullcontext()), ("bf16 autocast", amp)):
+        eager1, _ = run(False, amp_)
+        eager2, _ = run(False, amp_)
+        graphed, unchanged = run(True, amp_)
+        out[label] = dict(graph=rel(graphed, eager1), eager=rel(eager2, eager1), skipped_unchanged=unchanged)
+    return out
+
+
+def report_graph_check(result):
+    """Print check_cuda_graph's result; raise unless the graph is as close to eager as eager is to itself
+    (10x that difference, at least 1e-5) and the skipped step changed nothing."""
+    failed = []
+    for label, r in result.items():
+        print(f"  CUDA graph, {label}: weights, EMAs and moments after the steps {r['graph']:.1e} from eager (eager vs "
+              f"eager {r['eager']:.1e}); the NaN step {'changed nothing' if r['skipped_unchanged'] else 'CHANGED THE STATE'}")
+        if not (r["skipped_unchanged"] and r["graph"] <= 10 * max(r["eager"], 1e-6) and math.isfinite(r["graph"])):
+            failed.append(label)
+    if failed:
+        raise RuntimeError(f"the CUDA-graph step differs from the eager step ({', '.join(failed)}); the timings "
+                           "would not mean anything")
+
+
 def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
     c = resolve(TrainConfig(res=256 if px <= 256 else 512, data="random", model=model, batch_size=batch,
                             detach_jvp=cfg.detach_jvp, jvp=cfg.jvp, compile=cfg.compile,
@@ -1091,8 +1307,11 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
         model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm",
                              jvp=c.jvp)
         opt = make_optimizer(net, c)
+        step = CudaGraphStep(model_, net, ema, target, opt, c, amp, warmup=warmup) if cfg.cuda_graph else \
+            (lambda batch: train_step(model_, net, ema, target, opt, batch, c, amp))
         g = torch.Generator(device).manual_seed(0)
         times = []
+        warmup += 1 if cfg.cuda_graph else 0        # and the capture
         with attention_jvp.use_backend(cfg.attention):
             for _ in range(warmup + steps):
                 x0 = torch.randn(batch, 4, px // 8, px // 8, device=device, generator=g)
@@ -1101,7 +1320,7 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                train_step(model_, net, ema, target, opt, [inp], c, amp)
+                step([inp])
                 if cuda:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
