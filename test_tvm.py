@@ -2021,6 +2021,20 @@ def test_fid_npz_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch, writer)
     assert sorted(os.listdir(folder)) == ["file.npz"]
 
 
+def test_fid_npz_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    """Atomic is not enough after a power cut: the data must be on disk before the rename publishes it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    fid.save_stats(str(tmp_path / "s.npz"), np.zeros(2048), np.eye(2048))
+    kinds = [kind for kind, _ in events]
+    assert "replace" in kinds and "fsync" in kinds[:kinds.index("replace")], events
+    tmp = events[kinds.index("replace")][1]
+    assert ("fsync", tmp) in events[:kinds.index("replace")] and os.path.dirname(tmp) == str(tmp_path)
+
+
 def test_fid_image_modes_16bit_alpha_palette_cmyk(tmp_path):
     """What each PIL mode becomes, against values computed here. 16-bit grey: v >> 8 (convert("RGB") would
     clip it to 255: a white image); 16-bit RGB: PIL already gives v >> 8 (pinned here). Alpha is dropped,
