@@ -1,5 +1,5 @@
 """
-Sample from a trained TVM model (a train.py checkpoint): a PNG grid for people and an .npz of uint8
+Sample from a trained TVM model (a train.py checkpoint, or a released official .pkl): a PNG grid for people and an .npz of uint8
 images in the layout of the ADM evaluation suite (arr_0: N x H x W x 3) for FID.
 
 The embedded digits model, 1 and 4 steps (then the FID against the real digits with fid.py):
@@ -13,6 +13,14 @@ $ torchrun --standalone --nproc_per_node=8 sample.py --ckpt runs/in256/ckpt.pt -
 (--num_samples is --n; under torchrun spell it out, as torchrun reads "--n" as one of its own options.)
 $ python fid.py runs/in256/samples_1step_w2_seed0_n50000.npz VIRTUAL_imagenet256_labeled.npz
 
+The released official models (im256_w2.pkl, im256_w1p75.pkl, im512_w2p5.pkl; weights CC BY-NC-SA 4.0)
+are taken wherever a checkpoint is, read by load_official without running any code from the file, with
+their recommended steps and w:
+$ python sample.py --ckpt im256_w2.pkl --n 64
+$ python sample.py --ckpt im256_w2.pkl --save-converted runs/official/im256_w2.pt    (a checkpoint of ours)
+Throughput of the evaluation path on a GPU (random weights, no data; writes only under --out):
+$ python -B sample.py --benchmark --out $OUT/bench
+
 Sampling is Fig. 3 of the paper (tvm.sample): n uniform jumps from t = 1 to s = 0, each one forward pass
 of the network, whose guidance weight w (--cfg) is an input, so 1 step = 1 NFE with guidance.
 
@@ -23,8 +31,11 @@ number of GPUs or their order; with the same --batch_size on the same kind of de
 identical too (a different batch size can change float32 round-off, hence rarely a pixel by one level).
 
 Latent models are decoded by train.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
-local folder given with --vae). Pixel models (the 8x8 digits, one channel) give RGB by repeating the
-channel; only the PNG grid is enlarged (nearest neighbour), never the .npz that FID reads.
+local folder given with --vae; --vae random: its architecture with random weights, for timing). The
+.npz holds arr_0 (the images) and arr_1 (their labels), ADM's layout for class-conditional samples. On
+GPUs the network runs under bf16 autocast (--precision), the sampler's state in float64. Pixel models
+(the 8x8 digits, one channel) give RGB by repeating the channel; only the PNG grid is enlarged (nearest
+neighbour), never the .npz that FID reads.
 """
 
 import argparse
@@ -648,6 +659,7 @@ def main(argv=None):
     if config["res"]:   # latents: load the decoder before any sampling, so a missing VAE fails at once
         vae = load_vae(device, args.vae or config["vae"])
     out = args.out or default_out(args.ckpt, steps, w, args.seed, args.n, classes)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)   # every rank writes its shard there
 
     # Global batches [kB, (k+1)B), batch k on rank k mod world: the result does not depend on world.
     batches = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
@@ -731,7 +743,8 @@ def benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda"):
     the torch.compile / Triton caches, pointed there)."""
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"), ("TRITON_HOME", "triton_home")):
+    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
+                     ("TRITON_HOME", "triton_home"), ("CUDA_CACHE_PATH", "cuda")):
         os.environ[var] = os.path.join(out, "cache", sub)      # compile caches in `out`, not in /tmp or ~
     if device == "cuda" and not torch.cuda.is_available():
         raise SampleError("--benchmark times the GPU path: PyTorch sees no GPU")
@@ -765,7 +778,10 @@ def benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda"):
                    f"(incl. warm-up/compile: {time.perf_counter() - t0:.0f} s)")
     best = max(res["dit"], key=res["dit"].get)
     model, B = (compiled if best.startswith("compiled") else net), int(best.split("_b")[1])
-    # The DiT part of n samples as sample.py runs it: per-sample noise on the CPU, then the network.
+    # The DiT part of n samples as sample.py runs it: per-sample noise on the CPU, then the network. The
+    # last, smaller batch is a new shape for the compiled blocks: compile it before the clock starts.
+    if n % B:
+        sample_latents(model, config, list(range(n % B)), 1, 2.0, 0, None, dev, amp)
     sync()
     t0 = time.perf_counter()
     for k in range(0, n, B):
