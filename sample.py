@@ -264,7 +264,7 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
     return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
 
 
-_TORCH_DTYPES = {n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)}
+_TORCH_DTYPES = {n for n, v in vars(torch).items() if isinstance(v, torch.dtype)}   # float32, ...
 _ADMITTED = {   # global -> what it becomes
     "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
     "torch.storage._load_from_bytes": _load_storage_from_bytes,
