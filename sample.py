@@ -446,10 +446,13 @@ def load_official(path, device="cpu"):
         raise OfficialCheckpointError(f"{path}: label_dim is {label_dim!r}, expected an integer")
     sd = official_state_dict(raw, label_dim)
     kwargs = dit_kwargs_from_state_dict(sd)
+    # A cross-check of the wrapper's attributes against the weights' shapes. img_resolution is taken as the
+    # network's input side (latents) or as the pixel side (8x), whichever the official wrapper records.
     side, channels = _find_attribute(root, "img_resolution"), _find_attribute(root, "img_channels")
-    if (side, channels) != (None, None) and (side, channels) != (kwargs["input_size"], kwargs["in_channels"]):
-        raise OfficialCheckpointError(f"{path}: the wrapper says {channels} x {side} x {side} inputs, the weights "
-                                      f"{kwargs['in_channels']} x {kwargs['input_size']} x {kwargs['input_size']}")
+    S, C = kwargs["input_size"], kwargs["in_channels"]
+    if (channels is not None and channels != C) or (side is not None and side not in (S, 8 * S)):
+        raise OfficialCheckpointError(f"{path}: the wrapper says {channels} channels at resolution {side}, the "
+                                      f"weights take {C} x {S} x {S} inputs: not a consistent snapshot")
 
     release = RELEASED.get(name)
     scale_param = _find_attribute(root, "do_scale_param")
