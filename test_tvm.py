@@ -6,7 +6,8 @@ Gaussians, a transcription of the paper's equation). Run on the CPU with
     python -m pytest -q test_tvm.py
 
 Sections: the method and the network (tvm.py); the kernel (attention_jvp.py); Theorem 1 in closed
-form; the training loop (train.py); sampling (sample.py); FID (fid.py). The Triton kernel runs here
+form; the training loop (train.py); sampling (sample.py); the released official checkpoints
+(sample.load_official); FID (fid.py). The Triton kernel runs here
 through Triton's interpreter (TRITON_INTERPRET=1, set below before anything imports Triton). Every
 test except the kernel's (named test_kernel_*) uses the math attention, which is exact and much faster
 on a CPU; the kernel's tests hold it against float64 autograd of that math attention.
@@ -1519,9 +1520,10 @@ def test_same_seed_same_images_other_seed_other_images(ckpt, tmp_path):
     c = load(run_sample(ckpt, tmp_path / "c", "--steps", 2, "--n", 6, "--seed", 8, "--batch_size", 4))
     np.testing.assert_array_equal(a, b)
     assert (a != c).mean() > 0.5          # new noise changes most pixels, not just a few
-    # ADM layout: arr_0 only, uint8 (N, H, W, 3), the grey digit repeated over RGB, not enlarged.
+    # ADM layout: arr_0 uint8 (N, H, W, 3), the grey digit repeated over RGB, not enlarged; arr_1 the labels.
     with np.load(tmp_path / "a.npz") as f:
-        assert f.files == ["arr_0"]
+        assert f.files == ["arr_0", "arr_1"]
+        assert f["arr_1"].tolist() == [sample.noise_and_label(7, i, (1, 8, 8), None, 10)[1] for i in range(6)]
     assert a.shape == (6, 8, 8, 3) and a.dtype == np.uint8
     assert (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all()
     # The PNG grid is for people: enlarged to >= 64 px per image.
@@ -1596,6 +1598,8 @@ def test_split_over_processes_matches_one_process(ckpt, tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     np.testing.assert_array_equal(load(tmp_path / "two.npz"), one)
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])              # labels reassembled in order too
     assert not list(tmp_path.glob("two.rank*"))          # shards cleaned up
 
 
@@ -1632,6 +1636,318 @@ def test_fid_reference_digits_match_the_samples_pixel_convention():
     import fid
     data = train.DigitsData(os.path.join(HERE, "data", "digits.npz"))
     np.testing.assert_array_equal(fid.dataset_images("digits"), train.to_uint8_images(data.images, {"res": 0}))
+
+
+
+# ================================================================================================
+# Released official checkpoints (sample.load_official)
+# ================================================================================================
+#
+# The official snapshots (im256_w2.pkl, ...) are plain pickles whose network classes are "persistent":
+# pickled as calls of torch_utils.persistence._reconstruct_persistent_obj(meta), meta carrying the
+# source of their module, which the official loader executes (../shared/official-checkpoints.md). We
+# write pickles of that layout here: the official module names exist in sys.modules during the write
+# only (fake modules), every module_src would create a file if executed, and the weights are those of
+# a small tvm.DiT put under the official names (the inverse of sample.OFFICIAL_RENAMES, written out
+# by hand). sample.load_official must give back the same F, import nothing and execute nothing.
+
+import contextlib
+import copyreg
+import enum
+import pickle
+import types
+
+import torch.nn as nn
+
+
+@contextlib.contextmanager
+def fake_modules(**modules):
+    """Register module objects under the official names (e.g. "timm.layers.mlp") for the write only."""
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                del sys.modules[name]
+            else:
+                sys.modules[name] = mod
+
+
+def official_modules(evil_src):
+    """Fake modules with the official globals: the persistence function and the classes pickled by
+    reference (training.dit.Attention, timm's Mlp, PatchEmbed, Format, omegaconf's DictConfig)."""
+    mods = {n: types.ModuleType(n) for n in ("torch_utils", "torch_utils.persistence", "training", "training.dit",
+                                             "timm", "timm.layers", "timm.layers.mlp", "timm.layers.patch_embed",
+                                             "timm.layers.format", "omegaconf", "omegaconf.dictconfig")}
+
+    def _reconstruct_persistent_obj(meta):   # only pickled by reference, never called
+        raise AssertionError("the official persistence function ran")
+
+    def by_reference(module, name, base=nn.Module, **body):
+        cls = type(name, (base,), dict(body, __module__=module, __qualname__=name))
+        setattr(mods[module], name, cls)
+        return cls
+
+    def persistent_reduce(self):             # what torch_utils.persistence's __reduce__ writes
+        state = {k: v for k, v in self.__dict__.items() if k != "official_class"}
+        meta = dict(type="class", version=6, module_src=evil_src, class_name=self.official_class, state=state)
+        return (_reconstruct_persistent_obj, (meta,))
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mods["torch_utils.persistence"]._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    ns = types.SimpleNamespace(
+        modules=mods,
+        Persistent=type("Persistent", (nn.Module,), dict(__reduce__=persistent_reduce)),
+        Attention=by_reference("training.dit", "Attention"),
+        Mlp=by_reference("timm.layers.mlp", "Mlp"),
+        PatchEmbed=by_reference("timm.layers.patch_embed", "PatchEmbed"),
+        DictConfig=by_reference("omegaconf.dictconfig", "DictConfig", base=object))
+    ns.Format = enum.Enum("Format", {"NCHW": "NCHW", "NHWC": "NHWC"}, type=str, module="timm.layers.format",
+                          qualname="Format")
+    mods["timm.layers.format"].Format = ns.Format
+    return ns
+
+
+def official_network(net, ns, label_dim, extra_rows=2, do_scale_param=True):
+    """The official module tree (TVMWrapper > DiT > embedders, blocks, final layer) holding `net`'s weights
+    under the official names: the inverse of sample.OFFICIAL_RENAMES, written out here."""
+    def persistent(name, **attrs):
+        m = ns.Persistent()
+        m.official_class = name
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+
+    c = copy.deepcopy
+    hidden, head_dim = net.pos_embed.shape[-1], net.blocks[0].attn.head_dim
+    patch = ns.PatchEmbed()
+    patch.proj, patch.norm, patch.output_fmt, patch.flatten = c(net.x_embedder), nn.Identity(), ns.Format.NCHW, True
+    table = nn.Embedding(label_dim + 1 + extra_rows, hidden)    # rows past label_dim: unused by the official code
+    with torch.no_grad():
+        table.weight[:label_dim + 1] = net.y_embedder.weight
+    blocks = nn.ModuleList()
+    for b in net.blocks:
+        attn = ns.Attention()
+        attn.qkv, attn.proj = c(b.attn.qkv), c(b.attn.proj)
+        attn.q_norm, attn.k_norm = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
+        attn.q_norm.weight.data.copy_(b.attn.q_norm.weight)
+        attn.k_norm.weight.data.copy_(b.attn.k_norm.weight)
+        attn.attn_drop, attn.proj_drop, attn.fused_attn = nn.Dropout(0.0), nn.Dropout(0.0), True
+        mlp = ns.Mlp()
+        mlp.fc1, mlp.act, mlp.drop1, mlp.norm, mlp.fc2, mlp.drop2 = (
+            c(b.mlp[0]), nn.GELU(approximate="tanh"), nn.Dropout(0.0), nn.Identity(), c(b.mlp[2]), nn.Dropout(0.0))
+        blocks.append(persistent("DiTBlock", norm1=nn.RMSNorm(hidden, elementwise_affine=False), attn=attn,
+                                 norm2=nn.RMSNorm(hidden, elementwise_affine=False), mlp=mlp,
+                                 adaLN_modulation=nn.Sequential(nn.SiLU(), c(b.adaLN))))
+    final = persistent("FinalLayer", norm_final=nn.RMSNorm(hidden, elementwise_affine=False),
+                       linear=c(net.final_layer.linear),
+                       adaLN_modulation=nn.Sequential(nn.SiLU(), c(net.final_layer.adaLN)))
+    embedder = lambda e: persistent("TimestepEmbedder", mlp=c(e.mlp), frequency_embedding_size=256)
+    dit = persistent("DiT", x_embedder=patch, t_embedder=embedder(net.t_embedder), s_embedder=embedder(net.gap_embedder),
+                     guidance_embedder=embedder(net.w_embedder),
+                     y_embedder=persistent("LabelEmbedder", embedding_table=table), blocks=blocks, final_layer=final)
+    dit.pos_embed = nn.Parameter(net.pos_embed.detach().clone(), requires_grad=False)
+    kwargs = ns.DictConfig()
+    kwargs._content, kwargs.object_type = {"class_name": "training.dataset.ImageFolderDataset"}, dict
+    return persistent("TVMWrapper", img_resolution=net.input_size, img_channels=net.in_channels, label_dim=label_dim,
+                      do_scale_param=do_scale_param, dtype=torch.float32, model=dit, model_kwargs=kwargs)
+
+
+def write_official_pickle(path, net, label_dim, key="ema", compiled=False, cuda=False, evil=None, **kw):
+    """An official-layout snapshot of `net` at `path`; every module_src would create `evil` if executed.
+    compiled: the network inside torch.compile's OptimizedModule (keys "_orig_mod.model...."), pickled as this
+    torch pickles it ("reduce": OptimizedModule(module, dynamo_ctx)) or as older torch did ("state": the
+    module in its _modules); cuda: every storage tagged 'cuda:0', as when saved from GPU tensors."""
+    evil_src = f"open({str(evil)!r}, 'w').write('module_src was executed')\n"
+    ns = official_modules(evil_src)
+    with fake_modules(**ns.modules):
+        wrapper = official_network(net, ns, label_dim, **kw)
+        if compiled:
+            wrapper = torch.compile(wrapper)
+        kwargs = ns.DictConfig()
+        kwargs._content = {"path": "imagenet", "resolution": 256}
+        data = {key: wrapper, "dataset_kwargs": kwargs}
+        tag = torch.serialization.location_tag
+        if cuda:
+            torch.serialization.location_tag = lambda storage: "cuda:0"
+
+        class Pickler(pickle.Pickler):
+            def reducer_override(self, obj):
+                if compiled == "state" and type(obj).__name__ == "OptimizedModule":
+                    return copyreg.__newobj__, (type(obj),), {"_modules": {"_orig_mod": obj._orig_mod}}
+                return NotImplemented
+        try:
+            with open(path, "wb") as f:
+                Pickler(f).dump(data)
+        finally:
+            torch.serialization.location_tag = tag
+    return str(path)
+
+
+def perturbed_dit(input_size=8, in_channels=4, num_classes=10, seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = dict(dict(hidden_size=32, depth=2, num_heads=2, patch_size=2), **kw)
+    net = tvm.build_dit(kw, input_size, in_channels, num_classes)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return net.eval()
+
+
+def F_of(net, seed=0):
+    """F at random (x, t, s, w) and labels including the null class."""
+    g = torch.Generator().manual_seed(seed)
+    C, S, K = net.in_channels, net.input_size, net.num_classes
+    x = torch.randn(5, C, S, S, generator=g)
+    t = torch.rand(5, generator=g)
+    s = t * torch.rand(5, generator=g)
+    y = torch.tensor([0, 3, K - 1, K, 1])                       # K: the null class
+    with torch.no_grad():
+        return net(x, t, s, y, 1.0 + 2 * torch.rand(5, generator=g))
+
+
+@pytest.mark.parametrize("key,compiled,cuda", [("ema", False, False), ("net", False, False), ("ema", "reduce", False),
+                                               ("ema", "state", False), ("net", "reduce", True)])
+def test_official_pickle_loads_to_the_same_F_and_runs_nothing(tmp_path, key, compiled, cuda):
+    net = perturbed_dit()
+    evil = tmp_path / "executed.txt"
+    path = write_official_pickle(tmp_path / "im256_w2.pkl", net, 10, key=key, compiled=compiled, cuda=cuda, evil=evil)
+    assert "torch_utils" not in sys.modules and "timm" not in sys.modules        # the write's fakes are gone
+    loaded, info = sample.load_official(path)
+    assert isinstance(loaded, tvm.DiT) and not evil.exists()
+    assert "torch_utils" not in sys.modules and "timm" not in sys.modules and "training" not in sys.modules
+    torch.testing.assert_close(F_of(loaded), F_of(net), rtol=0, atol=1e-6)
+    assert loaded.y_embedder.weight.shape[0] == 11                               # 10 classes + null; 2 extra rows dropped
+    assert (info["key"], info["compiled"], info["label_dim"], info["scale_param"]) == (key, bool(compiled), 10, True)
+    assert (info["img_resolution"], info["img_channels"], info["res"]) == (8, 4, 64)
+    assert (info["known"], info["steps"], info["w"]) == (True, 1, 2.0)          # the file name's row of the table
+    assert all(not p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+
+def test_official_info_reads_do_scale_param_and_says_when_the_file_is_unknown(tmp_path):
+    net = perturbed_dit(seed=1)
+    path = write_official_pickle(tmp_path / "mine.pkl", net, 10, do_scale_param=False, evil=tmp_path / "x")
+    _, info = sample.load_official(path)
+    assert info["scale_param"] is False and not info["known"] and info["w"] is None and info["steps"] is None
+
+
+def test_official_mapping_covers_every_key_of_xl2_18h():
+    """The 356 official keys of DiT-XL/2-18h with their shapes, transcribed from the key list of the
+    official-checkpoint facts (model.*, with torch.compile's _orig_mod. prefix), renamed by
+    sample.official_state_dict: tvm.DiT XL/2-18h takes them with strict=True, shapes equal (meta tensors:
+    nothing is allocated)."""
+    H, L = 1152, 28
+    shapes = {"model.pos_embed": (1, 256, H), "model.x_embedder.proj.weight": (H, 4, 2, 2),
+              "model.x_embedder.proj.bias": (H,), "model.y_embedder.embedding_table.weight": (1001, H),
+              "model.final_layer.linear.weight": (16, H), "model.final_layer.linear.bias": (16,),
+              "model.final_layer.adaLN_modulation.1.weight": (2 * H, H),
+              "model.final_layer.adaLN_modulation.1.bias": (2 * H,)}
+    for e in ("t_embedder", "s_embedder", "guidance_embedder"):
+        shapes.update({f"model.{e}.mlp.0.weight": (H, 256), f"model.{e}.mlp.0.bias": (H,),
+                       f"model.{e}.mlp.2.weight": (H, H), f"model.{e}.mlp.2.bias": (H,)})
+    for i in range(L):
+        b = f"model.blocks.{i}."
+        shapes.update({b + "attn.qkv.weight": (3 * H, H), b + "attn.qkv.bias": (3 * H,), b + "attn.q_norm.weight": (64,),
+                       b + "attn.k_norm.weight": (64,), b + "attn.proj.weight": (H, H), b + "attn.proj.bias": (H,),
+                       b + "mlp.fc1.weight": (4 * H, H), b + "mlp.fc1.bias": (4 * H,), b + "mlp.fc2.weight": (H, 4 * H),
+                       b + "mlp.fc2.bias": (H,), b + "adaLN_modulation.1.weight": (6 * H, H),
+                       b + "adaLN_modulation.1.bias": (6 * H,)})
+    assert len(shapes) == 356 and sum(math.prod(s) for s in shapes.values()) == 678_363_408
+    official = {"_orig_mod." + k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    sd = sample.official_state_dict(official, label_dim=1000)
+    kwargs = sample.dit_kwargs_from_state_dict(sd)
+    assert kwargs == dict(input_size=32, in_channels=4, mlp_ratio=4.0, num_classes=1000,
+                          **tvm.DIT_CONFIGS["XL/2-18h"])
+    with torch.device("meta"):
+        ours = tvm.build_dit("XL/2-18h", 32, 4, 1000)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ours.load_state_dict(sd, strict=True, assign=True)
+
+
+def _assert_refused(path, match, created):
+    with pytest.raises(sample.OfficialCheckpointError, match=match):
+        sample.load_official(str(path))
+    assert not created.exists()
+
+
+def test_hostile_pickles_are_refused_and_run_nothing(tmp_path):
+    marker = tmp_path / "pwned.txt"
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    class Exec:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('x')",))
+
+    for name, payload, match in (("system.pkl", System(), r"refused global (posix|os|nt)\.system"),
+                                 ("exec.pkl", Exec(), r"refused global builtins\.exec")):
+        (tmp_path / name).write_bytes(pickle.dumps({"ema": payload}))
+        _assert_refused(tmp_path / name, match, marker)
+    # A global of no known module (GLOBAL mystery.module Thing, then a call of it).
+    (tmp_path / "unknown.pkl").write_bytes(b"\x80\x02cmystery.module\nThing\n)R.")
+    _assert_refused(tmp_path / "unknown.pkl", r"refused global mystery\.module\.Thing", marker)
+    # getattr reaching a real object (getattr(OrderedDict, "fromkeys")) instead of a stand-in.
+    (tmp_path / "getattr.pkl").write_bytes(b"\x80\x02cbuiltins\ngetattr\nccollections\nOrderedDict\n"
+                                           b"X\x08\x00\x00\x00fromkeysq\x00\x86R.")
+    _assert_refused(tmp_path / "getattr.pkl", r"refused builtins\.getattr", marker)
+    # A truncated official pickle, whose module_src would write the marker.
+    good = write_official_pickle(tmp_path / "good.pkl", perturbed_dit(), 10, evil=marker)
+    data = open(good, "rb").read()
+    (tmp_path / "cut.pkl").write_bytes(data[:len(data) // 2])
+    _assert_refused(tmp_path / "cut.pkl", "ends early", marker)
+
+
+def test_sample_py_on_an_official_pickle_and_save_converted(tmp_path, monkeypatch):
+    """sample.py takes an official pickle like a checkpoint of ours (detected by content): a 256 px latent
+    model (32 x 32 x 4, 1-block DiT) decoded by a stand-in VAE (the SD-VAE's weights are not here). The
+    .npz holds arr_0 uint8 NHWC and arr_1 the labels, and equals what the source network gives through the
+    same pipeline. --save-converted writes a checkpoint of ours, readable with weights_only=True, with the
+    same F and the same samples."""
+    class StandInVAE:                       # raw latents -> 8x upsampled first 3 channels, about [-1, 1]
+        vae = nn.Linear(1, 1)
+
+        def decode(self, z):
+            return torch.nn.functional.interpolate(z[:, :3] / 5, scale_factor=8)
+
+    monkeypatch.setattr(sample, "load_vae", lambda device, name: StandInVAE())
+    net = perturbed_dit(input_size=32, depth=1, seed=2)
+    pkl = write_official_pickle(tmp_path / "im256_w2.pkl", net, 10, evil=tmp_path / "x")
+    path = sample.main(["--ckpt", pkl, "--out", str(tmp_path / "off"), "--n", "3", "--batch_size", "2"])
+    with np.load(path) as f:
+        assert f.files == ["arr_0", "arr_1"]
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.shape == (3, 256, 256, 3) and images.dtype == np.uint8 and labels.shape == (3,)
+    assert labels.tolist() == [sample.noise_and_label(0, i, (4, 32, 32), None, 10)[1] for i in range(3)]
+    config = sample.official_config(sample.load_official(pkl)[1])
+    assert config["res"] == 256 and config["w"] == 2.0 and config["scale_param"]
+    expected = np.concatenate([sample.generate(net, config, idx, 1, 2.0, 0, vae=StandInVAE()) for idx in ([0, 1], [2])])
+    np.testing.assert_array_equal(images, expected)
+    assert (images != images[:1]).any()                                           # the samples differ
+
+    converted = sample.main(["--ckpt", pkl, "--save-converted", str(tmp_path / "conv.pt")])
+    state = torch.load(converted, weights_only=True)
+    assert state["config"]["num_classes"] == 10 and state["converted_from"]["file"] == "im256_w2.pkl"
+    again, _ = train.load_model_from_checkpoint(converted)
+    torch.testing.assert_close(F_of(again), F_of(net), rtol=0, atol=1e-6)
+    path2 = sample.main(["--ckpt", converted, "--out", str(tmp_path / "conv"), "--n", "3", "--batch_size", "2"])
+    with np.load(path2) as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+        np.testing.assert_array_equal(f["arr_1"], labels)
+
+
+def test_random_sd_vae_has_the_sd_vae_shape():
+    """--vae random: diffusers' AutoencoderKL from sample.SD_VAE_CONFIG decodes h x w x 4 latents to
+    8h x 8w x 3 (only where diffusers is installed; the rest of the evaluation path is tested without it)."""
+    pytest.importorskip("diffusers")
+    vae = sample.RandomVAE("cpu")
+    assert vae.decode(torch.randn(1, 4, 4, 6)).shape == (1, 3, 32, 48)
+    assert sum(p.numel() for p in vae.vae.decoder.parameters()) > 4e7            # the 49M-parameter decoder
 
 
 
