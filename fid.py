@@ -288,9 +288,16 @@ def save_stats(path, mu, sigma, n=None):
     _atomic_savez(path, **arrays)
 
 
-def save_images_npz(path, images):
-    """N uint8 images in the ADM evaluation layout: one array arr_0 of shape (N, H, W, 3)."""
-    _atomic_savez(path, arr_0=_check_images(images))
+def save_images_npz(path, images, labels=None):
+    """N uint8 images in the ADM evaluation layout: arr_0 of shape (N, H, W, 3), and the class labels
+    (N,) as arr_1 where given (ADM's class-conditional samples carry them). Written all or nothing."""
+    arrays = dict(arr_0=_check_images(images))
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        if labels.shape != (len(arrays["arr_0"]),):
+            raise ValueError(f"labels: expected shape ({len(arrays['arr_0'])},), got {labels.shape}")
+        arrays["arr_1"] = labels
+    _atomic_savez(path, **arrays)
 
 
 def _read_npz(path, pick):

@@ -711,10 +711,13 @@ def save_outputs(out, images, labels, grid):
     """Write <out>.npz in the ADM layout (arr_0: uint8 (N, H, W, 3); arr_1: the class labels (N,), as ADM's
     class-conditional samples carry them) and <out>.png (grid); -> the .npz path."""
     from PIL import Image
-    images = fid._check_images(images)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.savez(out + ".npz", arr_0=images, arr_1=np.asarray(labels, np.int64))
-    Image.fromarray(image_grid(images, grid)).save(out + ".png")
+    # All or nothing: a full disk leaves the previous file (if any) intact, never a truncated one.
+    fid.save_images_npz(out + ".npz", images, labels)
+    images = fid._check_images(images)
+    tmp = f"{out}.{os.getpid()}.tmp.png"
+    Image.fromarray(image_grid(images, grid)).save(tmp)
+    os.replace(tmp, out + ".png")
     print(f"wrote {out}.npz ({len(images)} images, {images.shape[1]}x{images.shape[2]}, labels) and {out}.png")
     return out + ".npz"
 

@@ -2338,6 +2338,29 @@ def test_fid_npz_writes_are_atomic_on_a_full_disk(tmp_path, monkeypatch, writer)
     assert sorted(os.listdir(folder)) == ["file.npz"]
 
 
+def test_sample_py_outputs_survive_a_full_disk(tmp_path, monkeypatch):
+    """sample.py's .npz (issue 12: a full disk left it truncated in place): a failed write keeps the
+    previous file byte for byte, with its labels as arr_1, and leaves no temporary file."""
+    import errno
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)
+    out = str(tmp_path / "samples")
+    sample.save_outputs(out, images, [3, 1, 4, 1], 64)
+    before = open(out + ".npz", "rb").read()
+    with np.load(out + ".npz") as f:
+        assert f["arr_0"].shape == (4, 8, 8, 3) and f["arr_1"].tolist() == [3, 1, 4, 1]
+    real_savez = np.savez
+    def savez_on_a_full_disk(file, **arrays):
+        real_savez(file, **arrays)
+        file.truncate(10) if hasattr(file, "truncate") else None
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        sample.save_outputs(out, images[::-1].copy(), [0, 0, 0, 0], 64)
+    assert open(out + ".npz", "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["samples.npz", "samples.png"]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names open files through Linux's /proc")
 def test_fid_npz_write_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
     """Atomic is not enough after a power cut: the data must be on disk before the rename publishes it."""
