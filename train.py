@@ -1045,7 +1045,8 @@ def cpu_threads():
     """Intra-op threads for a CPU run when OMP_NUM_THREADS is not set: the cores this process may use
     that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
     is every core, and its threads spin-wait for each other: on a 2-core machine with other work
-    running, the digits job ran 3-4x slower with 2 threads than with 1 (measured, README "Set up")."""
+    running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
+    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up")."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, int(cores - busy + 0.5)))
