@@ -22,8 +22,10 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import copy
 import dataclasses
+import errno
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -1215,8 +1217,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     train.save_checkpoint({"step": 1, "x": torch.arange(10)}, path)
 
     def dying_save(obj, f):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a checkpoint")
+        f.write(b"PK\x03\x04 half a checkpoint")
         raise KeyboardInterrupt("killed during the save")
 
     monkeypatch.setattr(train.torch, "save", dying_save)
@@ -1378,7 +1379,7 @@ def test_error_empty_data_folder(tmp_path):
 def test_error_unreadable_image(tmp_path, workers):
     make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
     (tmp_path / "imgs" / "class0" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    with pytest.raises(Exception, match=r"cannot read image .*broken\.jpg.*Delete or replace"):
+    with pytest.raises(Exception, match=r"cannot read image .*broken\.jpg.*Replace it with a readable image"):
         train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, batch=2,
                                   workers=workers)
 
@@ -1459,6 +1460,316 @@ def test_ddp_two_gpus_bf16_agree_with_one(tmp_path):
     assert rel("one", "two") < 0.1 and rel("one", "seed") > 0.5
     loss = {k: [json.loads(line)["loss"] for line in open(tmp_path / k / "log.jsonl")] for k in ("one", "two")}
     assert np.allclose(loss["one"], loss["two"], rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability (issue 12): what survives a NaN, a crash, a full disk, a second run, a signal; bad
+# options and files stop with a sentence that says what to do. Each test failed on train.py before
+# the fix (79cb63f).
+# ------------------------------------------------------------------------------------------------
+
+def _poison_weights_at(monkeypatch, call):
+    """make_optimizer whose step number `call` leaves a NaN in the weights (as an infinite lr would)."""
+    make = train.make_optimizer
+
+    def poisoned(net, cfg):
+        opt = make(net, cfg)
+        real, calls = opt.step, []
+
+        def step(*a, **k):
+            calls.append(1)
+            real(*a, **k)
+            if len(calls) == call:
+                with torch.no_grad():
+                    [p for p in net.parameters() if p.requires_grad][0].view(-1)[0] = float("nan")
+        opt.step = step
+        return opt
+    monkeypatch.setattr(train, "make_optimizer", poisoned)
+
+
+def test_nonfinite_weights_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    _poison_weights_at(monkeypatch, 3)
+    with pytest.raises(train.TrainError, match=r"step 3: the AdamW update made the weights non-finite.*"
+                                               r"ckpt\.pt \(step 2\) is kept.*--resume.*smaller --lr"):
+        run_train(tmp_path / "r", "--steps", 6, "--batch_size", 4, "--ckpt_every", 2)
+    state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for k in ("model", "ema", "target")
+                                      for t in state[k].values())
+    assert json.loads(open(tmp_path / "r" / "log.jsonl").readlines()[-1])["event"].startswith("stopped")
+    monkeypatch.undo()
+    run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--resume")    # the advice works
+
+
+def test_nonfinite_weights_unit_and_no_nan_save(tmp_path):
+    """train_step: an infinite lr gives weights_ok False and leaves the EMAs alone; save_checkpoint
+    refuses non-finite weights and keeps the file it would have replaced."""
+    net, ema, target, opt, cfg = tiny_setup()
+    for g in opt.param_groups:
+        g["lr"] = float("inf")
+    inputs = tvm.sample_loss_inputs(torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,)), 10)
+    before = [p.clone() for p in (*ema.parameters(), *target.parameters())]
+    stats = train.train_step(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
+    assert not stats["skipped"] and not stats["weights_ok"]
+    assert all(torch.equal(a, b) for a, b in zip(before, (*ema.parameters(), *target.parameters())))
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1, "model": ema.state_dict()}, path)
+    with pytest.raises(train.TrainError, match="refusing to save non-finite weights.*previous checkpoint is kept"):
+        train.save_checkpoint({"step": 2, "model": net.state_dict()}, path)
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_run_of_skipped_steps_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "MAX_SKIPPED", 3, raising=False)
+    load = train.DigitsData.load
+    monkeypatch.setattr(train.DigitsData, "load", lambda self, idx: load(self, idx) * float("nan"))
+    with pytest.raises(train.TrainError, match=r"steps 1 to 3: 3 steps in a row had a non-finite loss.*"
+                                               r"Check the data for NaN"):
+        run_train(tmp_path / "r", "--steps", 10, "--batch_size", 4)
+    assert not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_previous_checkpoint_is_kept_and_offered(tmp_path):
+    run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--ckpt_every", 2)
+    assert torch.load(tmp_path / "r" / "ckpt.prev.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 3
+    (tmp_path / "r" / "ckpt.pt").write_bytes(b"\0" * 10)
+    with pytest.raises(train.TrainError, match=r"not a readable checkpoint.*ckpt\.prev\.pt, may be good"):
+        run_train(tmp_path / "r", "--steps", 4, "--batch_size", 4, "--resume")
+
+
+def test_resume_applies_new_optimiser_settings(tmp_path, capsys):
+    run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume", "--lr", 5e-4, "--beta2", 0.9,
+              "--weight_decay", 0.01, "--adam_eps", 1e-6)
+    assert "changed: lr 0.003 -> 0.0005" in capsys.readouterr().out
+    state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    for g in state["opt"]["param_groups"]:
+        assert (g["lr"], g["betas"], g["weight_decay"], g["eps"]) == (5e-4, (0.9, 0.9), 0.01, 1e-6)
+    assert state["config"]["lr"] == 5e-4
+    assert json.loads(open(tmp_path / "r" / "log.jsonl").readlines()[-1])["lr"] == 5e-4
+
+
+def test_second_run_on_one_folder_is_refused(tmp_path):
+    """flock is per open file description: a second open + flock in the same process conflicts, as a
+    second process would."""
+    import fcntl
+    out = tmp_path / "r"
+    out.mkdir()
+    with open(out / ".lock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.write("4242\n")
+        holder.flush()
+        with pytest.raises(train.TrainError, match=rf"{out} is in use by another train.py run \(pid 4242\).*another --out"):
+            run_train(out, "--steps", 1, "--batch_size", 4)
+        assert not (out / "ckpt.pt").exists()
+    lock = train.lock_run_folder(str(out))          # released: the folder is free again
+    with pytest.raises(train.TrainError, match=rf"pid {os.getpid()}"):
+        train.lock_run_folder(str(out))
+    lock.close()
+    run_train(out, "--steps", 1, "--batch_size", 4)
+
+
+def test_checkpoint_temporary_files_are_unique_and_not_redirected(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.symlink(victim, path + ".tmp")             # planted at the name the old code used
+    save, nested = torch.save, []
+
+    def save_then_another_save(obj, f):            # a second writer starts while the first is writing
+        save(obj, f)
+        if not nested:
+            nested.append(1)
+            train.save_checkpoint({"step": 2}, path)
+    monkeypatch.setattr(train.torch, "save", save_then_another_save)
+    train.save_checkpoint({"step": 1}, path)
+    monkeypatch.undo()
+    assert victim.read_text() == "precious"
+    assert torch.load(path, weights_only=True)["step"] == 1      # the last rename wins; both completed
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.tmp", "victim"]   # no stray temporaries
+
+
+def test_disk_full_at_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    save = torch.save
+
+    def full_on_second(obj, f):
+        if obj["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(obj, f)
+    monkeypatch.setattr(train.torch, "save", full_on_second)
+    with pytest.raises(train.TrainError, match=r"disk is full: could not write .*ckpt\.pt.*MiB free.*previous "
+                                               r"file is kept.*--resume"):
+        run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--ckpt_every", 1)
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert not [f for f in os.listdir(tmp_path / "r") if f.endswith(".tmp")]
+    run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--resume")
+
+
+def test_disk_full_while_encoding_says_how_much_is_needed(tmp_path, monkeypatch):
+    import shutil
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
+    with pytest.raises(train.TrainError, match=r"not enough disk space.*needs 0\.00 GiB, 0\.00 GiB is free.*--latent_cache"):
+        train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, workers=0)
+    monkeypatch.undo()
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(train.TrainError, match=r"disk is full: could not reserve .*latents\.npy"):
+        train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c2"), 256, fake_encoder, workers=0)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    import signal
+    step, calls = train.train_step, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)   # arrives mid-step; the step still completes
+        return step(*a, **k)
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(train.Stopped, match=r"stopped by SIGINT at step 2: .*ckpt\.pt saved.*--resume"):
+        run_train(tmp_path / "r", "--steps", 100, "--batch_size", 4)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handler restored
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--resume")
+    # And a time-based checkpoint: with --ckpt_minutes tiny, every step saves.
+    run_train(tmp_path / "t", "--steps", 3, "--batch_size", 4, "--ckpt_every", 100, "--ckpt_minutes", 1e-9)
+    assert torch.load(tmp_path / "t" / "ckpt.prev.pt", weights_only=True)["step"] == 2
+
+
+def test_log_is_truncated_on_resume_and_a_new_run_starts_a_new_log(tmp_path):
+    out = tmp_path / "r"
+    run_train(out, "--steps", 2, "--batch_size", 4)
+    kept = (out / "ckpt.pt").read_bytes()
+    run_train(out, "--steps", 4, "--batch_size", 4, "--resume")
+    (out / "ckpt.pt").write_bytes(kept)                 # a crash after step 4, before its checkpoint
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')                      # ... in the middle of a row
+    run_train(out, "--steps", 4, "--batch_size", 4, "--resume")
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3, 4]
+    os.remove(out / "ckpt.pt")                          # a new run in the folder: a new log
+    os.remove(out / "ckpt.prev.pt")
+    run_train(out, "--steps", 1, "--batch_size", 4)
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
+
+
+def test_bad_options_are_all_reported_at_once():
+    bad = {"--batch_size": "0", "--micro_batch": "-16", "--log_every": "0", "--ckpt_every": "0", "--lr": "nan",
+           "--w": "-1", "--depth": "-1", "--ema": "1.5", "--label_dropout": "2", "--steps": "0"}
+    with pytest.raises(train.TrainError) as e:
+        train.parse_config([x for kv in bad.items() for x in kv])
+    msg = str(e.value)
+    assert msg.startswith(f"{len(bad)} problems with the options")
+    for k, v in bad.items():
+        assert f"{k} {v}" in msg.replace(".0:", ":") or f"{k} {float(v)!r}" in msg, k
+    for args, text in [(["--num_heads", "3"], "--num_heads 3: must divide --hidden_size 64"),
+                       (["--w", "inf"], "--w inf: the guidance weight must be a positive finite"),
+                       (["--w", "0"], "--w 0.0: the guidance weight"), (["--batch_size", "-4"], "--batch_size -4"),
+                       (["--lr", "inf"], "--lr inf: must be a positive finite"),
+                       (["--adam_eps", "0"], "0/0 = NaN"),
+                       (["--steps", "0"], "0 only encodes an image folder")]:
+        with pytest.raises(train.TrainError, match=re.escape(text)):
+            train.parse_config(args)
+    train.parse_config(["--res", "256", "--data", "x", "--steps", "0"])    # encoding only: allowed
+
+
+def test_every_option_has_help(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(train.TrainConfig):
+        if f.name not in ("input_size", "in_channels", "num_classes"):
+            assert f.metadata.get("help") and " ".join(f.metadata["help"].split())[:30] in out, f.name
+
+
+def test_cpu_thread_count_leaves_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, want in ((0.0, 2), (0.4, 2), (1.0, 1), (1.7, 1), (6.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+        assert train.cpu_threads() == want, load
+
+
+def test_error_bad_latent_and_label_files(tmp_path):
+    def files(latents, labels, name):
+        d = tmp_path / name
+        d.mkdir()
+        np.save(d / "latents.npy", latents, allow_pickle=True)
+        np.save(d / "labels.npy", labels)
+        return d / "latents.npy"
+    cases = [(np.array([None] * 4, dtype=object), np.zeros(4, np.int64), "objects",
+              r"not a usable latent file.*truncated .*or holds Python objects.*pass the image folder"),
+             (np.zeros((4, 3, 32, 32), np.float16), np.zeros(4, np.int64), "rgb",
+              r"3x32x32.*3 channels: these look like images, not SD-VAE latents"),
+             (np.zeros((4, 8, 32, 32), np.float16), np.array([0, 1, -1, 1]), "labels",
+              r"1 label\(s\) outside 0..1 \(the first: -1 at row 2\)")]
+    for latents, labels, name, message in cases:
+        path = files(latents, labels, name)
+        with pytest.raises(train.TrainError, match=message):
+            train.LatentData(str(path), 256)
+    path = files(np.zeros((4, 8, 32, 32), np.float16), np.zeros(4, np.int64), "cut")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(train.TrainError, match="not a usable latent file.*truncated"):
+        train.LatentData(str(path), 256)
+    with open(tmp_path / "labels" / "meta.json", "w") as f:
+        json.dump({"num_classes": 1}, f)
+    np.save(tmp_path / "labels" / "labels.npy", np.array([0, 1, 0, 0]))
+    with pytest.raises(train.TrainError, match=r"outside 0..0"):
+        train.LatentData(str(tmp_path / "labels"), 256)
+
+
+def test_error_checkpoint_missing_a_tensor(tmp_path):
+    run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    state = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    name = sorted(state["ema"])[0]
+    del state["ema"][name]
+    torch.save(state, tmp_path / "r" / "ckpt.pt")
+    with pytest.raises(train.TrainError, match=rf"its 'ema' weights lack 1 tensor\(s\) of the network \({re.escape(name)}\)"
+                                               r".*damaged or from another version"):
+        run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume")
+
+
+def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((30, 40), 100 * 257, np.uint16)).save(tmp_path / "imgs" / "a" / "grey16.png")
+    assert Image.open(tmp_path / "imgs" / "a" / "grey16.png").mode.startswith("I")
+    seen = []
+    train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256,
+                              lambda x: seen.append(x) or fake_encoder(x), workers=0)
+    torch.testing.assert_close(seen[0], torch.full_like(seen[0], 100 / 127.5 - 1))
+
+
+def test_unreadable_image_advice_is_true_and_hidden_folders_are_not_classes(tmp_path):
+    from PIL import Image
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()                 # not a class
+    (tmp_path / "imgs" / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
+    broken = tmp_path / "imgs" / "class0" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    cache, calls = str(tmp_path / "c"), []
+    encode = lambda: train.encode_image_folder(str(tmp_path / "imgs"), cache, 256,   # noqa: E731
+                                               lambda x: calls.append(len(x)) or fake_encoder(x), batch=2,
+                                               workers=0, flush_every=1)
+    with pytest.raises(train.TrainError, match=r"cannot read image .*broken\.png.*Replace it with a readable image "
+                                               r"of the same name.*resumes.*Deleting it.*delete the latent folder"):
+        encode()
+    Image.new("RGB", (40, 30)).save(broken)                                # the advice: replace it ...
+    calls.clear()
+    encode()
+    assert calls == [1]                                                   # ... and only the rest is encoded
+    assert json.load(open(os.path.join(cache, "meta.json")))["classes"] == ["class0"]
+    # Another list of images of the same length must not be taken for this one.
+    os.remove(os.path.join(cache, "meta.json"))
+    os.rename(broken, tmp_path / "imgs" / "class0" / "renamed.png")
+    with pytest.raises(train.TrainError, match=r"another list of images.*renamed.*Delete .* and run again"):
+        encode()
 
 
 

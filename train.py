@@ -20,20 +20,26 @@ Only encode the folder (before a multi-node run, say): add --steps 0.
 
 Every field of TrainConfig is a command-line option (--batch_size 256 --lr 2e-4 --grad_clip 1.0 ...);
 `python train.py --help` lists them. Fields left unset take the preset of their --res (PRESETS).
-The run folder (--out) gets ckpt.pt, log.jsonl and samples_<step>.png grids (rows: classes; left:
-1-step samples, right: 4-step samples); for the digits, the log ends with the FID of 1- and 4-step
-samples (fid.py; --fid false skips it).
+The run folder (--out) gets ckpt.pt (and ckpt.prev.pt, the one before it), log.jsonl and
+samples_<step>.png grids (rows: classes; left: 1-step samples, right: 4-step samples); for the digits,
+the log ends with the FID of 1- and 4-step samples (fid.py; --fid false skips it). One run at a time
+per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume continues from it.
 """
 
 import argparse
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -47,6 +53,11 @@ from tqdm import tqdm
 import attention_jvp
 import tvm
 
+try:
+    import fcntl          # the run-folder lock (POSIX)
+except ImportError:
+    fcntl = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -58,65 +69,72 @@ class TrainError(Exception):
 # Configuration: one dataclass; every field is a command-line option; None = take the --res preset
 # ------------------------------------------------------------------------------------------------
 
+def _opt(default, help):
+    """A config field with its --help text."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
 @dataclass
 class TrainConfig:
     # data
-    res: int = 0                  # 0: the embedded 8x8 digits (pixels); 256 or 512: SD-VAE latents
-    data: str = None              # res 0: digits.npz; else an image folder (ImageNet layout) or a latents.npy
-    latent_cache: str = ""        # where an image folder is encoded to; "" = beside it, <data>_latents<res>
-    out: str = None               # run folder: ckpt.pt, log.jsonl, samples_*.png
+    res: int = _opt(0, "0: the embedded 8x8 digits (pixels); 256 or 512: ImageNet as SD-VAE latents")
+    data: str = _opt(None, "res 0: digits.npz; else an image folder (ImageNet layout) or a latents.npy")
+    latent_cache: str = _opt("", "where an image folder is encoded to; '' = beside it, <data>_latents<res>")
+    out: str = _opt(None, "run folder: ckpt.pt, ckpt.prev.pt, log.jsonl, samples_*.png; one run at a time")
     # network (tvm.DIT_CONFIGS name, or "tiny"); depth/hidden_size/num_heads: 0 = the named model's
-    model: str = None
-    depth: int = 0
-    hidden_size: int = 0
-    num_heads: int = 0
+    model: str = _opt(None, "network: a tvm.DIT_CONFIGS name (XL/2-18h, B/2, ...) or tiny")
+    depth: int = _opt(0, "transformer blocks; 0 = the --model's")
+    hidden_size: int = _opt(0, "width; 0 = the --model's")
+    num_heads: int = _opt(0, "attention heads, must divide hidden_size; 0 = the --model's")
     # the TVM loss (Eq. 15)
-    w: float = None               # guidance weight, constant (Table 4a): 2.0 at 256, 2.5 at 512
-    w_max: float = 0.0            # > w: random guidance, beta = 1/w ~ U(1/w_max, 1/w); 0 = constant w
-    label_dropout: float = 0.1
-    scale_param: bool = None      # scaled parameterisation f = (s-t) w F; Table 6: off for the 512 w=2.5 run
-    time_spectral_init: bool = None  # spectral init of the t / gap / w embedders; Table 6: yes for im256
-                                  # w=2 and im512 w=2.25, N(0, 0.02) for im256 w=1.75 and im512 w=2.5
-    detach_jvp: bool = False      # cheaper, biased variant of Sec. 7.4
-    jvp: str = "auto"             # d/ds F by: auto (manual for the DiT) | func (torch.func.jvp) | manual
-                                  # (tvm.DiT.forward_jvp, the tangent carried by hand; equal in float64)
-    target_ema: float = 0.99      # theta*: the teacher in the loss (Table 4b)
-    ema: float = None             # theta**: evaluated and sampled; 0.9999 in the paper
+    w: float = _opt(None, "guidance weight, constant (Table 4a): 2.0 at 256, 2.5 at 512; > 0")
+    w_max: float = _opt(0.0, "> w: random guidance, beta = 1/w ~ U(1/w_max, 1/w); 0 = constant w")
+    label_dropout: float = _opt(0.1, "probability of dropping the class label (the unconditional branch), in [0, 1]")
+    scale_param: bool = _opt(None, "scaled parameterisation f = (s-t) w F; Table 6: off for the 512 w=2.5 run")
+    time_spectral_init: bool = _opt(None, "spectral init of the t / gap / w embedders; Table 6: yes for im256 "
+                                          "w=2 and im512 w=2.25, N(0, 0.02) for im256 w=1.75 and im512 w=2.5")
+    detach_jvp: bool = _opt(False, "cheaper, biased variant of Sec. 7.4: no gradient through the JVP")
+    jvp: str = _opt("auto", "d/ds F by: auto (manual for the DiT) | func (torch.func.jvp) | manual "
+                            "(tvm.DiT.forward_jvp, the tangent carried by hand; equal in float64)")
+    target_ema: float = _opt(0.99, "theta*: EMA rate of the teacher in the loss (Table 4b), in [0, 1]")
+    ema: float = _opt(None, "theta**: EMA rate of the evaluated and sampled weights, in [0, 1]; 0.9999 in the paper")
     # optimisation (Table 6): AdamW, constant lr, no warm-up
-    steps: int = None
-    batch_size: int = None        # global: all GPUs and all accumulation rounds together
-    micro_batch: int = 0          # samples per forward on one GPU; 0 = its whole share (no accumulation)
-    lr: float = None
-    beta1: float = 0.9
-    beta2: float = 0.95           # not 0.999: the terminal loss fluctuates with it (Fig. 5)
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    grad_clip: float = None       # max global gradient norm, 0 = off; the official 512 configs use 1.0
-    precision: str = "auto"       # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 | fp64
+    steps: int = _opt(None, "training steps (a resumed run continues to this many); 0 with an image folder: "
+                            "only encode it")
+    batch_size: int = _opt(None, "global batch: all GPUs and all accumulation rounds together")
+    micro_batch: int = _opt(0, "samples per forward on one GPU; 0 = its whole share (no accumulation)")
+    lr: float = _opt(None, "AdamW learning rate, constant; applied on --resume too")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2; not 0.999: the terminal loss fluctuates with it (Fig. 5)")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon, > 0")
+    grad_clip: float = _opt(None, "max global gradient norm, 0 = off; the official 512 configs use 1.0")
+    precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 | fp64")
     # bookkeeping
-    seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda
-    log_every: int = None
-    sample_every: int = None      # sample grid every N steps (and at the end); 0 = never
-    ckpt_every: int = None        # checkpoint every N steps (and at the end)
-    resume: bool = False          # continue from <out>/ckpt.pt
-    fid: bool = True              # digits only: FID of 1- and 4-step samples at the end (fid.py)
-    fid_samples: int = 250        # generated samples per step count for that FID ...
-    fid_real: int = 500           # ... against this many real digits (a fixed random subset)
-    vae: str = "stabilityai/sd-vae-ft-ema"
-    workers: int = 8              # image-decoding processes while encoding latents
-    attention: str = "auto"       # auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend
-    compile: bool = None          # torch.compile each DiT block (tvm.DiT.compile_blocks); on at 256 and 512
-                                  # (measured 1.7x faster on an H100, README), off for the CPU demo. Needs
-                                  # --jvp manual/auto: torch.func.jvp over the kernel does not compile
-    checkpoint_blocks: bool = False  # recompute block activations in the backward: ~1/3 of the memory, ~1.5x
-                                     # the time (measured, README); needs --jvp manual/auto
-    cuda_graph: bool = None       # replay the whole step as one CUDA graph (CudaGraphStep); default: on for
-                                  # one process on a GPU, off otherwise (DDP's all-reduce is not captured)
-    benchmark: bool = False       # time the TVM and flow-matching steps on random latents, then exit
-    bench_check: bool = True      # before timing, check every path's loss and gradient (check_step_paths)
-    bench_cases: str = ""         # e.g. "XL/2-18h:256:32,B/2:256:32" (model:px:batch); "" = BENCH_CASES
-    bench_memory_gib: float = 0.0  # cap the GPU memory the benchmark may use (e.g. 80 on a 141 GB H200); 0 = all
+    seed: int = _opt(0, "seed of the initial weights and of every step's batch")
+    device: str = _opt("auto", "auto | cpu | cuda")
+    log_every: int = _opt(None, "write a log.jsonl row every N steps")
+    sample_every: int = _opt(None, "sample grid every N steps (and at the end); 0 = never")
+    ckpt_every: int = _opt(None, "checkpoint every N steps (and at the end)")
+    ckpt_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed since the last save; "
+                                     "0 = off. Ctrl-C or SIGTERM saves too")
+    resume: bool = _opt(False, "continue from <out>/ckpt.pt")
+    fid: bool = _opt(True, "digits only: FID of 1- and 4-step samples at the end (fid.py)")
+    fid_samples: int = _opt(250, "generated samples per step count for that FID ...")
+    fid_real: int = _opt(500, "... against this many real digits (a fixed random subset)")
+    vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
+    workers: int = _opt(8, "image-decoding processes while encoding latents")
+    attention: str = _opt("auto", "auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend")
+    compile: bool = _opt(None, "torch.compile each DiT block (tvm.DiT.compile_blocks); on at 256 and 512 (measured "
+                               "1.7x faster on an H100, README), off for the CPU demo. Needs --jvp manual/auto")
+    checkpoint_blocks: bool = _opt(False, "recompute block activations in the backward: ~1/3 of the memory, ~1.5x "
+                                          "the time (measured, README); needs --jvp manual/auto")
+    cuda_graph: bool = _opt(None, "replay the whole step as one CUDA graph (CudaGraphStep); default: on for one "
+                                  "process on a GPU, off otherwise (DDP's all-reduce is not captured)")
+    benchmark: bool = _opt(False, "time the TVM and flow-matching steps on random latents, then exit")
+    bench_check: bool = _opt(True, "before timing, check every path's loss and gradient (check_step_paths)")
+    bench_cases: str = _opt("", "e.g. 'XL/2-18h:256:32,B/2:256:32' (model:px:batch); '' = BENCH_CASES")
+    bench_memory_gib: float = _opt(0.0, "cap the GPU memory the benchmark may use (e.g. 80 on a 141 GB H200); 0 = all")
     # filled in from the data, not by hand
     input_size: int = 0
     in_channels: int = 0
@@ -154,24 +172,25 @@ def _parse_bool(text):
 
 
 def parse_config(argv=None):
-    """Command line -> TrainConfig with the --res preset filled in."""
+    """Command line -> TrainConfig with the --res preset filled in and every value checked."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     derived = ("input_size", "in_channels", "num_classes")
     types = {bool: _parse_bool, int: int, float: float, str: str}
     for f in dataclasses.fields(TrainConfig):
         if f.name in derived:
             continue
-        default = "from the --res preset" if f.default is None else f.default
+        default = "from the --res preset" if f.default is None else repr(f.default)
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
         if f.type is bool:  # "--resume" alone means true
-            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None,
-                           help=f"default: {default}")
+            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None, help=text)
         else:
-            p.add_argument(f"--{f.name}", type=types[f.type], default=None, help=f"default: {default}")
+            p.add_argument(f"--{f.name}", type=types[f.type], default=None, help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return resolve(TrainConfig(**given))
 
 
 def resolve(cfg):
+    """Fill in the --res preset, then check every value once: all problems are reported together."""
     if cfg.res not in PRESETS:
         raise TrainError(f"--res {cfg.res} is not supported: use 0 (the embedded digits), 256 or 512 "
                          "(LATENT_STATS, the per-channel SD-VAE latent statistics, exist for these two only)")
@@ -191,18 +210,59 @@ def resolve(cfg):
         raise TrainError(f"--model {cfg.model!r} is unknown; choose one of {sorted(MODELS)}")
     for k in ("depth", "hidden_size", "num_heads"):   # explicit in the config, hence in checkpoints
         setattr(cfg, k, getattr(cfg, k) or MODELS[cfg.model][k])
-    if cfg.precision not in ("auto", "bf16", "fp32", "fp64"):
-        raise TrainError(f"--precision {cfg.precision!r}: expected auto, bf16, fp32 or fp64")
-    if cfg.jvp not in tvm.JVP_METHODS:
-        raise TrainError(f"--jvp {cfg.jvp!r}: expected one of {', '.join(tvm.JVP_METHODS)}")
-    if cfg.checkpoint_blocks and cfg.jvp == "func":
-        raise TrainError("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
-                         "torch.func.jvp fails in the backward")
-    if cfg.compile and cfg.jvp == "func":
-        raise TrainError("--compile needs --jvp manual (or auto): torch.compile cannot trace torch.func.jvp "
-                         "through the attention kernel's custom forward-mode rule. With --jvp func, pass "
-                         "--compile false")
+    errors = config_errors(cfg)
+    if len(errors) == 1:
+        raise TrainError(errors[0])
+    if errors:
+        raise TrainError(f"{len(errors)} problems with the options:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def config_errors(cfg):
+    """-> one sentence per bad value of a resolved config (empty if all are good)."""
+    errors = []
+
+    def need(ok, name, rule):
+        if not ok:
+            errors.append(f"--{name} {getattr(cfg, name)!r}: {rule}")
+
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)   # noqa: E731
+    for k in ("batch_size", "depth", "hidden_size", "num_heads", "log_every", "ckpt_every"):
+        need(getattr(cfg, k) >= 1, k, "must be a positive integer")
+    for k in ("micro_batch", "sample_every", "workers", "seed"):
+        need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
+    for k in ("fid_samples", "fid_real"):
+        need(getattr(cfg, k) >= 1 or not cfg.fid, k, "must be positive (or pass --fid false)")
+    need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
+         "must be at least 1 (0 only encodes an image folder, which the digits do not need)")
+    if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
+        need(cfg.hidden_size % cfg.num_heads == 0, "num_heads",
+             f"must divide --hidden_size {cfg.hidden_size} (each head gets hidden_size / num_heads channels)")
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive finite number, e.g. 1e-4")
+    need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
+    need(cfg.w_max == 0 or (finite(cfg.w_max) and cfg.w_max > 0), "w_max", "must be 0 (constant w) or a finite "
+         "number above --w")
+    for k in ("ema", "target_ema", "label_dropout"):
+        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
+    for k in ("beta1", "beta2"):
+        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) < 1, k, "must lie in [0, 1)")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or a positive finite number")
+    need(finite(cfg.adam_eps) and cfg.adam_eps > 0, "adam_eps", "must be a positive finite number: with 0 a "
+         "parameter whose gradient is 0 gets the update 0/0 = NaN")
+    need(finite(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", "must be 0 (off) or a positive finite norm")
+    need(finite(cfg.ckpt_minutes) and cfg.ckpt_minutes >= 0, "ckpt_minutes", "must be 0 (off) or a positive "
+         "finite number of minutes")
+    need(cfg.device in ("auto", "cpu", "cuda"), "device", "expected auto, cpu or cuda")
+    need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
+    need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
+    if cfg.checkpoint_blocks and cfg.jvp == "func":
+        errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
+                      "torch.func.jvp fails in the backward")
+    if cfg.compile and cfg.jvp == "func":
+        errors.append("--compile needs --jvp manual (or auto): torch.compile cannot trace torch.func.jvp "
+                      "through the attention kernel's custom forward-mode rule. With --jvp func, pass "
+                      "--compile false")
+    return errors
 
 
 def prepare_net(net, cfg):
@@ -246,6 +306,14 @@ def _stats(res, device, dtype):
             torch.tensor(st["std"], device=device, dtype=dtype)[None, :, None, None])
 
 
+def check_labels(labels, num_classes, path):
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise TrainError(f"{path}: {int(bad.sum())} label(s) outside 0..{num_classes - 1} (the first: {labels[i]} at "
+                         f"row {i}); labels index the classes, 0 to num_classes - 1. Fix or re-create the labels")
+
+
 class DigitsData:
     """The 1,797 8x8 digits of UCI "Optical Recognition of Handwritten Digits" (values 0..16, labels
     0..9), as pixels in [-1, 1]: x0 = v / 8 - 1. Small enough to hold in memory on every rank."""
@@ -258,6 +326,7 @@ class DigitsData:
         self.images = torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0)[:, None]  # (N, 1, 8, 8)
         self.labels = d["labels"].astype(np.int64)                                          # (N,)
         self.num_classes = int(self.labels.max()) + 1
+        check_labels(self.labels, self.num_classes, path)
         self.shape = tuple(self.images.shape[1:])
         self.posterior = False
 
@@ -285,13 +354,29 @@ class LatentData:
         if not os.path.isfile(labels_path):
             raise TrainError(f"{path} has no labels.npy beside it: the latents and their class labels "
                              f"(int64, shape (N,)) must sit in the same folder {folder}")
-        self.moments = np.load(path, mmap_mode="r")
-        self.labels = np.load(labels_path).astype(np.int64)
+        redo = "Encode the images again: pass the image folder as --data"
+        try:
+            self.moments = np.load(path, mmap_mode="r")
+        except ValueError as e:   # object arrays cannot be memory-mapped; a truncated file is shorter than its header says
+            raise TrainError(f"{path} is not a usable latent file ({e}): it is truncated (an interrupted copy?) "
+                             f"or holds Python objects instead of numbers. {redo}") from None
+        if self.moments.dtype.kind != "f":
+            raise TrainError(f"{path} holds {self.moments.dtype} values; latents are float16 (or float32). {redo}")
+        try:
+            labels = np.load(labels_path)
+        except ValueError as e:
+            raise TrainError(f"{labels_path} is not a usable label file ({e}). {redo}") from None
+        if labels.dtype.kind not in "iu" or labels.ndim != 1:
+            raise TrainError(f"{labels_path} holds {labels.dtype} values of shape {labels.shape}; expected integer "
+                             f"class labels, shape (N,). {redo}")
+        self.labels = labels.astype(np.int64)
         h = res // 8
         if self.moments.ndim != 4 or self.moments.shape[1] not in (4, 8) or self.moments.shape[2:] != (h, h):
             found = "x".join(map(str, self.moments.shape[1:]))
             guess = (f" These look like latents for --res {self.moments.shape[-1] * 8}: pass that --res, or"
-                     if self.moments.ndim == 4 else "")
+                     if self.moments.ndim == 4 and self.moments.shape[1] in (4, 8) else
+                     " 3 channels: these look like images, not SD-VAE latents;"
+                     if self.moments.ndim == 4 and self.moments.shape[1] == 3 else "")
             raise TrainError(f"{path} holds latents of shape {found} per image, but --res {res} needs "
                              f"4x{h}x{h} (or 8x{h}x{h}: posterior mean and std).{guess} encode the images "
                              f"again for --res {res} by passing the image folder as --data")
@@ -301,6 +386,7 @@ class LatentData:
         meta_path = os.path.join(folder, "meta.json")
         meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
         self.num_classes = int(meta.get("num_classes", self.labels.max() + 1))
+        check_labels(self.labels, self.num_classes, labels_path)
         self.posterior = self.moments.shape[1] == 8
         self.shape = (4, h, h)
         self.res = res
@@ -384,14 +470,15 @@ def scan_image_folder(root):
     if not os.path.isdir(root):
         raise TrainError(f"--data {root}: no such folder. Expected an image folder in ImageNet layout "
                          f"({root}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes, nor hidden files images.
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise TrainError(f"--data {root} has no class sub-folders. Expected {root}/<class>/<image>.JPEG, "
                          "one folder per class (for one class, put all images in one sub-folder)")
     files, labels = [], []
     for c, name in enumerate(classes):
         imgs = sorted(e.path for e in os.scandir(os.path.join(root, name))
-                      if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+                      if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS))
         if not imgs:
             raise TrainError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTS)}): "
                              "add images or remove the folder (every folder is a class)")
@@ -413,6 +500,22 @@ def center_crop(img, res):
     return arr[top:top + res, left:left + res]
 
 
+def to_rgb8(img):
+    """A PIL image -> 8-bit RGB. convert("RGB") clips 16-bit greyscale (modes I;16*, and I as older Pillow
+    opens 16-bit PNGs) to 255, whitening almost every pixel: scale those by 1/257 (65535 -> 255) first.
+    Other 32-bit and float images have no agreed range: refused."""
+    from PIL import Image
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        arr = np.asarray(img).astype(np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"mode {img.mode} with values outside 0..65535")
+        img = Image.fromarray(np.round(arr / 257).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (mode {img.mode}) "
+                         "have no agreed range; convert the image to 8- or 16-bit")
+    return img.convert("RGB")
+
+
 class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files, res):
         self.files, self.res = files, res
@@ -424,11 +527,29 @@ class ImageFiles(torch.utils.data.Dataset):
         from PIL import Image
         try:
             with Image.open(self.files[i]) as img:
-                arr = center_crop(img.convert("RGB"), self.res)
+                arr = center_crop(to_rgb8(img), self.res)
         except Exception as e:
-            raise TrainError(f"cannot read image {self.files[i]} ({type(e).__name__}: {e}). Delete or replace "
-                             "the file and run again; encoding resumes where it stopped") from None
+            # Deleting the file would change the list of images, which the unfinished encoding is bound
+            # to (encode_image_folder): replacing it keeps the work done.
+            raise TrainError(f"cannot read image {self.files[i]} ({type(e).__name__}: {e}). Replace it with a "
+                             "readable image of the same name and run again: encoding resumes where it stopped. "
+                             "(Deleting it changes the list of images, so the encoding would start over: then "
+                             "delete the latent folder too.)") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1), i     # (3, res, res) uint8
+
+
+def reserve_disk(path):
+    """Allocate every block of the file at `path` (posix_fallocate). -> None, or the OSError of a full
+    disk. Other failures (a file system without fallocate) are ignored: the free-space check must do."""
+    if not hasattr(os, "posix_fallocate"):
+        return None
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return e
+    return None
 
 
 def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, world=1, device="cpu",
@@ -448,15 +569,35 @@ def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, 
     n, h = len(files), res // 8
     chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
     lat_path, done_path = os.path.join(cache, "latents.npy"), os.path.join(cache, "done.npy")
-    info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch)
+    # Row i of the latents is files[i]: the unfinished encoding is bound to this exact list of images.
+    listing = hashlib.sha1("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()[:16]
+    info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch, files_sha1=listing)
     if rank == 0:
         os.makedirs(cache, exist_ok=True)
         info_path = os.path.join(cache, "encoding.json")
-        if os.path.isfile(info_path) and json.load(open(info_path)) != info:
-            raise TrainError(f"{cache} holds an unfinished encoding of a different folder or --res "
-                             f"({json.load(open(info_path))} vs now {info}): delete {cache} and run again")
+        known = json.load(open(info_path)) if os.path.isfile(info_path) else info
+        known.setdefault("files_sha1", listing)   # recorded before the fingerprint existed: trust the count
+        if known != info:
+            old = known
+            what = (f"--res {old.get('res')} (now {res})" if old.get("res") != res else
+                    f"another list of images ({old.get('num_images')} then, {n} now: files were added, removed "
+                    "or renamed since)")
+            raise TrainError(f"{cache} holds an unfinished encoding of {root} with {what}: its rows no longer "
+                             f"match the images. Delete {cache} and run again (the encoding starts over)")
         if not os.path.isfile(info_path):
+            need = n * 8 * h * h * 2                               # float16 rows
+            free = shutil.disk_usage(cache).free
+            if free < need + 2 ** 20:
+                raise TrainError(f"not enough disk space for the latents of {root}: {cache} needs "
+                                 f"{need / 2 ** 30:.2f} GiB, {free / 2 ** 30:.2f} GiB is free. Free some space or "
+                                 "pass --latent_cache on another disk")
             np.lib.format.open_memmap(lat_path, mode="w+", dtype=np.float16, shape=(n, 8, h, h)).flush()
+            # open_memmap makes a sparse file; writing into it on a full disk kills the process with
+            # SIGBUS ("Bus error"). Reserve its blocks now, so a full disk is an error here instead.
+            if reserve_disk(lat_path) is not None:
+                os.remove(lat_path)
+                raise TrainError(f"the disk is full: could not reserve {need / 2 ** 30:.2f} GiB for {lat_path}. "
+                                 "Free some space or pass --latent_cache on another disk")
             np.save(done_path, np.zeros(len(chunks), dtype=np.uint8))
             np.save(os.path.join(cache, "labels.npy"), labels)
             json.dump(info, open(info_path, "w"))
@@ -567,20 +708,55 @@ def to_uint8_images(x0, config_dict, vae=None, batch=32):
 # Checkpoints: atomic, complete, and loadable with weights_only=True
 # ------------------------------------------------------------------------------------------------
 
+def _write_atomically(path, write):
+    """write(file object) into a fresh temporary file beside `path`, fsync, then rename it over `path`.
+    The temporary name is unique (mkstemp: random, created with O_EXCL), so two writers never share
+    one, and nothing planted at a predictable name (a symlink, say) can redirect the write. A rename is
+    atomic: a kill at any moment leaves either the old file or the new one, never half of one. A full
+    disk raises TrainError and leaves the old file as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 -> what open() would have given
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainError(f"the disk is full: could not write {path} ({e.strerror}; "
+                             f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free). "
+                             f"The previous file is kept; free some space, then run again (with --resume)") from None
+        raise
+
+
 def _atomic_write_text(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    _write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def save_checkpoint(state, path):
-    """torch.save to a temporary file, fsync, then rename over `path`: a rename is atomic, so a kill at
-    any moment leaves either the previous checkpoint or the new one, never half of one."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save through _write_atomically. Before the new ckpt.pt replaces the old one, the old one
+    becomes ckpt.prev.pt (a hard link, so ckpt.pt exists at every moment): one bad save, whatever
+    its cause, can never destroy the last good checkpoint."""
+    bad = [f"{k}.{n}" for k in ("model", "ema", "target") if k in state
+           for n, t in state[k].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise TrainError(f"refusing to save non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                         f"over {path}; the previous checkpoint is kept")
+    if os.path.isfile(path):
+        prev = os.path.splitext(path)[0] + ".prev.pt"
+        link = prev + f".{os.getpid()}.tmp"
+        try:
+            os.link(path, link)
+        except OSError:               # a file system without hard links: a copy
+            shutil.copyfile(path, link)
+        os.replace(link, prev)
+    _write_atomically(path, lambda f: torch.save(state, f))
 
 
 def rng_state():
@@ -602,17 +778,38 @@ def set_rng_state(s):
 
 
 def load_checkpoint(path, device="cpu"):
+    prev = os.path.splitext(path)[0] + ".prev.pt"
+    other = f" The checkpoint before it, {prev}, may be good: copy it over {path} to use it." \
+        if os.path.isfile(prev) and os.path.abspath(prev) != os.path.abspath(path) else ""
     if not os.path.isfile(path):
-        raise TrainError(f"no checkpoint at {path}. Give the ckpt.pt that a train.py run wrote in its --out folder")
+        raise TrainError(f"no checkpoint at {path}. Give the ckpt.pt that a train.py run wrote in its --out folder."
+                         + other)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                         "It may be truncated (an interrupted copy?) or not from train.py") from None
+                         "It may be truncated (an interrupted copy?) or not from train.py." + other) from None
     missing = [k for k in ("config", "model", "ema", "target", "opt", "step") if k not in state]
     if missing:
-        raise TrainError(f"{path} is not a train.py checkpoint: it lacks {missing}")
+        raise TrainError(f"{path} is not a train.py checkpoint: it lacks {missing}." + other)
     return state
+
+
+def load_weights(module, weights, path, which):
+    """module.load_state_dict, with a message that names the checkpoint and what is missing."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        missing = sorted(set(module.state_dict()) - set(weights))
+        extra = sorted(set(weights) - set(module.state_dict()))
+        what = (f"lack {len(missing)} tensor(s) of the network ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''})" if missing else
+                f"have {len(extra)} tensor(s) the network does not ({', '.join(extra[:3])})" if extra else
+                f"do not fit the network ({str(e).splitlines()[-1].strip()[:200]})")
+        prev = os.path.splitext(path)[0] + ".prev.pt"
+        raise TrainError(f"{path}: its '{which}' weights {what}: the file is damaged or from another version of "
+                         f"train.py" + (f". Try the checkpoint before it, {prev}" if os.path.isfile(prev) else "")
+                         + ", or start a new run with another --out") from None
 
 
 def load_model_from_checkpoint(path, which="ema", device="cpu"):
@@ -622,7 +819,7 @@ def load_model_from_checkpoint(path, which="ema", device="cpu"):
         raise TrainError(f"which={which!r}: expected 'ema', 'target' or 'model'")
     state = load_checkpoint(path, device)
     net = build_net(state["config"]).to(device)
-    net.load_state_dict(state[which])
+    load_weights(net, state[which], path, which)
     return net.eval().requires_grad_(False), state["config"]
 
 
@@ -642,7 +839,7 @@ def make_optimizer(net, cfg):
                              weight_decay=cfg.weight_decay, fused=True, capturable=params[0].is_cuda)
 
 
-STAT_NAMES = ("loss", "terminal", "fm", "grad_norm", "ok")
+STAT_NAMES = ("loss", "terminal", "fm", "grad_norm", "ok", "weights_ok")
 
 
 def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
@@ -653,7 +850,8 @@ def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcon
 
     model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this rank's share of the
     global batch; opt comes from make_optimizer (fused). Returns a float64 tensor on the device with the
-    global means of loss, terminal and fm terms, the gradient norm, and ok (1.0 or 0.0): STAT_NAMES."""
+    global means of loss, terminal and fm terms, the gradient norm, ok (1.0 or 0.0) and whether the
+    updated weights are finite (1.0 or 0.0): STAT_NAMES."""
     if not opt.defaults.get("fused"):
         raise TypeError("step_on_device needs the fused AdamW of make_optimizer: an unfused optimizer ignores "
                         "found_inf and would apply a non-finite step")
@@ -680,21 +878,26 @@ def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcon
     # The official code zeroes NaN losses; we skip the whole step (and train() logs it).
     opt.found_inf = (~ok).float()             # fused AdamW: no update, step count unchanged, where 1
     opt.step()
-    tvm.ema_update(target, net, cfg.target_ema, ok)   # theta*  (teacher of the next step)
-    tvm.ema_update(ema, net, cfg.ema, ok)             # theta** (what is evaluated)
-    return torch.cat([means, grad_norm.double()[None], ok.double()[None]])
+    # A finite gradient can still give non-finite weights (an infinite lr, a NaN moment). One fused norm
+    # of all parameters, on the device. Undoing the step would need a copy of the weights and AdamW's
+    # moments (3x the model's memory) at every step, so we do not: the EMAs are left untouched, and the
+    # caller stops the run with an error; the last checkpoint, written before, stays good.
+    weights_ok = torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(net.parameters())))))
+    tvm.ema_update(target, net, cfg.target_ema, ok & weights_ok)   # theta*  (teacher of the next step)
+    tvm.ema_update(ema, net, cfg.ema, ok & weights_ok)             # theta** (what is evaluated)
+    return torch.cat([means, grad_norm.double()[None], ok.double()[None], weights_ok.double()[None]])
 
 
 def step_report(stats):
     """The device tensor of step_on_device -> dict of floats (one host synchronisation) with `skipped`."""
     out = dict(zip(STAT_NAMES, stats.tolist()))
-    out["skipped"] = not out.pop("ok")
+    out["skipped"], out["weights_ok"] = not out.pop("ok"), bool(out["weights_ok"])
     return out
 
 
 def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
     """One eager training step: step_on_device, then its statistics on the host. Returns global means:
-    loss, terminal, fm, grad_norm, skipped."""
+    loss, terminal, fm, grad_norm, skipped, weights_ok."""
     return step_report(step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp))
 
 
@@ -779,8 +982,7 @@ def sample_grid(net, cfg, device, vae=None, per_class=8, steps=(1, 4), amp=nullc
 
 def save_png(arr, path):
     from PIL import Image
-    Image.fromarray(arr).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
+    _write_atomically(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -849,9 +1051,126 @@ def main(argv=None):
         return train(cfg)
 
 
+# A run stops after this many steps in a row were skipped (non-finite loss or gradient): by then the
+# weights or the data are broken, and skipping on would end the run "done" having learnt nothing.
+MAX_SKIPPED = 20
+
+
+class Stopped(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped the run after a checkpoint; --resume continues it."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only set .signum: the loop finishes its step, saves a checkpoint
+    and stops (a kill in the middle of AdamW or an EMA update would leave no consistent state to save).
+    A second signal stops at once. Signal handlers exist only in the main thread; elsewhere, a no-op."""
+
+    def __init__(self):
+        self.signum, self.old = 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping "
+                   "(send it again to stop at once, without saving)")
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def lock_run_folder(out):
+    """An exclusive lock on <out>/.lock for this process's lifetime (flock: released by the kernel when
+    the process ends, however it ends). -> the open lock file; keep it open. A second run on the same
+    --out is refused, naming the holder's pid: two runs would overwrite each other's checkpoints and logs.
+    Under DDP only rank 0 writes, so only rank 0 locks. flock may be a no-op on some network file systems."""
+    os.makedirs(out, exist_ok=True)
+    if fcntl is None:   # not a POSIX system: no lock
+        return None
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise TrainError(f"{out} is in use by another train.py run" + (f" (pid {holder})" if holder else "")
+                         + ": two runs in one folder would overwrite each other's checkpoints. Wait for it to "
+                         "end or stop it, or choose another --out") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def cpu_threads():
+    """Intra-op threads for a CPU run when OMP_NUM_THREADS is not set: the cores this process may use
+    that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
+    is every core, and its threads spin-wait for each other: on a 2-core machine with other work
+    running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
+    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up")."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _log_step(line):
+    """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     check_batch(cfg, world)
+    master = rank == 0
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))   # only ever fewer
+
+    if cfg.steps == 0:   # only encode the image folder (config_errors allows 0 only for --res 256/512)
+        data = open_data(cfg, rank, world, device)
+        if master:
+            print(f"--steps 0: the latents of {cfg.data} are ready ({len(data):,} images); nothing trained, "
+                  f"nothing written to {cfg.out}")
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return cfg
+
+    # One run per folder: rank 0 locks it, and every rank learns whether that worked.
+    lock, error = None, None
+    if master:
+        try:
+            lock = lock_run_folder(cfg.out)
+        except TrainError as e:
+            error = str(e)
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainError(error)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg, rank, world, device):
+    """The run itself, inside the lock of its folder."""
     master = rank == 0
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -885,14 +1204,22 @@ def train(cfg):
                          "pass --cuda_graph false")
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    log_path = os.path.join(cfg.out, "log.jsonl")
     step = 0
     if cfg.resume:
         state = load_checkpoint(ckpt_path, device)
         changed = check_resumable(state["config"], cfg, ckpt_path)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        target.load_state_dict(state["target"])
-        opt.load_state_dict(state["opt"])
+        for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
+            load_weights(module, state[key], ckpt_path, key)
+        try:
+            opt.load_state_dict(state["opt"])
+        except (ValueError, KeyError) as e:
+            raise TrainError(f"{ckpt_path}: its optimiser state does not fit the network ({e}): the file is "
+                             "damaged or from another version of train.py") from None
+        # load_state_dict also restores the checkpoint's hyper-parameters; the config (printed, saved in
+        # every checkpoint, logged) is what must run, so a changed --lr / --beta2 / ... takes effect here.
+        for group in opt.param_groups:
+            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         step = state["step"]
         if len(state.get("rng", [])) == world:
             set_rng_state(state["rng"][rank])
@@ -902,15 +1229,19 @@ def train(cfg):
         del state
     elif os.path.exists(ckpt_path):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    saved_step = step
 
     if master:
-        os.makedirs(cfg.out, exist_ok=True)
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         n_params = sum(p.numel() for p in net.parameters())
+        threads = "" if cuda else f" ({torch.get_num_threads()} intra-op thread(s) each)"
         print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
-              f"process(es) on {device.type}, {precision}; {cfg.batch_size // world} samples per process "
-              f"per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
-        log = open(os.path.join(cfg.out, "log.jsonl"), "a")
+              f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
+              f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
+        if cfg.resume and os.path.isfile(log_path):
+            # Rows past the checkpoint were written by steps that are now done again: drop them.
+            _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
+        log = open(log_path, "a" if cfg.resume else "w")     # a new run starts a new log
         if cfg.compile:
             print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
 
@@ -937,43 +1268,79 @@ def train(cfg):
     sampler = EpochSampler(len(data), cfg.seed)
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     acc, t_last, n_last = [], time.time(), step
-    while step < cfg.steps:
-        batch = make_batch(data, sampler, cfg, step, rank, world, device, dtype)
-        stats = step_fn(batch)
-        step += 1
-        bar.update(1)
-        if stats["skipped"]:
-            msg = dict(step=step, event="skipped: non-finite loss or gradient", **stats)
-            if master:
-                tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
-                log.write(json.dumps(msg) + "\n")
-        else:
-            acc.append(stats)
-        if master and acc:
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", terminal=f"{stats['terminal']:.4f}",
-                            fm=f"{stats['fm']:.4f}", gnorm=f"{stats['grad_norm']:.3f}", refresh=False)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+    skipped_in_a_row, t_saved = 0, time.time()
+    with StopOnSignal() as stop:
+        while step < cfg.steps:
+            batch = make_batch(data, sampler, cfg, step, rank, world, device, dtype)
+            stats = step_fn(batch)
+            step += 1
+            bar.update(1)
+            if not stats["weights_ok"]:
+                msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
+                       f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; {ckpt_path} "
+                       f"(step {saved_step}) is kept. Continue from it with --resume and a smaller --lr "
+                       f"(now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0")
+                if master:
+                    log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
+                                              **stats)) + "\n")
+                    log.close()
+                raise TrainError(msg)
+            if stats["skipped"]:
+                skipped_in_a_row += 1
+                if master:
+                    tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
+                    log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
+                if skipped_in_a_row == MAX_SKIPPED:
+                    if master:
+                        log.close()
+                    raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
+                                     f"non-finite loss or gradient and were skipped; the run stops. {ckpt_path} "
+                                     f"(step {saved_step}) is kept. Check the data for NaN or infinite values; "
+                                     f"if it is clean, resume with a smaller --lr or with --grad_clip 1.0")
+            else:
+                skipped_in_a_row = 0
+                acc.append(stats)
             if master and acc:
-                if cuda:
-                    torch.cuda.synchronize()
-                dt = time.time() - t_last
-                row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
-                log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
-                                          s_per_step=dt / (step - n_last),
-                                          img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
-                log.flush()
-            acc, t_last, n_last = [], time.time(), step
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-            samples()
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            checkpoint()
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", terminal=f"{stats['terminal']:.4f}",
+                                fm=f"{stats['fm']:.4f}", gnorm=f"{stats['grad_norm']:.3f}", refresh=False)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if master and acc:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    dt = time.time() - t_last
+                    row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
+                    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
+                                              s_per_step=dt / (step - n_last),
+                                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
+                    log.flush()
+                acc, t_last, n_last = [], time.time(), step
+            if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                samples()
+            # A signal, or ckpt_minutes since the last save, also saves; under DDP every rank must agree on
+            # the step at which that happens (one 2-number all-reduce per step).
+            flags = [float(stop.signum), float(cfg.ckpt_minutes > 0 and time.time() - t_saved > 60 * cfg.ckpt_minutes)]
+            if world > 1:
+                flags_t = torch.tensor(flags, device=device, dtype=torch.float64)
+                dist.all_reduce(flags_t, op=dist.ReduceOp.MAX)
+                flags = flags_t.tolist()
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
+                checkpoint()
+                saved_step, t_saved = step, time.time()
+            if flags[0]:
+                signum = int(flags[0])
+                if master:
+                    log.write(json.dumps(dict(step=step, event=f"stopped by {signal.Signals(signum).name}")) + "\n")
+                    log.close()
+                bar.close()
+                raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
+                                      "saved; continue with the same command and --resume")
     bar.close()
 
     if master and cfg.res == 0 and cfg.fid:
         report_fid(ema, cfg, data, device, log)
     if master:
         log.close()
-        print(f"done: {ckpt_path}, {os.path.join(cfg.out, 'log.jsonl')}"
+        print(f"done: {ckpt_path}, {log_path}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
     if world > 1:
         # All ranks leave together: rank 0 may still be writing the last checkpoint; tearing gloo down on
@@ -1336,3 +1703,6 @@ if __name__ == "__main__":
     except TrainError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
