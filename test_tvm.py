@@ -1165,9 +1165,12 @@ ROOT = next(d for d in (os.path.dirname(os.path.abspath(__file__)),
             if os.path.isfile(os.path.join(d, "train.py")))
 
 # --attention reference: train.main picks its own backend, and "auto" would run the Triton interpreter here
-# (TRITON_INTERPRET=1 in this process), ~100x slower per step; the kernel has its own tests above.
+# (TRITON_INTERPRET=1 in this process), ~100x slower per step. --compile false: the --res 256/512 presets
+# compile the blocks, minutes of inductor on a CPU for a 2-step run. Both are tested on their own (the
+# kernel above, compiled blocks against eager in test_compiled_blocks_match_eager_and_really_compile).
 TINY = ["--model", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--fid", "false",
-        "--attention", "reference", "--log_every", "1", "--sample_every", "0", "--lr", "3e-3", "--device", "cpu"]
+        "--attention", "reference", "--compile", "false", "--log_every", "1", "--sample_every", "0", "--lr", "3e-3",
+        "--device", "cpu"]
 
 
 def run_train(out, *args):
