@@ -2205,7 +2205,8 @@ def test_resume_restores_the_global_rngs_and_the_step_randomness(tmp_path, monke
     seed_all(5)
     run_train(tmp_path / "a", "--steps", 4, *common)
     full = dict(draws=rec["draws"][:], inputs=rec["inputs"][:])
-    rec["draws"].clear(), rec["inputs"].clear()
+    rec["draws"].clear()
+    rec["inputs"].clear()
     seed_all(5)
     run_train(tmp_path / "b", "--steps", 2, *common)
     seed_all(123)
@@ -2241,6 +2242,23 @@ def test_sampler_state_is_float64_with_a_float32_network():
     assert x0.dtype == torch.float64
     torch.testing.assert_close(x0, x1.double() - 2.0 ** -9, rtol=0, atol=1e-12)
 
+
+
+def test_make_batch_pairs_each_digit_with_its_label():
+    """make_batch's rows are the digits of EpochSampler.batch(step), each with its own label, in pixels
+    x0 = v / 8 - 1 read here from the .npz; label dropout puts the null class exactly where w = 1."""
+    data = train.DigitsData(os.path.join(ROOT, "data", "digits.npz"))
+    with np.load(os.path.join(ROOT, "data", "digits.npz")) as f:
+        v, labels = f["images"].astype(np.float64), f["labels"]
+    sampler = train.EpochSampler(len(data), seed=1)
+    cfg = train.resolve(train.TrainConfig(batch_size=64))
+    idx = sampler.batch(5, 64)
+    (mb,) = train.make_batch(data, sampler, cfg, 5, 0, 1, "cpu", torch.float64)
+    torch.testing.assert_close(mb.x0, torch.from_numpy(v[idx] / 8 - 1)[:, None], rtol=0, atol=0)
+    dropped = mb.y == 10
+    assert 0 < int(dropped.sum()) < 64                                   # 10% of 64: some, not all
+    assert torch.equal(mb.y[~dropped], torch.from_numpy(labels[idx])[~dropped])
+    assert torch.equal(dropped, mb.w == 1) and bool((mb.w[~dropped] == cfg.w).all())
 
 
 def _checkpoint_with_three_weights(path):
