@@ -2267,6 +2267,31 @@ def test_make_batch_pairs_each_digit_with_its_label():
     assert torch.equal(dropped, mb.w == 1) and bool((mb.w[~dropped] == cfg.w).all())
 
 
+def test_run_evaluates_the_ema_weights(tmp_path, monkeypatch):
+    """The sample grids and the end-of-run FID of train.py are made with theta** (the evaluation EMA),
+    not the online weights: the network handed to sample_grid and report_fid holds the checkpoint's
+    "ema" (--ema 0.5, so it differs from "model"). Both are replaced by recorders: what is tested is
+    which weights they are given, not the grid or the FID."""
+    seen = {}
+
+    def recorder(name):
+        def record(net, *args, **kwargs):
+            seen[name] = {n: p.detach().clone() for n, p in net.state_dict().items()}
+            return np.zeros((4, 4, 3), np.uint8) if name == "grid" else None
+        return record
+
+    monkeypatch.setattr(train, "sample_grid", recorder("grid"))
+    monkeypatch.setattr(train, "report_fid", recorder("fid"))
+    run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--precision", "fp64", "--ema", 0.5,
+              "--sample_every", 2, "--fid", "true")
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert seen.keys() == {"grid", "fid"}
+    for name, state in seen.items():
+        for n, p in state.items():
+            assert torch.equal(p, ck["ema"][n]), (name, n)
+    assert max(float((ck["ema"][n] - ck["model"][n]).abs().max()) for n in ck["model"]) > 1e-4
+
+
 def _checkpoint_with_three_weights(path):
     """A digits checkpoint (1-block DiT, w = 1.5) whose online, target and EMA weights all differ."""
     cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2))
