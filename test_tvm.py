@@ -2292,9 +2292,9 @@ def test_run_evaluates_the_ema_weights(tmp_path, monkeypatch):
     assert max(float((ck["ema"][n] - ck["model"][n]).abs().max()) for n in ck["model"]) > 1e-4
 
 
-def _checkpoint_with_three_weights(path):
+def _checkpoint_with_three_weights(path, scale_param=True):
     """A digits checkpoint (1-block DiT, w = 1.5) whose online, target and EMA weights all differ."""
-    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2))
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, scale_param=scale_param))
     cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
     states = {}
     for i, key in enumerate(("model", "target", "ema")):
@@ -2311,37 +2311,42 @@ def _checkpoint_with_three_weights(path):
 
 def test_sample_py_uses_the_ema_weights_and_the_given_cfg(tmp_path):
     """sample.py samples theta** (the checkpoint's "ema") by default, other weights with --which, and
-    --cfg w is what the network sees and what scales F: each 1-step image equals x1 - w F(x1, 1, 0) of
-    the right weights, recomputed here (the older sample tests use checkpoints whose three weights are
+    --cfg w is what the network sees and what scales F (only with the checkpoint's scale_param): each
+    1-step image equals x1 - [w] F(x1, 1, 0) of the right weights, recomputed here (the older sample tests use checkpoints whose three weights are
     equal, and never pass --cfg)."""
-    ck = _checkpoint_with_three_weights(tmp_path / "ckpt.pt")
-    state = torch.load(ck, weights_only=True)
+    cks = {True: _checkpoint_with_three_weights(tmp_path / "ckpt.pt"),
+           False: _checkpoint_with_three_weights(tmp_path / "unscaled.pt", scale_param=False)}
     x1 = torch.stack([sample.noise_and_label(1, i, (1, 8, 8), [2, 5], 10)[0] for i in range(4)])
     y = torch.tensor([2, 5, 2, 5])
 
-    def by_hand(key, w):
+    def by_hand(key, w, scale_param):
+        state = torch.load(cks[scale_param], weights_only=True)
         net = train.build_net(state["config"])
         net.load_state_dict(state[key])
         ww = torch.full((4,), w)
         with torch.no_grad():
             F = net(x1, torch.ones(4), torch.zeros(4), y, ww)
-        x0 = x1.double() - (ww[:, None, None, None] * F).double()          # Eq. 4, scale_param, s - t = -1
+        ws = ww[:, None, None, None] if scale_param else 1.0                 # [w] of the scaled parameterisation
+        x0 = x1.double() - (ws * F).double()                                  # Eq. 4 with s - t = -1
         return np.repeat(((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), 3, -1)
 
-    runs = {("ema", 1.5): [], ("model", 1.5): ["--which", "model"], ("target", 1.5): ["--which", "target"],
-            ("ema", 3.0): ["--cfg", 3.0]}
+    runs = {("ema", 1.5, True): [], ("model", 1.5, True): ["--which", "model"],
+            ("target", 1.5, True): ["--which", "target"], ("ema", 3.0, True): ["--cfg", 3.0],
+            ("ema", 3.0, False): ["--cfg", 3.0]}
     images = {}
-    for (key, w), extra in runs.items():
-        got = load(run_sample(ck, tmp_path / f"{key}{w}", "--steps", 1, "--n", 4, "--seed", 1, "--classes", "2,5",
-                              *extra))
-        expected = by_hand(key, w)
+    for (key, w, scale_param), extra in runs.items():
+        got = load(run_sample(cks[scale_param], tmp_path / f"{key}{w}{scale_param}", "--steps", 1, "--n", 4,
+                              "--seed", 1, "--classes", "2,5", *extra))
+        expected = by_hand(key, w, scale_param)
         # float32 network both ways: equal up to a rare rounding at .5 levels (as in the test above).
         assert np.abs(got.astype(int) - expected).max() <= 1 and (got == expected).mean() > 0.99, (key, w)
-        images[key, w] = got
+        images[key, w, scale_param] = got
     # Not vacuous: the weights and w change most pixels by more than the tolerance.
-    for other in (("model", 1.5), ("target", 1.5), ("ema", 3.0)):
+    for other in (("model", 1.5, True), ("target", 1.5, True), ("ema", 3.0, True)):
         # (Seen: 74%, 76% and 24% of the values; about half of them are clamped at -1 or 1 either way.)
-        assert (np.abs(images[other].astype(int) - images["ema", 1.5]) > 1).mean() > 0.1, other
+        assert (np.abs(images[other].astype(int) - images["ema", 1.5, True]) > 1).mean() > 0.1, other
+    as_if_scaled = by_hand("ema", 3.0, True)        # the same weights (same seed) read as w F
+    assert (np.abs(images["ema", 3.0, False].astype(int) - as_if_scaled) > 1).mean() > 0.1
 
 
 def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_path):
