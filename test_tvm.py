@@ -361,7 +361,9 @@ def test_compiled_blocks_match_eager_and_really_compile():
 def test_compiled_network_copies_use_their_own_weights():
     """copy.deepcopy of a network after compile_blocks (how an EMA is usually made) must give a copy
     that runs on its own weights, not on the original's."""
-    net = tiny_dit(3, dtype=torch.float32).compile_blocks()
+    # aot_eager: dynamo and AOTAutograd (which lift the weights to graph inputs, as inductor's graphs take
+    # them) without inductor's code generation, a minute of CPU time here; what is tested is the binding.
+    net = tiny_dit(3, dtype=torch.float32).compile_blocks(backend="aot_eager")
     copy_ = copy.deepcopy(net)
     with torch.no_grad():
         for p in copy_.blocks.parameters():
@@ -1167,8 +1169,13 @@ ROOT = next(d for d in (os.path.dirname(os.path.abspath(__file__)),
                         os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             if os.path.isfile(os.path.join(d, "train.py")))
 
+# --attention reference: train.main picks its own backend, and "auto" would run the Triton interpreter here
+# (TRITON_INTERPRET=1 in this process), ~100x slower per step. --compile false: the --res 256/512 presets
+# compile the blocks, minutes of inductor on a CPU for a 2-step run. Both are tested on their own (the
+# kernel above, compiled blocks against eager in test_compiled_blocks_match_eager_and_really_compile).
 TINY = ["--model", "tiny", "--hidden_size", "32", "--depth", "1", "--num_heads", "2", "--fid", "false",
-        "--log_every", "1", "--sample_every", "0", "--lr", "3e-3", "--device", "cpu"]
+        "--attention", "reference", "--compile", "false", "--log_every", "1", "--sample_every", "0", "--lr", "3e-3",
+        "--device", "cpu"]
 
 
 def run_train(out, *args):
@@ -2885,13 +2892,21 @@ def test_fid_save_stats_writes_adm_fid_keys_and_says_what_it_lacks(tmp_path, mon
 # train.py --benchmark: the training-step benchmark runs, and times what it says
 # ================================================================================================
 
-def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys):
+def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys, monkeypatch):
     """The GPU benchmark's code path, on the CPU with a tiny model: both kinds of step run through
-    train_step, and the TVM step (a JVP forward, a backward through it, a target forward of twice the
-    batch) costs more than the flow-matching step of the same network."""
-    cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false"])
+    train_step, the TVM step computes d/ds f (terminal_velocity) at each of its warm-up and timed steps
+    and the flow-matching step never does (a count, not a timing: timed FM for both kinds passed the
+    timing assertion by chance in a mutation run), and the TVM step (a JVP forward, a backward through
+    it, a target forward of twice the batch) costs more than the flow-matching step of the same network."""
+    calls = []
+    real = tvm.terminal_velocity
+    monkeypatch.setattr(tvm, "terminal_velocity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # --attention reference: the benchmark runs under its own --attention, and "auto" is the Triton
+    # interpreter in this process (159 s instead of seconds); which attention runs is not what is tested.
+    cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference"])
     rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
     (row,) = rows
+    assert len(calls) == 2 + 1                        # the TVM kind's steps + warm-up; none for FM
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
     out = capsys.readouterr().out
     assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out
@@ -2944,6 +2959,430 @@ def test_resume_refuses_another_parameterisation(tmp_path):
     run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
     with pytest.raises(train.TrainError, match="scale_param"):
         run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume", "--scale_param", "false")
+
+
+
+# ================================================================================================
+# Values, not only runs (mutation-tested)
+# ================================================================================================
+#
+# Tests that pin the *values* the code holds, written after a mutation run (issue 13) found seven small
+# bugs that the suite above let through: it compared loss values but not gradients, and the training-loop
+# tests checked that runs run and resume, not which weights and random numbers they hold. Each test below
+# was run against the mutant it names (applied to a scratch copy) and fails there; notes/tests.md has the
+# table mutant -> catching test, including the mutants that the older tests already catch.
+
+import random as _random
+from contextlib import nullcontext as _nullcontext
+
+
+def _eq15_by_hand(net, target, inp, scale_param, stop_gradient=True, indicator=True):
+    """Eq. 15 (v1), one sample at a time, written from the paper and not from tvm.py:
+
+        (1/w^2) [ || d/ds f_theta(x_t, t, s) - u_{theta*_sg}(x_t + f_{theta_sg}(x_t, t, s), s) ||^2 1[t != s]
+                + || u_theta(x_s', s') - (w v + (1 - w) u_{theta*_sg}(x_s', s', null, 1)) ||^2 ]
+
+    with f = (s - t)[w]F, d/ds f = [w](F + (s - t) dF/ds) by forward-mode dual numbers, and the two
+    stop-gradients placed explicitly: the jump endpoint x_t + f is computed under no_grad from the
+    online weights (theta_sg), the velocities from the target (theta*_sg) under no_grad too. Squared
+    norms are per-element means (the code's convention, a constant factor). stop_gradient=False and
+    indicator=False give the two mutants, so that the test can show they differ from the real thing.
+    """
+    total = 0.0
+    null = torch.full((1,), net.num_classes, dtype=torch.long)
+    for i in range(inp.x0.shape[0]):
+        x0, x1, y = inp.x0[i:i + 1], inp.x1[i:i + 1], inp.y[i:i + 1]
+        t, s, sp, w = inp.t[i:i + 1], inp.s[i:i + 1], inp.s_prime[i:i + 1], inp.w[i:i + 1]
+        ws = w[0] if scale_param else 1.0                                      # [w]
+        x_t = (1 - t[0]) * x0 + t[0] * x1                                      # t = 1 is noise
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(net(x_t, t, fwAD.make_dual(s, torch.ones_like(s)), y, w))
+            F, dF_ds = out.primal, out.tangent
+        df_ds = ws * (F + (s[0] - t[0]) * dF_ds)                                # Eq. 17
+        with torch.no_grad() if stop_gradient else _nullcontext():
+            x_hat = x_t + (s[0] - t[0]) * ws * net(x_t, t, s, y, w)            # x_t + f_{theta_sg}
+            u_tgt = ws * target(x_hat, s, s, y, w)                             # u_{theta*_sg}(x_hat, s, c, w)
+        with torch.no_grad():
+            u_unc = target((1 - sp[0]) * x0 + sp[0] * x1, sp, sp, null, torch.ones_like(w))   # w = 1
+        x_sp = (1 - sp[0]) * x0 + sp[0] * x1
+        u = ws * net(x_sp, sp, sp, y, w)
+        fm = ((u - (w[0] * (x1 - x0) + (1 - w[0]) * u_unc)) ** 2).mean()        # Eq. 14
+        terminal = ((df_ds - u_tgt) ** 2).mean()
+        if indicator and t[0] == s[0]:
+            terminal = 0.0 * terminal                                          # 1[t != s]
+        total = total + (terminal + fm) / w[0] ** 2                           # Eq. 15
+    return total / inp.x0.shape[0]
+
+
+def _param_grads(net, loss):
+    net.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+def _max_rel(a, b):
+    """max over parameters of |a - b|_max / (1 + |b|_max)."""
+    return max(float((a[n] - b[n]).abs().max() / (1 + b[n].abs().max())) for n in b)
+
+
+@pytest.mark.parametrize("scale_param", [True, False])
+def test_loss_gradients_equal_independent_transcription_of_eq15(scale_param):
+    """d(Eq. 15)/d theta of tvm_loss equals, for every parameter, the gradient of the per-sample
+    transcription above (float64). The batch is built so that each part of the equation moves the
+    gradient: two samples with t == s (so 1[t != s] matters: the target network differs from the online
+    one, so their terminal residual is not 0), a dropped label (w = 1, the null class), per-sample w.
+    The test also shows that the two mutants it must catch are far from the truth: without the stop-
+    gradient at x_t + f, or without 1[t != s], the gradient moves by more than 1e-4 (relative), against
+    a tolerance of 1e-10 for float64 round-off."""
+    net, target = tiny_dit(21), tiny_dit(22).requires_grad_(False)
+    inp = random_inputs(B=6, seed=4)
+    inp.s[:2] = inp.t[:2]                                                  # t == s for two samples
+    inp.y[2], inp.w[2] = net.num_classes, 1.0                              # a dropped label, w = 1
+    keep = inp.y != net.num_classes
+    inp.w[keep] = torch.tensor([1.5, 2.0, 2.5, 3.0, 3.5, 4.0], dtype=torch.float64)[keep]
+    loss, terms = tvm.tvm_loss(net, target, inp, scale_param=scale_param)
+    got = _param_grads(net, loss)
+    ref_loss = _eq15_by_hand(net, target, inp, scale_param)
+    ref = _param_grads(net, ref_loss)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert got.keys() == ref.keys() and len(ref) > 10
+    assert all(p.grad is None for p in target.parameters())
+    assert _max_rel(got, ref) <= 1e-10, _max_rel(got, ref)
+    assert (terms["terminal"][:2] == 0).all() and (terms["terminal"][2:] > 0).all()
+    # Not vacuous: each mutant's gradient is far from the truth.
+    for mutant in (dict(stop_gradient=False), dict(indicator=False)):
+        wrong = _param_grads(net, _eq15_by_hand(net, target, inp, scale_param, **mutant))
+        assert _max_rel(wrong, ref) > 1e-4, mutant
+
+
+def test_ema_update_moves_towards_the_online_weights_by_one_minus_rate():
+    """theta_ema <- rate theta_ema + (1 - rate) theta: from ema = 0 and online weights 1, k updates give
+    1 - rate^k exactly (closed form), not 1 - (1 - rate)^k (the update by `rate`); buffers are copied."""
+    ema, net = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    ema.register_buffer("b", torch.zeros(2, dtype=torch.float64))
+    net.register_buffer("b", torch.arange(2, dtype=torch.float64))
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.zero_()
+        for p in net.parameters():
+            p.fill_(1.0)
+    for k in range(1, 4):
+        tvm.ema_update(ema, net, 0.9)
+        for p in ema.parameters():
+            torch.testing.assert_close(p, torch.full_like(p, 1 - 0.9 ** k), rtol=0, atol=1e-15)
+    assert torch.equal(ema.b, net.b)
+
+
+def _ema_closed_form(theta0, online, rate):
+    """The EMA after len(online) updates, theta_k = rate theta_(k-1) + (1 - rate) online[k-1], summed out:
+    rate^K theta0 + sum_k (1 - rate) rate^(K-1-k) online[k]."""
+    K = len(online)
+    return {n: rate ** K * theta0[n] + sum((1 - rate) * rate ** (K - 1 - k) * online[k][n] for k in range(K))
+            for n in theta0}
+
+
+def test_train_step_moves_each_ema_by_its_own_rate():
+    """After 3 training steps, the target EMA equals its closed form with rate 0.9 and the evaluation
+    EMA with rate 0.6, from the recorded online weights (float64). Distinct rates, so that swapping them
+    fails; rates far from 1/2, so that an update by `rate` instead of `1 - rate` fails too."""
+    net, ema, target, opt, cfg = tiny_setup()
+    cfg.target_ema, cfg.ema = 0.9, 0.6
+    g = torch.Generator().manual_seed(0)
+    theta0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+    online = []
+    for _ in range(3):
+        inputs = tvm.sample_loss_inputs(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64),
+                                        torch.randint(0, 10, (16,), generator=g), 10, generator=g)
+        stats = train.train_step(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
+        assert not stats["skipped"]
+        online.append({n: p.detach().clone() for n, p in net.named_parameters()})
+    for module, rate in ((target, 0.9), (ema, 0.6)):
+        expected = _ema_closed_form(theta0, online, rate)
+        for n, p in module.named_parameters():
+            torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-13, msg=f"rate {rate}: {n}")
+    # Not vacuous: the online weights moved, so the two EMAs differ from each other by far more than 1e-13.
+    assert max(float((p - q).abs().max()) for p, q in zip(ema.parameters(), target.parameters())) > 1e-5
+
+
+def _record_train_steps(monkeypatch, draw=False):
+    """Wrap train.train_step: record the online weights before the first step and after each step, the
+    step's random inputs, and (draw=True) numbers drawn from the process's global RNGs at each step, as
+    code that uses them (dropout, say) would."""
+    rec = dict(init=None, online=[], inputs=[], draws=[])
+    real = train.train_step
+
+    def recording(model, net, ema, target, opt, micro_batches, cfg, amp=_nullcontext()):
+        if rec["init"] is None:
+            rec["init"] = {n: p.detach().clone() for n, p in net.named_parameters()}
+        if draw:
+            rec["draws"].append((torch.rand(3).tolist(), np.random.rand(3).tolist(),
+                                 [_random.random() for _ in range(3)]))
+        rec["inputs"].append([[getattr(mb, k).clone() for k in ("x1", "t", "s", "s_prime", "y", "w")]
+                              for mb in micro_batches])
+        out = real(model, net, ema, target, opt, micro_batches, cfg, amp)
+        rec["online"].append({n: p.detach().clone() for n, p in net.named_parameters()})
+        return out
+
+    monkeypatch.setattr(train, "train_step", recording)
+    return rec
+
+
+def test_checkpoint_holds_each_ema_of_the_online_weights(tmp_path, monkeypatch):
+    """train.py's checkpoint after 3 steps: "model" is the online weights, "ema" and "target" their EMAs
+    with rates --ema 0.6 and --target_ema 0.9 (closed form from the recorded online weights, float64),
+    and "ema" is not the online weights. load_model_from_checkpoint hands out the key it is asked for."""
+    rec = _record_train_steps(monkeypatch)
+    run_train(tmp_path / "r", "--steps", 3, "--batch_size", 8, "--precision", "fp64", "--ema", 0.6,
+              "--target_ema", 0.9)
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert len(rec["online"]) == 3
+    for n, p in rec["online"][-1].items():
+        torch.testing.assert_close(ck["model"][n], p, rtol=0, atol=0, msg=f"model.{n}")
+    for key, rate in (("ema", 0.6), ("target", 0.9)):
+        expected = _ema_closed_form(rec["init"], rec["online"], rate)
+        for n in expected:
+            torch.testing.assert_close(ck[key][n], expected[n], rtol=0, atol=1e-13, msg=f"{key}.{n}")
+    assert max(float((ck["ema"][n] - ck["model"][n]).abs().max()) for n in ck["model"]) > 1e-4
+    for which in ("ema", "target", "model"):
+        net, _ = train.load_model_from_checkpoint(str(tmp_path / "r" / "ckpt.pt"), which=which)
+        for n, p in net.state_dict().items():
+            assert torch.equal(p, ck[which][n].to(p.dtype)), (which, n)     # a float32 network
+
+
+def test_resume_restores_the_global_rngs_and_the_step_randomness(tmp_path, monkeypatch):
+    """2 steps, then --resume to 4, in a process whose global RNGs were moved in between (as a new
+    process's would be), draws the same numbers from torch's, numpy's and Python's global RNGs at steps
+    3-4 as an uninterrupted 4-step run, and the same per-step (x1, t, s, s', labels, w). Training itself
+    draws from per-step generators (make_batch), so the older resume test passes whether or not the RNG
+    state is restored; code that uses the global RNGs would not."""
+    rec = _record_train_steps(monkeypatch, draw=True)
+    common = ["--batch_size", 4, "--ckpt_every", 100]
+
+    def seed_all(v):
+        torch.manual_seed(v)
+        np.random.seed(v)
+        _random.seed(v)
+
+    seed_all(5)
+    run_train(tmp_path / "a", "--steps", 4, *common)
+    full = dict(draws=rec["draws"][:], inputs=rec["inputs"][:])
+    rec["draws"].clear()
+    rec["inputs"].clear()
+    seed_all(5)
+    run_train(tmp_path / "b", "--steps", 2, *common)
+    seed_all(123)
+    run_train(tmp_path / "b", "--steps", 4, "--resume", *common)
+    assert len(full["draws"]) == len(rec["draws"]) == 4
+    assert rec["draws"] == full["draws"]
+    assert full["draws"][2] != full["draws"][0]                  # the draws do change from step to step
+    for a, b in zip(full["inputs"], rec["inputs"]):
+        for mb_a, mb_b in zip(a, b):
+            assert all(torch.equal(u, v) for u, v in zip(mb_a, mb_b))
+
+
+class _ConstantDisplacement(torch.nn.Module):
+    """A float32 'network' whose F is the constant 2^-10: with w = 2 (scaled parameterisation) and 64 steps
+    each jump is (s - t) w F = -2^-15, exact in float32, and the n jumps sum to -w F = -2^-9 exactly."""
+    num_classes = 1
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros((), dtype=torch.float32))
+
+    def forward(self, x, t, s, y, w):
+        return torch.full(x.shape, 2.0 ** -10, dtype=torch.float32)
+
+
+def test_sampler_state_is_float64_with_a_float32_network():
+    """tvm.sample keeps its state x in float64 whatever the network's dtype (Fig. 3; official
+    generate_images.py). With x1 ~ 1e3 the float32 spacing is 2^-13 .. 2^-11, so 64 jumps of -2^-15 each
+    vanish in a float32 state (x stays x1), while a float64 state lands on the closed form x1 - 2^-9
+    exactly (every number involved is a power of two)."""
+    x1 = torch.tensor([1024.0, 1025.0, -2048.0, 4095.0]).reshape(4, 1)
+    x0 = tvm.sample(_ConstantDisplacement(), x1, torch.zeros(4, dtype=torch.long), 2.0, steps=64, scale_param=True)
+    assert x0.dtype == torch.float64
+    torch.testing.assert_close(x0, x1.double() - 2.0 ** -9, rtol=0, atol=1e-12)
+
+
+
+def test_make_batch_pairs_each_digit_with_its_label():
+    """make_batch's rows are the digits of EpochSampler.batch(step), each with its own label, in pixels
+    x0 = v / 8 - 1 read here from the .npz; label dropout puts the null class exactly where w = 1."""
+    data = train.DigitsData(os.path.join(ROOT, "data", "digits.npz"))
+    with np.load(os.path.join(ROOT, "data", "digits.npz")) as f:
+        v, labels = f["images"].astype(np.float64), f["labels"]
+    sampler = train.EpochSampler(len(data), seed=1)
+    cfg = train.resolve(train.TrainConfig(batch_size=64))
+    idx = sampler.batch(5, 64)
+    (mb,) = train.make_batch(data, sampler, cfg, 5, 0, 1, "cpu", torch.float64)
+    torch.testing.assert_close(mb.x0, torch.from_numpy(v[idx] / 8 - 1)[:, None], rtol=0, atol=0)
+    dropped = mb.y == 10
+    assert 0 < int(dropped.sum()) < 64                                   # 10% of 64: some, not all
+    assert torch.equal(mb.y[~dropped], torch.from_numpy(labels[idx])[~dropped])
+    assert torch.equal(dropped, mb.w == 1) and bool((mb.w[~dropped] == cfg.w).all())
+
+
+def test_run_evaluates_the_ema_weights(tmp_path, monkeypatch):
+    """The sample grids and the end-of-run FID of train.py are made with theta** (the evaluation EMA),
+    not the online weights: the network handed to sample_grid and report_fid holds the checkpoint's
+    "ema" (--ema 0.5, so it differs from "model"). Both are replaced by recorders: what is tested is
+    which weights they are given, not the grid or the FID."""
+    seen = {}
+
+    def recorder(name):
+        def record(net, *args, **kwargs):
+            seen[name] = {n: p.detach().clone() for n, p in net.state_dict().items()}
+            return np.zeros((4, 4, 3), np.uint8) if name == "grid" else None
+        return record
+
+    monkeypatch.setattr(train, "sample_grid", recorder("grid"))
+    monkeypatch.setattr(train, "report_fid", recorder("fid"))
+    run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--precision", "fp64", "--ema", 0.5,
+              "--sample_every", 2, "--fid", "true")
+    ck = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert seen.keys() == {"grid", "fid"}
+    for name, state in seen.items():
+        for n, p in state.items():
+            assert torch.equal(p, ck["ema"][n]), (name, n)
+    assert max(float((ck["ema"][n] - ck["model"][n]).abs().max()) for n in ck["model"]) > 1e-4
+
+
+def _checkpoint_with_three_weights(path, scale_param=True):
+    """A digits checkpoint (1-block DiT, w = 1.5) whose online, target and EMA weights all differ."""
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, scale_param=scale_param))
+    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    states = {}
+    for i, key in enumerate(("model", "target", "ema")):
+        torch.manual_seed(40 + i)
+        net = train.build_net(cfg)
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        states[key] = net.state_dict()
+    train.save_checkpoint(dict(config=dataclasses.asdict(cfg), opt={}, step=0, **states), str(path))
+    return str(path)
+
+
+def test_sample_py_uses_the_ema_weights_and_the_given_cfg(tmp_path):
+    """sample.py samples theta** (the checkpoint's "ema") by default, other weights with --which, and
+    --cfg w is what the network sees and what scales F (only with the checkpoint's scale_param): each
+    1-step image equals x1 - [w] F(x1, 1, 0) of the right weights, recomputed here (the older sample tests use checkpoints whose three weights are
+    equal, and never pass --cfg)."""
+    cks = {True: _checkpoint_with_three_weights(tmp_path / "ckpt.pt"),
+           False: _checkpoint_with_three_weights(tmp_path / "unscaled.pt", scale_param=False)}
+    x1 = torch.stack([sample.noise_and_label(1, i, (1, 8, 8), [2, 5], 10)[0] for i in range(4)])
+    y = torch.tensor([2, 5, 2, 5])
+
+    def by_hand(key, w, scale_param):
+        state = torch.load(cks[scale_param], weights_only=True)
+        net = train.build_net(state["config"])
+        net.load_state_dict(state[key])
+        ww = torch.full((4,), w)
+        with torch.no_grad():
+            F = net(x1, torch.ones(4), torch.zeros(4), y, ww)
+        ws = ww[:, None, None, None] if scale_param else 1.0                 # [w] of the scaled parameterisation
+        x0 = x1.double() - (ws * F).double()                                  # Eq. 4 with s - t = -1
+        return np.repeat(((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), 3, -1)
+
+    runs = {("ema", 1.5, True): [], ("model", 1.5, True): ["--which", "model"],
+            ("target", 1.5, True): ["--which", "target"], ("ema", 3.0, True): ["--cfg", 3.0],
+            ("ema", 3.0, False): ["--cfg", 3.0]}
+    images = {}
+    for (key, w, scale_param), extra in runs.items():
+        got = load(run_sample(cks[scale_param], tmp_path / f"{key}{w}{scale_param}", "--steps", 1, "--n", 4,
+                              "--seed", 1, "--classes", "2,5", *extra))
+        expected = by_hand(key, w, scale_param)
+        # float32 network both ways: equal up to a rare rounding at .5 levels (as in the test above).
+        assert np.abs(got.astype(int) - expected).max() <= 1 and (got == expected).mean() > 0.99, (key, w)
+        images[key, w, scale_param] = got
+    # Not vacuous: the weights and w change most pixels by more than the tolerance.
+    for other in (("model", 1.5, True), ("target", 1.5, True), ("ema", 3.0, True)):
+        # (Seen: 74%, 76% and 24% of the values; about half of them are clamped at -1 or 1 either way.)
+        assert (np.abs(images[other].astype(int) - images["ema", 1.5, True]) > 1).mean() > 0.1, other
+    as_if_scaled = by_hand("ema", 3.0, True)        # the same weights (same seed) read as w F
+    assert (np.abs(images["ema", 3.0, False].astype(int) - as_if_scaled) > 1).mean() > 0.1
+
+
+def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_path):
+    """LatentData: x0 = (mean + std_post eps - m_c) / s_c per channel, with IMM's statistics typed in
+    here from paper-notes §7 (not read from train.py), the posterior sample drawn with the given eps;
+    to_uint8_images hands the VAE exactly the latent z back (m_c + s_c x0)."""
+    m = {256: [0.865, -0.278, 0.216, 0.374], 512: [1.56, -0.695, 0.483, 0.729]}
+    s = {256: [4.855, 5.319, 3.937, 3.987], 512: [5.27, 5.91, 4.21, 4.31]}
+    for res in (256, 512):
+        h = res // 8
+        rng = np.random.default_rng(res)
+        mean = rng.normal(0, 5, (3, 4, h, h))
+        std = rng.uniform(0.05, 0.5, (3, 4, h, h))
+        folder = tmp_path / str(res)
+        folder.mkdir()
+        np.save(folder / "latents.npy", np.concatenate([mean, std], axis=1).astype(np.float16))
+        np.save(folder / "labels.npy", np.array([0, 1, 1]))
+        data = train.LatentData(str(folder / "latents.npy"), res)
+        assert data.posterior and data.shape == (4, h, h)
+        raw = data.load(np.array([2, 0]))
+        eps = torch.from_numpy(rng.standard_normal((2, 4, h, h))).float()
+        x0 = data.to_x0(raw, eps).double()
+        mean16, std16 = (torch.from_numpy(a.astype(np.float16).astype(np.float64))[[2, 0]] for a in (mean, std))
+        mc, sc = (torch.tensor(v, dtype=torch.float64)[None, :, None, None] for v in (m[res], s[res]))
+        z = mean16 + std16 * eps.double()
+        torch.testing.assert_close(x0, (z - mc) / sc, rtol=1e-5, atol=1e-5)   # float32 arithmetic
+
+        class RecordingVAE:
+            vae = torch.nn.Linear(1, 1)
+            seen = []
+
+            def decode(self, z_):
+                self.seen.append(z_.clone())
+                return torch.zeros(len(z_), 3, 8 * h, 8 * h)
+
+        vae = RecordingVAE()
+        train.to_uint8_images(x0.float(), {"res": res}, vae=vae)
+        torch.testing.assert_close(torch.cat(vae.seen).double(), z, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_check_catches_a_wrong_path(monkeypatch):
+    """check_step_paths must hold each path against an independent reference (torch.func.jvp in float64
+    with the math attention): with DiT.forward_jvp's dF/ds off by 1e-3 (relative), the by-hand paths
+    fail report_check's float64 mark and the func path does not."""
+    real = tvm.DiT.forward_jvp
+
+    def off(self, *args):
+        F, dF = real(self, *args)
+        return F, dF * (1 + 1e-3)
+
+    monkeypatch.setattr(tvm.DiT, "forward_jvp", off)
+    build = tvm.build_dit      # the check's DiT (hidden 256) cut to hidden 32: what is tested is the comparison
+    monkeypatch.setattr(tvm, "build_dit", lambda kw, *a: build(dict(kw, hidden_size=32, num_heads=2), *a))
+    errors = train.check_step_paths(torch.device("cpu"), compiled=False)["float64"]
+    assert max(errors["func"][:2]) <= 1e-12
+    for path in ("manual", "manual + checkpoint_blocks"):
+        assert errors[path][1] > 1e-8 and errors[path][2] > 1e-8, (path, errors[path])
+    with pytest.raises(RuntimeError, match="float64 manual"):
+        train.report_check({"float64": errors})
+
+
+def test_inception_sees_rgb_channels_in_order_and_the_image_upright():
+    """fid.inception_features feeds the network (x - 128) / 128 of the TF1-resized image with channel c
+    of the input's last axis as channel c and rows as rows: held against the network applied to an input
+    built here channel by channel with the test's own resize transcription. The same image with its
+    channels reversed (BGR) or transposed gives features far outside the tolerance."""
+    rng = np.random.default_rng(3)
+    img = np.zeros((1, 6, 10, 3), dtype=np.uint8)
+    img[..., 0] = np.linspace(0, 255, 10).astype(np.uint8)[None, None, :]        # red: ramp along the width
+    img[..., 1] = rng.integers(0, 256, (1, 6, 10))                               # green: noise
+    img[..., 2] = 30                                                             # blue: flat
+    x = np.stack([img[..., c] for c in range(3)], axis=1).astype(np.float64)     # (1, 3, 6, 10), by hand
+    x = (_tf1_resize_bilinear_reference(x, fid.INCEPTION_SIZE) - 128) / 128
+    with torch.inference_mode():
+        direct = fid.load_inception("cpu")(torch.from_numpy(x).float()).double().numpy()
+    got = fid.inception_features(img)
+    scale = np.abs(direct).max()
+    assert np.abs(got - direct).max() <= 1e-4 * scale        # float32 round-off (resize, convolutions)
+    bgr = fid.inception_features(np.ascontiguousarray(img[..., ::-1]))
+    transposed = fid.inception_features(np.ascontiguousarray(img.transpose(0, 2, 1, 3)))
+    assert np.abs(bgr - direct).max() > 1e-2 * scale and np.abs(transposed - direct).max() > 1e-2 * scale
 
 
 if __name__ == "__main__":
