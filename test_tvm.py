@@ -3412,19 +3412,15 @@ def test_ema_update_with_a_device_flag_moves_or_stays():
     assert all(torch.equal(a, b) for a, b in zip(stayed.parameters(), ema.parameters()))
 
 
-def test_step_on_device_skips_on_the_device_and_refuses_an_unfused_optimizer():
-    """step_on_device returns its statistics as one tensor (no host synchronisation) and, on a NaN batch,
-    changes no weight, EMA or AdamW moment; train_step (step_on_device + one read) says skipped. An
-    unfused AdamW ignores found_inf, so it is refused rather than silently applying a NaN step."""
+def test_step_on_device_returns_a_tensor_and_refuses_an_unfused_optimizer():
+    """step_on_device (what the CUDA graph captures) returns its statistics as one device tensor, no host
+    read; train_step is it plus one read, so test_nonfinite_step_is_skipped covers its device-side skip.
+    An unfused AdamW ignores found_inf, so it is refused rather than silently applying a NaN step."""
     net, ema, target, opt, cfg = tiny_setup()
-    x0 = torch.randn(16, 1, 8, 8, dtype=torch.float64)
-    x0[0, 0, 0, 0] = float("nan")
-    inputs = tvm.sample_loss_inputs(x0, torch.randint(0, 10, (16,)), 10)
-    before = [p.clone() for p in (*net.parameters(), *ema.parameters(), *target.parameters())]
+    inputs = tvm.sample_loss_inputs(torch.randn(16, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (16,)), 10)
     stats = train.step_on_device(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
     assert isinstance(stats, torch.Tensor) and stats.shape == (len(train.STAT_NAMES),)
-    assert stats[train.STAT_NAMES.index("ok")] == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, (*net.parameters(), *ema.parameters(), *target.parameters())))
+    assert stats[train.STAT_NAMES.index("ok")] == 1 and stats[train.STAT_NAMES.index("weights_ok")] == 1
     unfused = torch.optim.AdamW(net.parameters(), lr=1e-3)
     with pytest.raises(TypeError, match="fused AdamW"):
         train.step_on_device(tvm.TVMLoss(net), net, ema, target, unfused, [inputs], cfg)

@@ -1514,6 +1514,17 @@ def code_version():
     return h.hexdigest()[:10]
 
 
+def _check_dit(seed):
+    """The benchmark checks' small DiT (head dim 64, as in XL/2-18h), every weight perturbed so that no
+    zero-initialised layer hides an error."""
+    torch.manual_seed(seed)
+    base = tvm.build_dit(dict(hidden_size=256, depth=2, num_heads=4, patch_size=2), 16, 4, 10)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return base
+
+
 def check_step_paths(device, amp=nullcontext(), compiled=True, seed=0):
     """One TVM loss evaluation (loss and gradient) by each way of computing it: torch.func.jvp (the
     reference path), the by-hand tangent, with block checkpointing, and compiled (if `compiled`). A
@@ -1524,16 +1535,11 @@ def check_step_paths(device, amp=nullcontext(), compiled=True, seed=0):
     from the func path in the same precision)}}, all relative (the gradient's in Frobenius norm); the
     float64 reference is torch.func.jvp with math attention on the same device.
     """
-    kw = dict(hidden_size=256, depth=2, num_heads=4, patch_size=2)   # head dim 64, as in XL/2-18h
-    torch.manual_seed(seed)
-    base = tvm.build_dit(kw, 16, 4, 10)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    base = _check_dit(seed)
     g = torch.Generator().manual_seed(seed)
     inp = tvm.sample_loss_inputs(torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g),
                                  10, w=2.0, generator=g)
-    fields = [getattr(inp, f.name) for f in dataclasses.fields(inp)]
+    fields = _fields(inp)
 
     def run(dtype, jvp, attention="auto", ckpt=False, compiled=False, amp_=nullcontext()):
         if compiled:
@@ -1595,12 +1601,7 @@ def check_cuda_graph(device, amp=nullcontext(), compiled=True, steps=4, seed=0):
     eager runs differ too, and that difference is the yardstick. Returns {precision: dict(graph=relative
     difference graph vs eager, eager=eager vs eager, skipped_unchanged=bool)}; the differences are over
     the online weights, both EMAs and AdamW's first moments after the last step."""
-    kw = dict(hidden_size=256, depth=2, num_heads=4, patch_size=2)
-    torch.manual_seed(seed)
-    base = tvm.build_dit(kw, 16, 4, 10)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    base = _check_dit(seed)
     g = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(steps):
