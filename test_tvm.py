@@ -3395,8 +3395,8 @@ if __name__ == "__main__":
 # ================================================================================================
 
 def test_ema_update_with_a_device_flag_moves_or_stays():
-    """tvm.ema_update(..., ok): ok True is the plain update (the List overload of _foreach_lerp_ with a
-    0-d weight tensor equals the Scalar one), ok False leaves the EMA exactly as it was."""
+    """tvm.ema_update(..., ok): ok True is the plain update, ok False leaves the EMA exactly as it was,
+    also when the online weights are not finite (the step that made them so)."""
     torch.manual_seed(0)
     net, ema = (tvm.build_dit(dict(hidden_size=32, depth=1, num_heads=2, patch_size=2), 8, 1, 10).double()
                 for _ in range(2))
@@ -3408,6 +3408,10 @@ def test_ema_update_with_a_device_flag_moves_or_stays():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
         torch.testing.assert_close(a, 0.9 * e + 0.1 * n, rtol=0, atol=1e-15)   # the closed form, rate 0.9
     stayed = train.copy.deepcopy(ema)
+    tvm.ema_update(stayed, net, 0.9, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(stayed.parameters(), ema.parameters()))
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("inf"))
     tvm.ema_update(stayed, net, 0.9, torch.tensor(False))
     assert all(torch.equal(a, b) for a, b in zip(stayed.parameters(), ema.parameters()))
 

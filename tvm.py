@@ -683,16 +683,18 @@ def ema_update(ema, net, rate, ok=None):
     """theta_ema <- rate theta_ema + (1 - rate) theta. Used for the target EMA (0.99) and the
     evaluation EMA (0.9999) of Algorithm 1, step 5.
 
-    ok: optional 0-d bool tensor, False for a skipped step (non-finite loss or gradient): the EMA then
-    moves by 0. Decided on the device, with no host synchronisation, so that a whole training step can
-    be captured as a CUDA graph (train.py)."""
+    ok: optional 0-d bool tensor, False for a skipped step (non-finite loss, gradient or updated weights):
+    the EMA then stays exactly as it was. Decided on the device, with no host synchronisation, so that a
+    whole training step can be captured as a CUDA graph (train.py)."""
     ema_params = [p for p in ema.parameters()]
     net_params = [p.detach() for p in net.parameters()]
     if ok is None:
         torch._foreach_lerp_(ema_params, net_params, 1.0 - rate)
-    else:  # a weight tensor per parameter: the List overload broadcasts it; a 0-d tensor as a Scalar would sync
-        weight = (1.0 - rate) * ok.to(ema_params[0].dtype)
-        torch._foreach_lerp_(ema_params, net_params, [weight] * len(ema_params))
+    else:
+        # Where not ok, lerp towards the EMA itself: no move. (A weight of 0 would not do: 0 * inf is NaN
+        # when the online weights are not finite.) One parameter at a time: no copy of the whole model.
+        for e, n in zip(ema_params, net_params):
+            e.lerp_(torch.where(ok, n, e), 1.0 - rate)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
 
