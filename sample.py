@@ -650,7 +650,7 @@ def main(argv=None):
                           "(the released files use w = 2, 1.75 and 2.5: README, 'Use the released models')")
     w = config["w"] if args.cfg is None else args.cfg
     w_hi = config.get("w_max") or config["w"]
-    if rank == 0 and info is None and not min(config["w"], w_hi) - 1e-9 <= w <= max(config["w"], w_hi) + 1e-9:
+    if rank == 0 and info is None and config["w"] is not None and not min(config["w"], w_hi) - 1e-9 <= w <= max(config["w"], w_hi) + 1e-9:
         print(f"note: --cfg {w:g} lies outside the guidance weights this model was trained on "
               f"({config['w']:g}" + (f"..{w_hi:g}" if w_hi != config["w"] else "") + "); the network "
               "takes w as an input but has not learned other values", file=sys.stderr)

@@ -1556,6 +1556,21 @@ def test_resume_applies_new_optimiser_settings(tmp_path, capsys):
     assert json.loads(open(tmp_path / "r" / "log.jsonl").readlines()[-1])["lr"] == 5e-4
 
 
+def test_resume_keeps_the_fused_optimizer_of_this_run(tmp_path):
+    """A checkpoint whose AdamW was unfused (train.py before the fused optimizer, or saved elsewhere)
+    resumes with this run's fused AdamW: opt.load_state_dict would otherwise restore fused=None, and the
+    unfused AdamW refuses the found_inf skip (it crashed the first resumed step)."""
+    run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    path = tmp_path / "r" / "ckpt.pt"
+    state = torch.load(path, weights_only=True)
+    for g in state["opt"]["param_groups"]:
+        g.update(fused=None, foreach=None, capturable=False)
+    torch.save(state, path)
+    run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume")
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 2 and all(g["fused"] for g in state["opt"]["param_groups"])
+
+
 def test_second_run_on_one_folder_is_refused(tmp_path):
     """flock is per open file description: a second open + flock in the same process conflicts, as a
     second process would."""

@@ -1211,6 +1211,11 @@ def _train(cfg, rank, world, device):
         changed = check_resumable(state["config"], cfg, ckpt_path)
         for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
             load_weights(module, state[key], ckpt_path, key)
+        # load_state_dict also restores the saved groups' implementation flags; keep this run's (fused,
+        # capturable on a GPU): a checkpoint of an unfused AdamW (older train.py) or from the CPU must not
+        # switch the found_inf skip or the CUDA graph off. Set before loading: they place the step counters.
+        for group in state["opt"].get("param_groups", []):
+            group.update(fused=True, foreach=None, capturable=opt.defaults["capturable"])
         try:
             opt.load_state_dict(state["opt"])
         except (ValueError, KeyError) as e:
