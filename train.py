@@ -939,6 +939,13 @@ class CudaGraphStep:
         return step_report(self.stats)
 
 
+def make_step(model, net, ema, target, opt, cfg, amp=nullcontext(), graph=False, warmup=2):
+    """batch -> statistics: the CUDA-graph step, or the eager train_step."""
+    if graph:
+        return CudaGraphStep(model, net, ema, target, opt, cfg, amp, warmup=warmup)
+    return lambda micro_batches: train_step(model, net, ema, target, opt, micro_batches, cfg, amp)
+
+
 def _fields(inp):
     return [getattr(inp, f.name) for f in dataclasses.fields(inp)]
 
@@ -1268,8 +1275,7 @@ def _train(cfg, rank, world, device):
             save_png(grid, os.path.join(cfg.out, f"samples_{step:07d}.png"))
             save_png(grid, os.path.join(cfg.out, "samples.png"))
 
-    step_fn = CudaGraphStep(model, net, ema, target, opt, cfg, amp) if cfg.cuda_graph else \
-        (lambda batch: train_step(model, net, ema, target, opt, batch, cfg, amp))
+    step_fn = make_step(model, net, ema, target, opt, cfg, amp, graph=cfg.cuda_graph)
     sampler = EpochSampler(len(data), cfg.seed)
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     acc, t_last, n_last = [], time.time(), step
@@ -1680,8 +1686,7 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
         model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm",
                              jvp=c.jvp)
         opt = make_optimizer(net, c)
-        step = CudaGraphStep(model_, net, ema, target, opt, c, amp, warmup=warmup) if cfg.cuda_graph else \
-            (lambda batch: train_step(model_, net, ema, target, opt, batch, c, amp))
+        step = make_step(model_, net, ema, target, opt, c, amp, graph=cfg.cuda_graph, warmup=warmup)
         g = torch.Generator(device).manual_seed(0)
         times = []
         warmup += 1 if cfg.cuda_graph else 0        # and the capture
