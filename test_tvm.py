@@ -3431,6 +3431,76 @@ def test_ema_update_with_a_device_flag_moves_or_stays():
     assert all(torch.equal(a, b) for a, b in zip(stayed.parameters(), ema.parameters()))
 
 
+def test_ema_kernel_equals_the_lerp_and_skips_on_the_flag():
+    """tvm's one-pass EMA kernel (what ema_update runs on a GPU; here through Triton's interpreter):
+    e + (1 - rate)(n - e) with the flag set, to float32 rounding (a wrong rate or direction is off by
+    far more); nothing read or written with the flag clear, also when n is not finite. Sizes that are
+    not multiples of its block, and an empty tensor."""
+    if not attention_jvp.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(0)
+    for numel in (1, 4095, 4097, 3 * 4096 + 5, 0):
+        e, n = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
+        moved = e.clone()
+        tvm._ema_lerp_kernel(moved, n, 1 - 0.9, torch.tensor(1, dtype=torch.int32))
+        torch.testing.assert_close(moved, 0.9 * e + 0.1 * n, rtol=0, atol=1e-6)
+        if numel:
+            n[numel // 2] = float("inf")
+        stayed = e.clone()
+        tvm._ema_lerp_kernel(stayed, n, 1 - 0.9, torch.tensor(0, dtype=torch.int32))
+        assert torch.equal(stayed, e)
+    # 16-bit weights are updated in float32 and rounded once (fp16: the interpreter has no bf16)
+    half = torch.randn(100, generator=g).to(torch.float16)
+    target = torch.randn(100, generator=g).to(torch.float16)
+    moved = half.clone()
+    tvm._ema_lerp_kernel(moved, target, 0.5, torch.tensor(1, dtype=torch.int32))
+    torch.testing.assert_close(moved, (0.5 * half.float() + 0.5 * target.float()).half(), rtol=0, atol=0)
+
+
+def test_step_clips_the_gradient_to_grad_clip_inside_adamw():
+    """The step clips inside the fused AdamW (its grad_scale): its first moment after one step is
+    (1 - beta1) g min(1, grad_clip / (|g| + 1e-6)), from the gradient of the same loss computed here
+    (float64); with clipping off (grad_clip 0), (1 - beta1) g. A tight clip, so that it binds."""
+    for clip in (1e-3, 0.0):
+        net, ema, target, opt, cfg = tiny_setup()
+        cfg.grad_clip = clip
+        g = torch.Generator().manual_seed(0)
+        inputs = tvm.sample_loss_inputs(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64),
+                                        torch.randint(0, 10, (16,), generator=g), 10, generator=g)
+        probe = train.copy.deepcopy(net)
+        loss, _ = tvm.tvm_loss(probe, target, inputs)
+        loss.backward()
+        grads = [p.grad for p in probe.parameters() if p.requires_grad]
+        norm = float(torch.cat([q.flatten() for q in grads]).norm())
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        stats = train.train_step(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
+        assert stats["grad_norm"] == pytest.approx(norm, rel=1e-12)
+        if clip:
+            assert coef < 1e-2   # binds
+        params = [p for p in net.parameters() if p.requires_grad]
+        for p, gr in zip(params, grads):
+            # AdamW's kernel takes the clipping scale in float32: float32 rounding (a wrong clip is off by 100x)
+            torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - cfg.beta1) * coef * gr,
+                                       rtol=1e-7 if clip else 1e-12, atol=1e-18)
+
+
+def test_residual_stream_is_stored_token_by_token():
+    """Every block receives its tokens (and, under forward_jvp, their tangent) as a contiguous
+    (B, N, hidden) tensor: the patch convolution's transposed output is copied once in embed_patches.
+    Without the copy the whole stream stays channel-major (the layout elementwise ops inherit)."""
+    net = tiny_dit(0, depth=2)
+    seen = []
+    for block in net.blocks:
+        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+        real = block.forward_jvp
+        block.forward_jvp = lambda x, dx, c, dc, real=real: (seen.append(x.is_contiguous() and dx.is_contiguous())
+                                                            or real(x, dx, c, dc))
+    inp = random_inputs(B=3, seed=1)
+    net(inp.x0, inp.t, inp.s, inp.y, inp.w)
+    net.forward_jvp(inp.x0, inp.t, inp.s, inp.y, inp.w)
+    assert seen == [True] * 4
+
+
 def test_step_on_device_returns_a_tensor_and_refuses_an_unfused_optimizer():
     """step_on_device (what the CUDA graph captures) returns its statistics as one device tensor, no host
     read; train_step is it plus one read, so test_nonfinite_step_is_skipped covers its device-side skip.

@@ -873,8 +873,13 @@ def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcon
     means = sums / (n_rank * (dist.get_world_size() if dist.is_initialized() else 1))
     params = [p for p in net.parameters() if p.requires_grad]
     # The norm of the global gradient (already all-reduced), identical on every rank.
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     ok = torch.isfinite(means).all() & torch.isfinite(grad_norm)
+    # Clipping to norm grad_clip, as clip_grad_norm_ does (g <- g min(1, grad_clip / (|g| + 1e-6))), but
+    # inside the fused AdamW kernel: it divides the gradient by its grad_scale as it reads it (the protocol
+    # of torch.amp.GradScaler). One pass over the gradients fewer than scaling them first.
+    # (The kernel takes the scale in float32: a float64 model's clipping is exact to float32 rounding.)
+    opt.grad_scale = torch.clamp((grad_norm + 1e-6) / cfg.grad_clip, min=1.0).float() if cfg.grad_clip > 0 else None
     # The official code zeroes NaN losses; we skip the whole step (and train() logs it).
     opt.found_inf = (~ok).float()             # fused AdamW: no update, step count unchanged, where 1
     opt.step()

@@ -45,7 +45,11 @@ import torch.nn as nn
 import torch.nn.functional as nnf
 from torch.utils.checkpoint import checkpoint
 
-from attention_jvp import attention, attention_pair
+from attention_jvp import HAS_TRITON, attention, attention_pair
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,10 +420,21 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
+    def embed_patches(self, x):
+        """(B, C, H, W) -> the tokens (B, N, hidden) with their positional embedding, stored token by token.
+
+        The patch convolution's output, transposed, is a channel-major view, and elementwise ops keep
+        their input's layout: without the copy the whole residual stream of every block (and its
+        tangent, and their gradients) stays channel-major, and each RMSNorm reduces across strided
+        memory (seen in the kernels Inductor generated for XL/2). Inductor copes well with that: on an
+        H200 the copy changed the XL/2 step by less than the spread between runs (README, "Toward the
+        hardware limit"); it is kept for the plain layout, which any other kernel can rely on."""
+        return self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
+
     def forward(self, x, t, s, y, w):
         # The network sees (t, t - s, beta = 1/w), as in the official wrapper; a JVP in s then reaches
         # the network through the gap embedder with tangent -1 (paper-notes §2.2).
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed           # (B, N, hidden)
+        h = self.embed_patches(x)                                                   # (B, N, hidden)
         c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
         for block in self.blocks:
             h = self._run_block(block, h, c)
@@ -434,7 +449,7 @@ class DiT(nn.Module):
         tangents, so the patch, t, w and label embeddings are constants and the tangent enters every
         block through its adaLN modulation (dc), then through the tokens (dh).
         """
-        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
+        h = self.embed_patches(x)
         gap, dgap = self.gap_embedder.forward_jvp(t - s, -torch.ones_like(s))
         c = self.t_embedder(t) + gap + self.w_embedder(1.0 / w) + self.y_embedder(y)
         dc = dgap
@@ -691,12 +706,49 @@ def ema_update(ema, net, rate, ok=None):
     if ok is None:
         torch._foreach_lerp_(ema_params, net_params, 1.0 - rate)
     else:
-        # Where not ok, lerp towards the EMA itself: no move. (A weight of 0 would not do: 0 * inf is NaN
-        # when the online weights are not finite.) One parameter at a time: no copy of the whole model.
+        flag = ok.to(torch.int32)   # once, not per parameter
         for e, n in zip(ema_params, net_params):
-            e.lerp_(torch.where(ok, n, e), 1.0 - rate)
+            if _ema_kernel_applies(e, n):
+                _ema_lerp_kernel(e, n, 1.0 - rate, flag)
+            else:
+                # Where not ok, lerp towards the EMA itself: no move. (A weight of 0 would not do: 0 * inf
+                # is NaN when the online weights are not finite.) One parameter at a time: no copy of the
+                # whole model.
+                e.lerp_(torch.where(ok, n, e), 1.0 - rate)
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
+
+
+# The flagged EMA update on a GPU, one pass: the torch lines above read both weights twice and write a
+# temporary (torch.where) before the lerp: 6 float32 accesses per parameter against 3, and the update
+# runs twice per step over the 678M parameters of XL/2 (measured on an H200: see README, "Toward the
+# hardware limit"). Same formula as torch's lerp for a weight below 0.5, e + w (n - e), in float32.
+if HAS_TRITON:
+    @triton.jit
+    def _ema_kernel(E, N, OK, numel, weight, BLOCK: tl.constexpr):
+        """E[i] <- E[i] + weight (N[i] - E[i]) for this program's BLOCK elements, if *OK; else nothing is
+        read or written (so non-finite N cannot reach E)."""
+        if tl.load(OK) != 0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            e = tl.load(E + offs, mask=mask).to(tl.float32)
+            n = tl.load(N + offs, mask=mask).to(tl.float32)
+            tl.store(E + offs, (e + weight * (n - e)).to(E.dtype.element_ty), mask=mask)
+
+
+_EMA_BLOCK = 4096
+
+
+def _ema_kernel_applies(e, n):
+    """The kernel runs for contiguous float32 / bf16 / fp16 CUDA tensors of one dtype (Triton present)."""
+    return (HAS_TRITON and e.is_cuda and e.dtype == n.dtype and e.is_contiguous() and n.is_contiguous()
+            and e.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _ema_lerp_kernel(e, n, weight, flag):
+    """e <- e + weight (n - e) in place if the 0-d int32 device flag is nonzero; e unchanged if it is 0."""
+    if e.numel():
+        _ema_kernel[(triton.cdiv(e.numel(), _EMA_BLOCK),)](e, n, flag, e.numel(), float(weight), BLOCK=_EMA_BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------
