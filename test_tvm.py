@@ -2927,6 +2927,30 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys, monkeypatch):
     assert "| tiny | 64 | 8 |" in out and "TVM / FM" in out
 
 
+def test_benchmark_profile_sorts_kernels_by_kind(capsys):
+    """--bench_profile prints each step's time by kind of kernel. The kinds come from kernel names seen in
+    an H200 profile of the XL/2 step (cuBLAS, this project's kernels, AdamW, Inductor, copies); on the CPU
+    a tiny benchmark prints aten's operators the same way, the matrix products among them."""
+    seen = {"nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN": "matrix products",
+            "_bwd_kernel": "attention kernels", "_tangent_kernel": "attention kernels",
+            "_ema_kernel": "EMA kernel",
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+            "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor": "AdamW and norms",
+            "triton_poi_fused__to_copy_addcmul_unsqueeze_view_7": "Inductor (fused elementwise)",
+            "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda": "other elementwise and copies"}
+    assert {name: train.kernel_kind(name) for name in seen} == seen
+    cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference",
+                              "--bench_profile"])
+    train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
+    out = capsys.readouterr().out
+    for kind in ("TVM", "FM"):
+        line = next(l for l in out.splitlines() if f"profile, tiny 64 px batch 8, {kind} step" in l)
+        assert float(re.search(r"([0-9.]+) ms$", line).group(1)) > 0
+    products = [float(m) for m in re.findall(r"matrix products +([0-9.]+) ms", out)]
+    assert len(products) == 2 and min(products) > 0
+
+
 def test_speed_options_train_the_same_model(tmp_path):
     """--checkpoint_blocks and --jvp func/manual change how the step runs, not what it computes:
     3 steps give the same weights (float64, so only the order of operations may differ)."""

@@ -135,6 +135,7 @@ class TrainConfig:
     bench_check: bool = _opt(True, "before timing, check every path's loss and gradient (check_step_paths)")
     bench_cases: str = _opt("", "e.g. 'XL/2-18h:256:32,B/2:256:32' (model:px:batch); '' = BENCH_CASES")
     bench_memory_gib: float = _opt(0.0, "cap the GPU memory the benchmark may use (e.g. 80 on a 141 GB H200); 0 = all")
+    bench_profile: bool = _opt(False, "after timing each step, print its kernel time by kind (torch.profiler, one eager step)")
     # filled in from the data, not by hand
     input_size: int = 0
     in_channels: int = 0
@@ -1521,6 +1522,55 @@ def matmul_ceiling(device, n=8192, reps=10):
     return 2 * n ** 3 / float(np.median(times[3:])) / 1e12
 
 
+# Kernel kinds of print_kernel_profile, by name: cuBLAS products (GPU) or aten's (CPU), this project's
+# attention and EMA kernels, AdamW, Inductor's generated kernels; the rest is "other elementwise and copies".
+KERNEL_KINDS = (
+    ("matrix products", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention kernels", ("_fwd_kernel", "_tangent_kernel", "_bwd_kernel", "_bwd_preprocess")),
+    ("EMA kernel", ("_ema_kernel",)),
+    ("AdamW and norms", ("multi_tensor", "fused_adam", "LpNorm", "aten::_fused_adamw", "aten::_foreach_norm")),
+    ("Inductor (fused elementwise)", ("triton_",)),
+)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(m.lower() in low for m in marks):
+            return kind
+    return "other elementwise and copies"
+
+
+def print_kernel_profile(title, device, run, top=12):
+    """Profile one call of run() with torch.profiler and print where the time goes: on a GPU each kernel's
+    GPU time (an eager step launches the same kernels that a CUDA graph replays), on the CPU each
+    operator's own CPU time; summed by kernel_kind, then the `top` largest. Returns {kind: ms}."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        ms = (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
+        if ms > 0 and (not cuda or e.device_type.name == "CUDA"):   # on a GPU, kernels only (not their ops)
+            rows.append((ms, e.count, e.key))
+    rows.sort(reverse=True)
+    kinds = {}
+    for ms, count, name in rows:
+        k = kinds.setdefault(kernel_kind(name), [0.0, 0])
+        k[0] += ms
+        k[1] += count
+    total = sum(ms for ms, _, _ in rows)
+    print(f"  profile, {title} ({'GPU kernel' if cuda else 'CPU operator'} time of one eager step): {total:.1f} ms")
+    for kind, (ms, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {kind:30s} {ms:8.1f} ms  {count:6d} calls")
+    for ms, count, name in rows[:top]:
+        print(f"      {ms:8.2f} ms {count:5d}x  {name[:100]}")
+    return {kind: ms for kind, (ms, _) in kinds.items()}
+
+
 def code_version():
     """sha1 (10 hex digits) of tvm.py, attention_jvp.py and train.py: which code a printed timing ran."""
     h = hashlib.sha1()
@@ -1708,7 +1758,12 @@ def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         sec = float(np.median(times[warmup:]))
-        return dict(s=sec, img_s=batch / sec, gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+        row = dict(s=sec, img_s=batch / sec, gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
+        if cfg.bench_profile:
+            with attention_jvp.use_backend(cfg.attention):
+                print_kernel_profile(f"{model} {px} px batch {batch}, {kind.upper()} step", device, lambda: train_step(
+                    model_, net, ema, target, opt, [inp], c, amp))
+        return row
     except torch.cuda.OutOfMemoryError:
         return None
 
