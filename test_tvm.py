@@ -1235,6 +1235,61 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert state["step"] == 1 and torch.equal(state["x"], torch.arange(10))
 
 
+def test_checkpoint_loaded_to_another_device_keeps_rng_states_on_the_cpu(tmp_path):
+    """A GPU resume crashed in torch.set_rng_state ("RNG state must be a torch.ByteTensor"): map_location had
+    moved the saved RNG states to the GPU with the weights. map_location="meta" moves tensors off the CPU
+    the same way on a machine without a GPU: the weights go, the RNG states stay, and restoring them works."""
+    run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    state = train.load_checkpoint(str(tmp_path / "r" / "ckpt.pt"), device="meta")
+    assert all(t.device.type == "meta" for t in state["model"].values())
+    rng = state["rng"][0]
+    assert rng["torch"].device.type == "cpu" and rng["torch"].dtype == torch.uint8
+    before = torch.get_rng_state()
+    torch.manual_seed(12345)
+    train.set_rng_state(rng)                                   # what raised on a GPU
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+    torch.set_rng_state(before)
+
+
+def test_save_over_a_checkpoint_already_linked_to_prev_leaves_no_temporary_file(tmp_path):
+    """A kill between save_checkpoint's link (ckpt.pt -> ckpt.prev.pt) and its write leaves both names on one
+    inode; os.replace between two links of one inode does nothing, and the next save left its temporary
+    link ckpt.prev.pt.<pid>.tmp (a whole checkpoint at full size) behind."""
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"step": 1}, path)
+    os.link(path, str(tmp_path / "ckpt.prev.pt"))
+    train.save_checkpoint({"step": 2}, path)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.prev.pt", "ckpt.pt"]
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["step"] == 1
+    assert torch.load(path, weights_only=True)["step"] == 2
+    train.save_checkpoint({"step": 3}, path)                   # and the usual rotation goes on
+    assert torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)["step"] == 2
+
+
+def test_a_run_removes_the_temporary_files_a_killed_run_left(tmp_path, capsys):
+    """A kill -9 during a write leaves .ckpt.pt.<random>.tmp (or the prev link's ckpt.prev.pt.<pid>.tmp):
+    the next run on that folder deletes them, and nothing else."""
+    out = tmp_path / "r"
+    run_train(out, "--steps", 1, "--batch_size", 4)
+    left = [".ckpt.pt.a1b2_c3d.tmp", "ckpt.prev.pt.4242.tmp", ".log.jsonl.zz99yy88.tmp", ".samples.png.k2j3h4g5.tmp",
+            ".samples_0000002.png.abcdefgh.tmp"]
+    kept = ["notes.tmp", ".ckpt.pt.tmp", "ckpt.prev.pt.x.tmp", "my.ckpt.pt.abcdefgh.tmp"]
+    for name in left + kept:
+        (out / name).write_bytes(b"x" * 100)
+    run_train(out, "--steps", 2, "--batch_size", 4, "--resume")
+    assert "removed 5 temporary file(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == sorted(kept)
+
+
+def test_a_nonfinite_update_on_a_new_run_does_not_claim_a_checkpoint(tmp_path):
+    """--lr 1e30 on a fresh --out: the message said "ckpt.pt (step 0) is kept, continue with --resume", but
+    no checkpoint existed. It must say none was written, and advise a new start."""
+    with pytest.raises(train.TrainError) as e:
+        run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--lr", "1e30")
+    assert "non-finite" in str(e.value) and "no checkpoint had been written yet" in str(e.value)
+    assert "--resume" not in str(e.value) and not (tmp_path / "r" / "ckpt.pt").exists()
+
+
 def tiny_setup(dtype=torch.float64):
     torch.manual_seed(0)
     net = tvm.build_dit(dict(hidden_size=32, depth=1, num_heads=2, patch_size=2), 8, 1, 10).to(dtype)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -749,8 +750,10 @@ def save_checkpoint(state, path):
     if bad:
         raise TrainError(f"refusing to save non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
                          f"over {path}; the previous checkpoint is kept")
-    if os.path.isfile(path):
-        prev = os.path.splitext(path)[0] + ".prev.pt"
+    prev = os.path.splitext(path)[0] + ".prev.pt"
+    # Already one file (a kill between this link and the write below): prev holds the last good state.
+    # (os.replace between two links to one inode does nothing, and would leave the temporary link behind.)
+    if os.path.isfile(path) and not (os.path.isfile(prev) and os.path.samefile(path, prev)):
         link = prev + f".{os.getpid()}.tmp"
         try:
             os.link(path, link)
@@ -758,6 +761,23 @@ def save_checkpoint(state, path):
             shutil.copyfile(path, link)
         os.replace(link, prev)
     _write_atomically(path, lambda f: torch.save(state, f))
+
+
+# The temporary files of _write_atomically (.<name>.<8 random characters>.tmp) and of save_checkpoint's
+# link (ckpt.prev.pt.<pid>.tmp): what a run killed in the middle of a write leaves in its folder.
+LEFTOVER = re.compile(r"^\.(ckpt\.pt|log\.jsonl|samples(_\d+)?\.png)\.[a-z0-9_]{8}\.tmp$|^ckpt\.prev\.pt\.\d+\.tmp$")
+
+
+def remove_leftovers(out):
+    """Delete the temporary files that killed runs left in the run folder `out` (each can be a whole
+    checkpoint). Call it only while holding the folder's lock: a live run's own files look the same.
+    -> the names removed."""
+    gone = []
+    for name in sorted(os.listdir(out)):
+        if LEFTOVER.match(name) and os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+            gone.append(name)
+    return gone
 
 
 def rng_state():
@@ -771,14 +791,30 @@ def rng_state():
 
 
 def set_rng_state(s):
+    """Restore rng_state(). torch's RNG states are CPU byte tensors whatever device they were loaded to
+    (torch.load's map_location moves them too, and set_rng_state accepts only a CPU ByteTensor)."""
     random.setstate((s["python_version"], tuple(s["python"]), None))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
     if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state_all([c.cpu() for c in s["cuda"]])
+
+
+def _to(obj, device):
+    """Every tensor inside nested dicts / lists / tuples, moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def load_checkpoint(path, device="cpu"):
+    """The state dict of a train.py checkpoint: weights and optimiser state on `device`, the RNG states
+    on the CPU whatever `device` is (torch.set_rng_state accepts only a CPU ByteTensor: a GPU resume
+    crashed when map_location had moved them to the GPU with the weights)."""
     prev = os.path.splitext(path)[0] + ".prev.pt"
     other = f" The checkpoint before it, {prev}, may be good: copy it over {path} to use it." \
         if os.path.isfile(prev) and os.path.abspath(prev) != os.path.abspath(path) else ""
@@ -786,13 +822,16 @@ def load_checkpoint(path, device="cpu"):
         raise TrainError(f"no checkpoint at {path}. Give the ckpt.pt that a train.py run wrote in its --out folder."
                          + other)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
                          "It may be truncated (an interrupted copy?) or not from train.py." + other) from None
-    missing = [k for k in ("config", "model", "ema", "target", "opt", "step") if k not in state]
+    missing = [k for k in ("config", "model", "ema", "target", "opt", "step") if k not in state] \
+        if isinstance(state, dict) else "everything (it holds no dict)"
     if missing:
         raise TrainError(f"{path} is not a train.py checkpoint: it lacks {missing}." + other)
+    if torch.device(device).type != "cpu":
+        state.update({k: _to(state[k], device) for k in ("model", "ema", "target", "opt")})
     return state
 
 
@@ -1123,6 +1162,10 @@ def lock_run_folder(out):
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
     f.flush()
+    gone = remove_leftovers(out)
+    if gone:
+        print(f"removed {len(gone)} temporary file(s) that an interrupted run left in {out}: {', '.join(gone[:4])}"
+              + (", ..." if len(gone) > 4 else ""))
     return f
 
 
@@ -1220,7 +1263,9 @@ def _train(cfg, rank, world, device):
     log_path = os.path.join(cfg.out, "log.jsonl")
     step = 0
     if cfg.resume:
-        state = load_checkpoint(ckpt_path, device)
+        # On the CPU: load_state_dict copies each tensor onto the device, so the GPU never holds the whole
+        # checkpoint beside the run's own weights and optimiser state.
+        state = load_checkpoint(ckpt_path, "cpu")
         changed = check_resumable(state["config"], cfg, ckpt_path)
         for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
             load_weights(module, state[key], ckpt_path, key)
@@ -1293,10 +1338,12 @@ def _train(cfg, rank, world, device):
             step += 1
             bar.update(1)
             if not stats["weights_ok"]:
+                fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
                 msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
-                       f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; {ckpt_path} "
-                       f"(step {saved_step}) is kept. Continue from it with --resume and a smaller --lr "
-                       f"(now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0")
+                       f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
+                           f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
+                           if os.path.isfile(ckpt_path) else
+                           f"no checkpoint had been written yet. Start again with {fix}"))
                 if master:
                     log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
                                               **stats)) + "\n")
@@ -1310,10 +1357,13 @@ def _train(cfg, rank, world, device):
                 if skipped_in_a_row == MAX_SKIPPED:
                     if master:
                         log.close()
+                    kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
+                            "no checkpoint had been written yet")
                     raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
-                                     f"non-finite loss or gradient and were skipped; the run stops. {ckpt_path} "
-                                     f"(step {saved_step}) is kept. Check the data for NaN or infinite values; "
-                                     f"if it is clean, resume with a smaller --lr or with --grad_clip 1.0")
+                                     f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
+                                     f"the data for NaN or infinite values; if it is clean, "
+                                     + ("resume" if os.path.isfile(ckpt_path) else "start again")
+                                     + " with a smaller --lr or with --grad_clip 1.0")
             else:
                 skipped_in_a_row = 0
                 acc.append(stats)
