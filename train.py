@@ -66,6 +66,10 @@ class TrainError(Exception):
     """A problem the person running train.py can fix; the message says what to do."""
 
 
+class SampleError(Exception):
+    """A problem the person running sample.py can fix; the message says what to do."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Configuration: one dataclass; every field is a command-line option; None = take the --res preset
 # ------------------------------------------------------------------------------------------------
