@@ -46,7 +46,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import fid
 import tvm
+from data import DigitsData, EpochSampler, make_batch, to_uint8_images
+from train import TrainConfig, build_net, make_optimizer, parse_config, train_step
 
 OUT = "evidence"
 N_EVAL = 4000           # points per side for the sliced W2
@@ -382,22 +385,21 @@ def train_digits(method, steps=None, device="cpu"):
     with the full TVM loss or with the flow-matching term only. The loop is train.py's main() without
     checkpoints and logs, built from its pieces so that both methods share everything else.
     Returns (eval-EMA network, config, seconds)."""
-    import train
     argv = ["--fid", "false", "--sample_every", "0", "--device", device] + (["--steps", str(steps)] if steps else [])
-    cfg = train.parse_config(argv)
-    data = train.DigitsData(cfg.data)
+    cfg = parse_config(argv)
+    data = DigitsData(cfg.data)
     cfg.in_channels, cfg.input_size, cfg.num_classes = data.shape[0], data.shape[1], data.num_classes
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    net = train.build_net(cfg).to(dev)
+    net = build_net(cfg).to(dev)
     ema, target = copy.deepcopy(net).requires_grad_(False), copy.deepcopy(net).requires_grad_(False)
     model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, terminal=method == "tvm")
-    opt = train.make_optimizer(net, cfg)
-    sampler = train.EpochSampler(len(data), cfg.seed)
+    opt = make_optimizer(net, cfg)
+    sampler = EpochSampler(len(data), cfg.seed)
     t0 = time.time()
     for step in range(cfg.steps):
-        batch = train.make_batch(data, sampler, cfg, step, 0, 1, dev, torch.float32)
-        train.train_step(model, net, ema, target, opt, batch, cfg)
+        batch = make_batch(data, sampler, cfg, step, 0, 1, dev, torch.float32)
+        train_step(model, net, ema, target, opt, batch, cfg)
     return ema.eval(), cfg, time.time() - t0
 
 
@@ -405,13 +407,11 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
     """FID (fid.py, against all 1,797 real digits) of TVM with 1 and 4 jumps and of flow matching with 1
     and 50 Euler steps, n_fid samples each (default: train.py's fid_samples) with balanced labels, plus a
     grid of each (digits.png)."""
-    import train
-    import fid
     from PIL import Image
     t_start = time.time()
-    n_fid = n_fid or train.TrainConfig().fid_samples
+    n_fid = n_fid or TrainConfig().fid_samples
     real = fid.dataset_images("digits")[:n_real]                                  # (1797, 8, 8, 3) uint8
-    real_labels = train.DigitsData(train.parse_config([]).data).labels[:n_real]
+    real_labels = DigitsData(parse_config([]).data).labels[:n_real]
     feats_real = fid.inception_features(real, device=device)
     # The floor: FID of n_fid real digits against the other real digits (the samples are scored against all).
     perm = np.random.default_rng(0).permutation(len(real))
@@ -427,7 +427,7 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
                 x0 = tvm.sample(net, x1, y, cfg.w, n, cfg.scale_param)
             else:
                 x0 = euler_sample(net, x1, y, cfg.w, n, cfg.scale_param)
-            images = train.to_uint8_images(x0, asdict(cfg))                       # (n_fid, 8, 8, 3)
+            images = to_uint8_images(x0, asdict(cfg))                       # (n_fid, 8, 8, 3)
             label = f"{method.upper()} {n}"
             res[label] = fid.fid_from_features(fid.inception_features(images, device=device), feats_real)
             grids.append((label, images, y.cpu().numpy()))

@@ -18,7 +18,8 @@ from collections import OrderedDict
 import torch
 
 import tvm
-from train import LATENT_STATS, SampleError, TrainConfig, load_model_from_checkpoint, save_checkpoint
+from data import LATENT_STATS, SampleError
+from train import TrainConfig, load_model_from_checkpoint, save_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------

@@ -53,13 +53,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 import fid
 import train
 import tvm
+from data import SampleError, TrainError
 from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,
                       dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
                       official_state_dict, save_converted)
-from train import SampleError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,36 +105,13 @@ def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", v
     int64) if with_labels. config: the checkpoint's config dict (train.py): shapes, res, scale_param. The
     function train.py's end-of-run FID can call directly."""
     x0, y = sample_latents(net, config, indices, steps, w, seed, classes, device, amp)
-    images = train.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
+    images = data.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
     return (images, y.cpu().numpy()) if with_labels else images
 
 
-# The SD-VAE's architecture (stabilityai/sd-vae-ft-ema and sd-vae-ft-mse share it: their config.json), for
-# a decoder of the same shape and cost with random weights (--vae random: timing and tests without the
-# weights, which cannot be downloaded everywhere).
-SD_VAE_CONFIG = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
-    layers_per_block=2, norm_num_groups=32, sample_size=256,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-
-
-class RandomVAE(train.VAE):
-    """train.VAE (encode_moments, decode) around an AutoencoderKL built from SD_VAE_CONFIG with random
-    weights (seeded): the real decoder's cost, not its images."""
-
-    def __init__(self, device, seed=0):
-        try:
-            from diffusers.models import AutoencoderKL
-        except ImportError:
-            raise SampleError("--vae random builds diffusers' AutoencoderKL: `pip install diffusers`") from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.vae = AutoencoderKL.from_config(SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
-
-
 def load_vae(device, name):
-    """The SD-VAE for latent models: a Hub name or a local folder (train.load_vae), or "random"."""
-    return RandomVAE(device) if name == "random" else train.load_vae(device, name)
+    """The SD-VAE for latent models: a Hub name or a local folder (data.load_vae), or "random"."""
+    return data.RandomVAE(device) if name == "random" else data.load_vae(device, name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -418,7 +396,7 @@ def benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda"):
 
     # The SD-VAE decoder, 32 x 32 x 4 -> 256 x 256 x 3, as train.to_uint8_images calls it (chunks of 32).
     try:
-        vae = RandomVAE(dev)
+        vae = data.RandomVAE(dev)
         for dtype in (torch.float32, torch.bfloat16):
             vae.vae.to(dtype)
             for B in (32, 128):
@@ -480,6 +458,6 @@ def _dit_step(net, x1, y, amp):
 if __name__ == "__main__":
     try:
         main()
-    except (SampleError, train.TrainError) as e:
+    except (SampleError, TrainError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
