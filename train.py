@@ -771,7 +771,7 @@ def train(cfg):
 
 
 def _train(cfg, rank, world, device):
-    """The run itself, inside the lock of its folder."""
+    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps."""
     master = rank == 0
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -785,73 +785,18 @@ def _train(cfg, rank, world, device):
     cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
     cfg.num_classes = data.num_classes
     vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
-
-    torch.manual_seed(cfg.seed)
-    net = build_net(cfg).to(device, dtype)
-    ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
-    target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
-    prepare_net(net, cfg)                               # the EMA is not compiled; the target is
-    prepare_net(target, cfg)
-    # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
-    # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
-    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    opt = make_optimizer(net, cfg)
-    if cfg.cuda_graph is None:
-        cfg.cuda_graph = cuda and world == 1
-    elif cfg.cuda_graph and not (cuda and world == 1):
-        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
-                         "pass --cuda_graph false")
+    net, ema, target, model, opt = _build(cfg, world, device, dtype)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
-    step = 0
     if cfg.resume:
-        # On the CPU: load_state_dict copies each tensor onto the device, so the GPU never holds the whole
-        # checkpoint beside the run's own weights and optimiser state.
-        state = load_checkpoint(ckpt_path, "cpu")
-        changed = check_resumable(state["config"], cfg, ckpt_path)
-        for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
-            load_weights(module, state[key], ckpt_path, key)
-        # load_state_dict also restores the saved groups' implementation flags; keep this run's (fused,
-        # capturable on a GPU): a checkpoint of an unfused AdamW (older train.py) or from the CPU must not
-        # switch the found_inf skip or the CUDA graph off. Set before loading: they place the step counters.
-        for group in state["opt"].get("param_groups", []):
-            group.update(fused=True, foreach=None, capturable=opt.defaults["capturable"])
-        try:
-            opt.load_state_dict(state["opt"])
-        except (ValueError, KeyError) as e:
-            raise TrainError(f"{ckpt_path}: its optimiser state does not fit the network ({e}): the file is "
-                             "damaged or from another version of train.py") from None
-        # load_state_dict also restores the checkpoint's hyper-parameters; the config (printed, saved in
-        # every checkpoint, logged) is what must run, so a changed --lr / --beta2 / ... takes effect here.
-        for group in opt.param_groups:
-            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        step = state["step"]
-        if len(state.get("rng", [])) == world:
-            set_rng_state(state["rng"][rank])
-        if master:
-            print(f"resuming {ckpt_path} at step {step}" + "".join(
-                f"\n  changed: {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        del state
+        step = _resume(cfg, net, ema, target, opt, ckpt_path, rank, world)
     elif os.path.exists(ckpt_path):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    else:
+        step = 0
     saved_step = step
-
-    if master:
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        n_params = sum(p.numel() for p in net.parameters())
-        threads = "" if cuda else f" ({torch.get_num_threads()} intra-op thread(s) each)"
-        print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
-              f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
-              f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
-        if cfg.resume and os.path.isfile(log_path):
-            # Rows past the checkpoint were written by steps that are now done again: drop them.
-            _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
-        log = open(log_path, "a" if cfg.resume else "w")     # a new run starts a new log
-        if cfg.compile:
-            print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
+    log = _start_log(cfg, net, data, world, device, precision, step, log_path) if master else None
 
     def checkpoint():
         rngs = [None] * world
@@ -883,32 +828,10 @@ def _train(cfg, rank, world, device):
             step += 1
             bar.update(1)
             if not stats["weights_ok"]:
-                fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
-                msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
-                       f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
-                           f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
-                           if os.path.isfile(ckpt_path) else
-                           f"no checkpoint had been written yet. Start again with {fix}"))
-                if master:
-                    log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
-                                              **stats)) + "\n")
-                    log.close()
-                raise TrainError(msg)
+                _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log)
             if stats["skipped"]:
                 skipped_in_a_row += 1
-                if master:
-                    tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
-                    log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
-                if skipped_in_a_row == MAX_SKIPPED:
-                    if master:
-                        log.close()
-                    kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
-                            "no checkpoint had been written yet")
-                    raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
-                                     f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
-                                     f"the data for NaN or infinite values; if it is clean, "
-                                     + ("resume" if os.path.isfile(ckpt_path) else "start again")
-                                     + " with a smaller --lr or with --grad_clip 1.0")
+                _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log)
             else:
                 skipped_in_a_row = 0
                 acc.append(stats)
@@ -917,24 +840,11 @@ def _train(cfg, rank, world, device):
                                 fm=f"{stats['fm']:.4f}", gnorm=f"{stats['grad_norm']:.3f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 if master and acc:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    dt = time.time() - t_last
-                    row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
-                    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
-                                              s_per_step=dt / (step - n_last),
-                                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
-                    log.flush()
+                    _write_log_row(log, acc, step, n_last, t_last, cfg, cuda)
                 acc, t_last, n_last = [], time.time(), step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 samples()
-            # A signal, or ckpt_minutes since the last save, also saves; under DDP every rank must agree on
-            # the step at which that happens (one 2-number all-reduce per step).
-            flags = [float(stop.signum), float(cfg.ckpt_minutes > 0 and time.time() - t_saved > 60 * cfg.ckpt_minutes)]
-            if world > 1:
-                flags_t = torch.tensor(flags, device=device, dtype=torch.float64)
-                dist.all_reduce(flags_t, op=dist.ReduceOp.MAX)
-                flags = flags_t.tolist()
+            flags = _save_flags(stop, cfg, t_saved, world, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
                 checkpoint()
                 saved_step, t_saved = step, time.time()
@@ -947,10 +857,15 @@ def _train(cfg, rank, world, device):
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
     bar.close()
+    _finish(cfg, ema, data, device, log, ckpt_path, log_path, world)
+    return cfg
 
-    if master and cfg.res == 0 and cfg.fid:
+
+def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
+    """After the last step: the digits' FID, the log closed (rank 0: log is its open log), all ranks out."""
+    if log is not None and cfg.res == 0 and cfg.fid:
         report_fid(ema, cfg, data, device, log)
-    if master:
+    if log is not None:
         log.close()
         print(f"done: {ckpt_path}, {log_path}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
@@ -959,7 +874,135 @@ def _train(cfg, rank, world, device):
         # one rank while the other is still inside it hung a CPU test once (torch 2.13).
         dist.barrier()
         dist.destroy_process_group()
-    return cfg
+
+
+def _build(cfg, world, device, dtype):
+    """-> the online network theta, its two EMAs (theta**, theta*), the loss module (DDP-wrapped on several
+    processes) and AdamW."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg).to(device, dtype)
+    ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
+    target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
+    prepare_net(net, cfg)                               # the EMA is not compiled; the target is
+    prepare_net(target, cfg)
+    # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
+    # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
+    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    opt = make_optimizer(net, cfg)
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = cuda and world == 1
+    elif cfg.cuda_graph and not (cuda and world == 1):
+        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
+                         "pass --cuda_graph false")
+    return net, ema, target, model, opt
+
+
+def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
+    """Load <out>/ckpt.pt into the networks and AdamW (and this rank's RNG states) -> its step."""
+    # On the CPU: load_state_dict copies each tensor onto the device, so the GPU never holds the whole
+    # checkpoint beside the run's own weights and optimiser state.
+    state = load_checkpoint(ckpt_path, "cpu")
+    changed = check_resumable(state["config"], cfg, ckpt_path)
+    for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
+        load_weights(module, state[key], ckpt_path, key)
+    # load_state_dict also restores the saved groups' implementation flags; keep this run's (fused,
+    # capturable on a GPU): a checkpoint of an unfused AdamW (older train.py) or from the CPU must not
+    # switch the found_inf skip or the CUDA graph off. Set before loading: they place the step counters.
+    for group in state["opt"].get("param_groups", []):
+        group.update(fused=True, foreach=None, capturable=opt.defaults["capturable"])
+    try:
+        opt.load_state_dict(state["opt"])
+    except (ValueError, KeyError) as e:
+        raise TrainError(f"{ckpt_path}: its optimiser state does not fit the network ({e}): the file is "
+                         "damaged or from another version of train.py") from None
+    # load_state_dict also restores the checkpoint's hyper-parameters; the config (printed, saved in
+    # every checkpoint, logged) is what must run, so a changed --lr / --beta2 / ... takes effect here.
+    for group in opt.param_groups:
+        group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    step = state["step"]
+    if len(state.get("rng", [])) == world:
+        set_rng_state(state["rng"][rank])
+    if rank == 0:
+        print(f"resuming {ckpt_path} at step {step}" + "".join(
+            f"\n  changed: {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return step
+
+
+def _start_log(cfg, net, data, world, device, precision, step, log_path):
+    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log) -> the open file."""
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    n_params = sum(p.numel() for p in net.parameters())
+    threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} intra-op thread(s) each)"
+    print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
+          f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
+          f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
+    if cfg.resume and os.path.isfile(log_path):
+        # Rows past the checkpoint were written by steps that are now done again: drop them.
+        _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
+    log = open(log_path, "a" if cfg.resume else "w")
+    if cfg.compile:
+        print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
+    return log
+
+
+def _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log):
+    """The AdamW update made the weights non-finite: log it (rank 0, whose log is open; None elsewhere), raise."""
+    fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
+    msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
+           f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
+               f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
+               if os.path.isfile(ckpt_path) else
+               f"no checkpoint had been written yet. Start again with {fix}"))
+    if log is not None:
+        log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
+                                  **stats)) + "\n")
+        log.close()
+    raise TrainError(msg)
+
+
+def _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log):
+    """A step skipped for a non-finite loss or gradient: say so (rank 0, whose log is open; None elsewhere);
+    raise once MAX_SKIPPED were skipped in a row."""
+    if log is not None:
+        tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
+        log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
+    if skipped_in_a_row == MAX_SKIPPED:
+        if log is not None:
+            log.close()
+        kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
+                "no checkpoint had been written yet")
+        raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
+                         f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
+                         f"the data for NaN or infinite values; if it is clean, "
+                         + ("resume" if os.path.isfile(ckpt_path) else "start again")
+                         + " with a smaller --lr or with --grad_clip 1.0")
+
+
+def _write_log_row(log, acc, step, n_last, t_last, cfg, cuda):
+    """One log.jsonl row: the means of the steps `acc` since the row of step n_last, their speed, the skipped."""
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.time() - t_last
+    row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
+    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
+                              s_per_step=dt / (step - n_last),
+                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
+    log.flush()
+
+
+def _save_flags(stop, cfg, t_saved, world, device):
+    """[the signal that stops the run, or 0; whether ckpt_minutes have passed since the last save]."""
+    # A signal, or ckpt_minutes since the last save, also saves; under DDP every rank must agree on
+    # the step at which that happens (one 2-number all-reduce per step).
+    flags = [float(stop.signum), float(cfg.ckpt_minutes > 0 and time.time() - t_saved > 60 * cfg.ckpt_minutes)]
+    if world > 1:
+        flags_t = torch.tensor(flags, device=device, dtype=torch.float64)
+        dist.all_reduce(flags_t, op=dist.ReduceOp.MAX)
+        flags = flags_t.tolist()
+    return flags
 
 
 @torch.no_grad()
