@@ -74,7 +74,8 @@ def _atomic_write_text(path, text):
 # Data. Digits: pixels in memory. ImageNet: SD-VAE latents, memory-mapped from a .npy file.
 # ------------------------------------------------------------------------------------------------
 
-# Per-channel statistics of raw SD-VAE (ft-ema) latents, from IMM (paper-notes §7). Training data is
+# Per-channel statistics of raw SD-VAE (ft-ema) latents, from IMM, as the official configs give them
+# (configs/im256_*.yaml, im512_*.yaml: the encoder's raw_mean and raw_std). Training data is
 # x0 = (z - mean) / std, with unit final std; decoding inverts it before the VAE.
 LATENT_STATS = {
     256: dict(mean=[0.865, -0.278, 0.216, 0.374], std=[4.855, 5.319, 3.937, 3.987]),
@@ -123,7 +124,8 @@ class LatentData:
     """SD-VAE latents of an image folder: latents.npy (N, 8, h, w) float16, the posterior mean and std of
     each image (N, 4, h, w: fixed latents), with labels.npy (N,) and meta.json beside it. Memory-mapped:
     each rank reads only the rows of its share of the batch. Latents are raw VAE latents; the posterior
-    sample mean + std * eps is drawn afresh at every step, as in the official code (paper-notes §7)."""
+    sample mean + std * eps is drawn afresh at every step, as in the official code (training/encoders.py,
+    StabilityVAEEncoder.encode_latents)."""
 
     def __init__(self, path, res):
         if os.path.isdir(path):

@@ -9,7 +9,7 @@ Small-scale evidence that TVM does what the paper claims, at a scale anyone can 
 Writes evidence/: tables.md, sw2.csv, results.json (every number) and PNG scatter plots; with --digits,
 digits.md, digits.json and digits.png. Timings are in the README and in the files themselves.
 
-What it measures (the paper has no small-scale experiment; paper-notes §7):
+What it measures (the paper's experiments are ImageNet 256 and 512 only: Tables 1 and 2):
   1. 2-D TVM vs flow matching. A small MLP net(x, t, s, y, w) in place of the DiT, trained with
      tvm.tvm_loss (Eq. 15) on a checkerboard and on 8 Gaussians. The baseline is the same network, same
      data, same optimiser, same number of steps and batch size, trained with the flow-matching term only

@@ -30,7 +30,7 @@ Its forward takes float NCHW images already resized to 299 x 299 and scaled to [
 returns (N, 2048) pool_3 features; its batch norms are hard-wired to inference mode.
 
 The convention (it changes FID by several percent at small resolutions, so it is written down here and
-followed exactly; anchors.md §E explains why pipelines disagree):
+followed exactly: pipelines that differ in it, e.g. pytorch-fid or clean-fid's default mode, give other numbers):
     1. uint8 RGB image, N x H x W x 3, cast to float32 in [0, 255]; no re-quantisation after resizing;
     2. bilinear resize to 299 x 299 in the TF1 `resize_bilinear(align_corners=False)` way: output pixel
        j reads the input at x = j * H / 299 (no half-pixel offset), clamped at the border, no
@@ -279,7 +279,7 @@ def save_stats(path, mu, sigma, n=None):
     of images (an extra key that ADM and pytorch-fid ignore). Only what FID needs: ADM's evaluator.py, run
     as a script, cannot take this file as its reference batch, since it also reads arr_0 (images, for
     precision/recall) and mu_s/sigma_s (sFID: 7 channels of the mixed_6/conv spatial features, which fid.py
-    does not compute, having no way here to check its port against ADM's TF graph). Give evaluator.py an
+    does not compute: without TensorFlow a port of it cannot be checked against ADM's graph). Give evaluator.py an
     image .npz (arr_0) instead: it then computes every statistic itself."""
     mu, sigma = _check_stats(mu, sigma, "the statistics to save")
     arrays = dict(mu=mu, sigma=sigma)
