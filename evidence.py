@@ -480,7 +480,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--digits", action="store_true", help="run only the digits comparison (FID; slow on a CPU)")
-    ap.add_argument("--fid-samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
+    ap.add_argument("--fid_samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
+    ap.add_argument("--fid-samples", dest="fid_samples", type=int, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
     args = ap.parse_args()
     if args.digits:

@@ -17,7 +17,7 @@ The released official models (im256_w2.pkl, im256_w1p75.pkl, im512_w2p5.pkl; wei
 are taken wherever a checkpoint is, read by load_official without running any code from the file, with
 their recommended steps and w:
 $ python sample.py --ckpt im256_w2.pkl --n 64
-$ python sample.py --ckpt im256_w2.pkl --save-converted runs/official/im256_w2.pt    (a checkpoint of ours)
+$ python sample.py --ckpt im256_w2.pkl --save_converted runs/official/im256_w2.pt    (a checkpoint of ours)
 Throughput of the evaluation path on a GPU (random weights, no data; writes only under --out):
 $ python -B sample.py --benchmark --out $OUT/bench
 
@@ -141,8 +141,14 @@ def default_out(ckpt, steps, w, seed, n, classes):
 # python sample.py / torchrun sample.py
 # ------------------------------------------------------------------------------------------------
 
+# What --help (and an error) opens with: three commands to copy; the docstring below them says more.
+USAGE = """python sample.py --ckpt runs/digits/ckpt.pt --steps 1 --n 1000     (the digits model, 1 step)
+       python sample.py --ckpt im256_w2.pkl --n 64                         (a released official model)
+       torchrun --standalone --nproc_per_node=8 sample.py --ckpt runs/in256/ckpt.pt --num_samples 50000 --batch_size 125"""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="ckpt.pt written by train.py, or a released official .pkl (im256_w2.pkl, ...)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps = network evaluations (paper: 1, 2, "
                    "4); default 1, or the recommended steps of a released official file")
@@ -168,8 +174,10 @@ def parse_args(argv=None):
                    "(default: the one in the checkpoint's config), or 'random': the SD-VAE's architecture "
                    "with random weights (for timing; the images are noise)")
     p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
-    p.add_argument("--save-converted", dest="save_converted", metavar="OUT.pt", default=None,
+    p.add_argument("--save_converted", metavar="OUT.pt", default=None,
                    help="write an official .pkl as a checkpoint of ours (weights and config) and exit")
+    p.add_argument("--save-converted", dest="save_converted", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     p.add_argument("--benchmark", action="store_true", help="time the evaluation path's parts on random "
                    "weights (DiT, VAE decoder, Inception) on a GPU, project FID-50K's wall time, and exit")
     p.add_argument("--bench_batches", default="64,256,1024", help="--benchmark: DiT batch sizes")
@@ -209,7 +217,7 @@ def parse_classes(text, num_classes):
 
 
 def main(argv=None):
-    """-> the .npz path (on rank 0; None on the others); with --save-converted the checkpoint's path; with
+    """-> the .npz path (on rank 0; None on the others); with --save_converted the checkpoint's path; with
     --benchmark the exit status of benchmark.py."""
     args = parse_args(argv)
     if args.benchmark:
@@ -222,7 +230,7 @@ def main(argv=None):
                           "released official .pkl (README, 'Use the released models')")
     if args.save_converted:
         if not is_official_pickle(args.ckpt):
-            raise SampleError(f"--save-converted: {args.ckpt} is already a checkpoint of ours (a torch.save archive)")
+            raise SampleError(f"--save_converted: {args.ckpt} is already a checkpoint of ours (a torch.save archive)")
         net, info = load_official(args.ckpt)
         save_converted(net, info, args.save_converted)
         print(f"wrote {args.save_converted} from {args.ckpt} ({json.dumps(info)})")

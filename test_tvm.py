@@ -1759,6 +1759,50 @@ def test_bad_options_are_all_reported_at_once():
     train.parse_config(["--res", "256", "--data", "x", "--steps", "0"])    # encoding only: allowed
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "fid.py"])
+def test_help_opens_with_example_commands(script, capsys):
+    """Each script's --help starts with commands to copy: its first three lines each run the script (argparse's
+    generated usage, e.g. 'usage: train.py [-h] [--res RES] ...', fails this)."""
+    parse = {"train.py": train.parse_config, "sample.py": sample.parse_args, "fid.py": fid.main}[script]
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: python {script} "), lines[0]
+    for line in lines[:3]:
+        command = line.removeprefix("usage:").split("(")[0].split()
+        assert command[0] in ("python", "torchrun") and script in command, line
+
+
+def test_fid_py_takes_the_underscore_options_and_the_dashed_ones_alike(tmp_path, monkeypatch, capsys):
+    """The three scripts spell options with underscores; fid.py's dashed spellings of earlier versions
+    (--save-stats, --batch-size, --cache-dir, --self-check) still work and mean the same, but only the
+    underscore ones are in --help. sample.py's --save-converted likewise."""
+    calls = []
+    monkeypatch.setattr(fid, "source_stats", lambda source, **kw: calls.append(("stats", source, kw))
+                        or (np.zeros(3), np.eye(3), 5))
+    monkeypatch.setattr(fid, "save_stats", lambda path, mu, sigma, n=None: calls.append(("save", path, n)))
+    monkeypatch.setattr(fid, "_self_check", lambda: calls.append(("self-check",)))
+    out, cache = str(tmp_path / "s.npz"), str(tmp_path / "cache")
+    for spelling in (["--save_stats", out, "--batch_size", "7", "--cache_dir", cache, "digits"],
+                     ["--save-stats", out, "--batch-size", "7", "--cache-dir", cache, "digits"]):
+        calls.clear()
+        fid.main(spelling)
+        assert calls == [("stats", "digits", dict(batch_size=7, device=calls[0][2]["device"], progress=True,
+                                                  cache_dir=cache)), ("save", out, 5)], spelling
+    for spelling in ("--self_check", "--self-check"):
+        calls.clear()
+        fid.main([spelling])
+        assert calls == [("self-check",)], spelling
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fid.main(["--help"])
+    shown = capsys.readouterr().out
+    for name in ("save_stats", "batch_size", "cache_dir", "self_check"):
+        assert f"--{name}" in shown and f"--{name.replace('_', '-')}" not in shown, name
+    for spelling in ("--save_converted", "--save-converted"):
+        assert sample.parse_args(["--ckpt", "x.pkl", spelling, "y.pt"]).save_converted == "y.pt"
+
+
 def test_every_option_has_help(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])

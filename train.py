@@ -1,7 +1,7 @@
 r"""
 Train a Terminal Velocity Matching model (arXiv 2511.19797, Algorithm 1), from a laptop demo to
-ImageNet-512 on several nodes. The method itself lives in tvm.py; this file is data, the loop,
-checkpoints and logs.
+ImageNet-512 on several nodes. The method itself lives in tvm.py, the data and the SD-VAE in data.py;
+this file is the configuration, the loop, checkpoints and logs.
 
 The embedded demo: 1,797 8x8 handwritten digits (data/digits.npz), a tiny DiT, CPU, about 10 minutes:
 $ python train.py
@@ -170,9 +170,15 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# What --help (and an error) opens with: three commands to copy; the docstring below them says more.
+USAGE = """python train.py                                       (the embedded digits: CPU, about 10 minutes)
+       python train.py --res 256 --data /path/to/imagenet/train     (ImageNet 256 px, one GPU)
+       torchrun --standalone --nproc_per_node=8 train.py --res 256 --data /path/to/imagenet/train   (8 GPUs)"""
+
+
 def parse_config(argv=None):
     """Command line -> TrainConfig with the --res preset filled in and every value checked."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     derived = ("input_size", "in_channels", "num_classes")
     types = {bool: _parse_bool, int: int, float: float, str: str}
     for f in dataclasses.fields(TrainConfig):
