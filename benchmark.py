@@ -1,15 +1,16 @@
 """
+$ python benchmark.py step --bench_cases XL/2-18h:256:32     (the same as: python train.py --benchmark ...)
+$ python benchmark.py sample --out runs/bench                (the same as: python sample.py --benchmark ...)
+$ python benchmark.py step --device cpu --compile false --attention reference --bench_cases tiny:64:8
+
 Benchmarks on random weights and random data (nothing to download): the training step of train.py, and
 the evaluation path of sample.py and fid.py. train.py --benchmark and sample.py --benchmark run this file.
 
-The TVM step against a flow-matching step of the same network, each timed after a check of every path
-(the options are train.py's; --bench_cases, --bench_profile, --bench_memory_gib, ...):
-$ python train.py --benchmark --bench_cases XL/2-18h:256:32        (or: python benchmark.py step ...)
-Throughput of DiT, SD-VAE decoder and Inception on one GPU, and the projected wall time of FID-50K
-(writes only under --out):
-$ python sample.py --benchmark --out runs/bench                     (or: python benchmark.py sample ...)
-On a CPU the step benchmark runs too (a tiny model), as the tests run it:
-$ python benchmark.py step --device cpu --compile false --attention reference --bench_cases tiny:64:8
+step: the TVM step against a flow-matching step of the same network, each timed after a check of every
+path; the options are train.py's (--bench_cases, --bench_profile, --bench_memory_gib, ...). It runs on a
+CPU too, with a tiny model (the third command, as the tests run it).
+sample: the throughput of the DiT, the SD-VAE decoder and Inception on one GPU, and the projected wall
+time of FID-50K; the options are sample.py's, and it writes only under --out.
 """
 
 import copy

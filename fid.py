@@ -142,7 +142,7 @@ def _check_images(images):
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert first, "
-                        "e.g. train.to_uint8_images(x0, config) for model outputs in [-1, 1]")
+                        "e.g. data.to_uint8_images(x0, config) for model outputs in [-1, 1]")
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (grayscale: np.repeat(images, 3, axis=-1))" if images.ndim == 4 and images.shape[-1] == 1 else ""
         raise ValueError(f"expected images of shape (N, H, W, 3), channels last, got {images.shape}{hint}")

@@ -30,7 +30,7 @@ take in turn (batch k on rank k mod world). So sample i has the same noise and l
 number of GPUs or their order; with the same --batch_size on the same kind of device the pixels are
 identical too (a different batch size can change float32 round-off, hence rarely a pixel by one level).
 
-Latent models are decoded by train.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
+Latent models are decoded by data.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
 local folder given with --vae; --vae random: its architecture with random weights, for timing). The
 .npz holds arr_0 (the images) and arr_1 (their labels), ADM's layout for class-conditional samples. On
 GPUs the network runs under bf16 autocast (--precision), the sampler's state in float64. Pixel models
@@ -56,7 +56,8 @@ import fid
 import train
 import tvm
 from data import SampleError, TrainError
-from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,
+# The loader's names stay reachable as sample.X (load_official, official_config, ...): callers and tests use them.
+from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,  # noqa: F401
                       dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
                       official_state_dict, save_converted)
 
@@ -101,7 +102,7 @@ def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", v
              with_labels=False):
     """Samples number `indices` (a list of ints) -> uint8 (len(indices), H, W, 3), and their labels (numpy
     int64) if with_labels. config: the checkpoint's config dict (train.py): shapes, res, scale_param. The
-    function train.py's end-of-run FID can call directly."""
+    function to call with a network in memory."""
     x0, y = sample_latents(net, config, indices, steps, w, seed, classes, device, amp)
     images = data.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
     return (images, y.cpu().numpy()) if with_labels else images

@@ -26,6 +26,19 @@ the log ends with the FID of 1- and 4-step samples (fid.py; --fid false skips it
 per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume continues from it.
 """
 
+# The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
+#   benchmark.py     imports  sample, train, data, fid, tvm, attention_jvp   times the step and sampling
+#   sample.py        imports  released, train, data, fid, tvm                 samples, writes the ADM .npz
+#   evidence.py      imports  train, data, fid, tvm                           small-scale evidence (2-D, digits)
+#   released.py      imports  train, data, tvm                                reads the official .pkl files
+#   train.py         imports  data, fid, tvm, attention_jvp                   configuration, step, loop, checkpoints
+#   data.py          imports  tvm                                             data sets, latent cache, SD-VAE, errors
+#   fid.py           imports  nothing of the project                          FID
+#   tvm.py           imports  attention_jvp                                   the method and the network
+#   attention_jvp.py imports  nothing of the project                          the attention kernel and its reference
+# train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
+# benchmark.py imports them.
+
 import argparse
 import copy
 import dataclasses
