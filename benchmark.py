@@ -30,7 +30,7 @@ import data
 import fid
 import sample
 import tvm
-from data import SampleError, TrainError
+from data import SampleError, TrainError, run_script
 from sample import sample_latents
 from train import (HERE, MODELS, CudaGraphStep, TrainConfig, _fields, build_net, make_optimizer, make_step,
                    parse_config, prepare_net, resolve, setup_distributed, train_step)
@@ -594,10 +594,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     # The options, hence the errors, are train.py's (step) or sample.py's (sample).
-    script = {"step": "train.py", "sample": "sample.py"}.get(sys.argv[1] if len(sys.argv) > 1 else "", "benchmark.py")
-    try:
-        result = main()
-    except (TrainError, SampleError) as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(result if isinstance(result, int) else 0)
+    run_script(main, {"step": "train.py", "sample": "sample.py"}.get(sys.argv[1] if len(sys.argv) > 1 else "",
+                                                                    "benchmark.py"))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -33,6 +34,18 @@ class TrainError(Exception):
 
 class SampleError(Exception):
     """A problem the person running sample.py can fix; the message says what to do."""
+
+
+def run_script(main, script):
+    """`python <script>`: main(), then exit. A TrainError or SampleError (a problem the person can fix) is
+    printed as "<script>: error: ...", exit status 2, as argparse reports a bad option; an int that main
+    returns is the exit status (that of benchmark.py run as a program), anything else is success."""
+    try:
+        result = main()
+    except (TrainError, SampleError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 # ------------------------------------------------------------------------------------------------

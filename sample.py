@@ -55,7 +55,7 @@ import data
 import fid
 import train
 import tvm
-from data import SampleError, TrainError
+from data import SampleError, run_script
 # The loader's names stay reachable as sample.X (load_official, official_config, ...): callers and tests use them.
 from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,  # noqa: F401
                       dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
@@ -324,9 +324,4 @@ def save_outputs(out, images, labels, grid):
 
 
 if __name__ == "__main__":
-    try:
-        result = main()
-    except (SampleError, TrainError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(result if isinstance(result, int) else 0)
+    run_script(main, "sample.py")

@@ -66,7 +66,7 @@ import attention_jvp
 import fid
 import tvm
 from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, load_vae, make_batch, open_data,
-                  to_uint8_images)
+                  run_script, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -1064,11 +1064,7 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
 
 if __name__ == "__main__":
     try:
-        result = main()
-    except TrainError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_script(main, "train.py")
     except Stopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    sys.exit(result if isinstance(result, int) else 0)
