@@ -5,8 +5,8 @@ The data of train.py, and the SD-VAE around it:
   - an image folder in ImageNet layout, centre-cropped as ADM does, encoded once into that cache;
   - the VAE (stabilityai/sd-vae-ft-ema through diffusers) that encodes images and decodes samples, and
     its architecture with random weights (RandomVAE) for timing without the weights.
-Also what the files above share: the error types of the command lines, and the atomic file writes of the
-latent cache, the checkpoints and the logs.
+Also what the files above share: the error types of the command lines and how the scripts report them
+(run_script), and the atomic file writes of the latent cache, the checkpoints and the logs.
 
 Encode an image folder once, without training (before a multi-node run, say; train.py calls open_data):
 $ python train.py --res 256 --data /path/to/imagenet/train --steps 0
@@ -27,6 +27,10 @@ from tqdm import tqdm
 
 import tvm
 
+
+# ------------------------------------------------------------------------------------------------
+# Errors a person can fix, and how the scripts report them
+# ------------------------------------------------------------------------------------------------
 
 class TrainError(Exception):
     """A problem the person running train.py can fix; the message says what to do."""
