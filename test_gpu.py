@@ -158,10 +158,7 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     assert cfg["w"] == 2.0 and cfg["ema"] == 0.9999 and cfg["scale_param"] and cfg["lr"] == 1e-4
 
     # The latent cache: every image, its label, and (for two of them) the VAE's moments of its ADM crop
-    try:
-        import data as data_mod
-    except ImportError:
-        import train as data_mod
+    import data as data_mod
     from diffusers.models import AutoencoderKL
     meta = json.load(open(os.path.join(ASSETS["cache"], "meta.json")))
     assert meta["num_images"] == CLASSES * PER_CLASS and meta["num_classes"] == CLASSES

@@ -39,10 +39,13 @@ import torch.autograd.forward_ad as fwAD
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
+import benchmark
 import fid
 import sample
 import train
 import tvm
+from data import (DigitsData, EpochSampler, LatentData, RandomVAE, encode_image_folder,
+                  make_batch, to_uint8_images)
 
 # Tiny tensors: one thread is as fast as two, and immune to the spin-wait slow-down that several
 # intra-op threads suffer on a busy 2-core machine (measured here: 25x slower per step).
@@ -340,22 +343,22 @@ def test_by_hand_tangent_matches_func_jvp_with_gradients(scale_param, detach_jvp
 
 
 def test_compiled_blocks_match_eager_and_really_compile():
-    """train.check_step_paths on the CPU in float64: the loss and gradient by torch.func.jvp, by hand,
+    """benchmark.check_step_paths on the CPU in float64: the loss and gradient by torch.func.jvp, by hand,
     with block checkpointing and with torch.compile'd blocks (inductor's CPU backend) all equal the
     float64 torch.func.jvp reference; and dynamo did compile tvm.py's blocks (the name "tvm" is on
     its skip list, which DiT.compile_blocks works around: without that, "compiled" would mean eager)."""
     from torch._dynamo.utils import counters
     counters.clear()
-    errors = train.check_step_paths(torch.device("cpu"))["float64"]
+    errors = benchmark.check_step_paths(torch.device("cpu"))["float64"]
     assert set(errors) == {"func", "manual", "manual + checkpoint_blocks", "manual + compile"}
     for path, (e_loss, e_grad, d_func) in errors.items():
         assert max(e_loss, e_grad, d_func) <= 1e-12, (path, e_loss, e_grad, d_func)
     assert counters["stats"]["unique_graphs"] >= 2            # block forward and forward_jvp at least
     # On the CPU attention is the math reference (no kernel behind torch.compiler.disable): no break at all.
     assert not counters["graph_break"], dict(counters["graph_break"])
-    train.report_check({"float64": errors})                    # passes its own marks ...
+    benchmark.report_check({"float64": errors})                    # passes its own marks ...
     with pytest.raises(RuntimeError, match="float64 manual"):  # ... and fails a wrong path
-        train.report_check({"float64": dict(errors, manual=(1e-3, 1e-3, 1e-3))})
+        benchmark.report_check({"float64": dict(errors, manual=(1e-3, 1e-3, 1e-3))})
 
 
 def test_compiled_network_copies_use_their_own_weights():
@@ -1321,26 +1324,26 @@ def test_nonfinite_step_is_skipped():
 # ------------------------------------------------------------------------------------------------
 
 def test_batch_is_independent_of_world_size_and_micro_batches():
-    data = train.DigitsData(os.path.join(ROOT, "data", "digits.npz"))
-    sampler = train.EpochSampler(len(data), seed=3)
+    data = DigitsData(os.path.join(ROOT, "data", "digits.npz"))
+    sampler = EpochSampler(len(data), seed=3)
     cfg = train.resolve(train.TrainConfig(batch_size=24))
-    one = train.make_batch(data, sampler, cfg, 7, 0, 1, "cpu", torch.float32)[0]
+    one = make_batch(data, sampler, cfg, 7, 0, 1, "cpu", torch.float32)[0]
     cfg.micro_batch = 4
-    parts = [mb for r in range(3) for mb in train.make_batch(data, sampler, cfg, 7, r, 3, "cpu", torch.float32)]
+    parts = [mb for r in range(3) for mb in make_batch(data, sampler, cfg, 7, r, 3, "cpu", torch.float32)]
     assert len(parts) == 6
     for k in one.__dataclass_fields__:
         assert torch.equal(getattr(one, k), torch.cat([getattr(p, k) for p in parts])), k
     # ... and differs from step to step
-    other = train.make_batch(data, sampler, cfg, 8, 0, 1, "cpu", torch.float32)[0]
+    other = make_batch(data, sampler, cfg, 8, 0, 1, "cpu", torch.float32)[0]
     assert not torch.equal(other.x1, one.x1[:4])
 
 
 def test_epoch_sampler_visits_every_image_once_per_epoch():
-    s = train.EpochSampler(50, seed=0)
+    s = EpochSampler(50, seed=0)
     idx = np.concatenate([s.batch(k, 10) for k in range(10)])   # two epochs
     assert sorted(idx[:50]) == list(range(50)) and sorted(idx[50:]) == list(range(50))
     assert not np.array_equal(idx[:50], idx[50:])
-    assert np.array_equal(s.batch(3, 10), train.EpochSampler(50, seed=0).batch(3, 10))   # stateless
+    assert np.array_equal(s.batch(3, 10), EpochSampler(50, seed=0).batch(3, 10))   # stateless
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -1392,7 +1395,7 @@ def fake_encoder(x):
 
 def test_encoding_resumes_and_trains(tmp_path):
     make_image_folder(tmp_path / "imgs")
-    full = train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "full"), 256, fake_encoder, batch=2, workers=0)
+    full = encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "full"), 256, fake_encoder, batch=2, workers=0)
     calls = []
 
     def dies_on_second_chunk(x):
@@ -1403,11 +1406,11 @@ def test_encoding_resumes_and_trains(tmp_path):
 
     cache = str(tmp_path / "part")
     with pytest.raises(KeyboardInterrupt):
-        train.encode_image_folder(str(tmp_path / "imgs"), cache, 256, dies_on_second_chunk, batch=2, workers=0,
+        encode_image_folder(str(tmp_path / "imgs"), cache, 256, dies_on_second_chunk, batch=2, workers=0,
                                   flush_every=1)
     assert not os.path.isfile(os.path.join(cache, "meta.json"))
     calls.clear()
-    train.encode_image_folder(str(tmp_path / "imgs"), cache, 256, lambda x: calls.append(len(x)) or fake_encoder(x),
+    encode_image_folder(str(tmp_path / "imgs"), cache, 256, lambda x: calls.append(len(x)) or fake_encoder(x),
                               batch=2, workers=0)
     assert len(calls) == 2      # only the two chunks that were missing
     assert np.array_equal(np.load(os.path.join(full, "latents.npy")), np.load(os.path.join(cache, "latents.npy")))
@@ -1442,7 +1445,7 @@ def test_error_unreadable_image(tmp_path, workers):
     make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
     (tmp_path / "imgs" / "class0" / "broken.jpg").write_bytes(b"not a jpeg at all")
     with pytest.raises(Exception, match=r"cannot read image .*broken\.jpg.*Replace it with a readable image"):
-        train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, batch=2,
+        encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, batch=2,
                                   workers=workers)
 
 
@@ -1496,7 +1499,7 @@ def test_error_batch_does_not_divide_across_gpus():
 
 def test_to_uint8_images_pixels():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2)
-    img = train.to_uint8_images(x, {"res": 0})
+    img = to_uint8_images(x, {"res": 0})
     assert img.dtype == np.uint8 and img.shape == (1, 2, 2, 3)
     assert img[0, :, :, 0].ravel().tolist() == [0, 128, 255, 255] and (img[..., 0] == img[..., 2]).all()
 
@@ -1582,8 +1585,8 @@ def test_nonfinite_weights_unit_and_no_nan_save(tmp_path):
 
 def test_a_run_of_skipped_steps_stops_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "MAX_SKIPPED", 3, raising=False)
-    load = train.DigitsData.load
-    monkeypatch.setattr(train.DigitsData, "load", lambda self, idx: load(self, idx) * float("nan"))
+    load = DigitsData.load
+    monkeypatch.setattr(DigitsData, "load", lambda self, idx: load(self, idx) * float("nan"))
     with pytest.raises(train.TrainError, match=r"steps 1 to 3: 3 steps in a row had a non-finite loss.*"
                                                r"Check the data for NaN"):
         run_train(tmp_path / "r", "--steps", 10, "--batch_size", 4)
@@ -1689,14 +1692,14 @@ def test_disk_full_while_encoding_says_how_much_is_needed(tmp_path, monkeypatch)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10_000))
     with pytest.raises(train.TrainError, match=r"not enough disk space.*needs 0\.00 GiB, 0\.00 GiB is free.*--latent_cache"):
-        train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, workers=0)
+        encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, workers=0)
     monkeypatch.undo()
 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(train.TrainError, match=r"disk is full: could not reserve .*latents\.npy"):
-        train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c2"), 256, fake_encoder, workers=0)
+        encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c2"), 256, fake_encoder, workers=0)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
@@ -1756,6 +1759,50 @@ def test_bad_options_are_all_reported_at_once():
     train.parse_config(["--res", "256", "--data", "x", "--steps", "0"])    # encoding only: allowed
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "fid.py"])
+def test_help_opens_with_example_commands(script, capsys):
+    """Each script's --help starts with commands to copy: its first three lines each run the script (argparse's
+    generated usage, e.g. 'usage: train.py [-h] [--res RES] ...', fails this)."""
+    parse = {"train.py": train.parse_config, "sample.py": sample.parse_args, "fid.py": fid.main}[script]
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"usage: python {script} "), lines[0]
+    for line in lines[:3]:
+        command = line.removeprefix("usage:").split("(")[0].split()
+        assert command[0] in ("python", "torchrun") and script in command, line
+
+
+def test_fid_py_takes_the_underscore_options_and_the_dashed_ones_alike(tmp_path, monkeypatch, capsys):
+    """The three scripts spell options with underscores; fid.py's dashed spellings of earlier versions
+    (--save-stats, --batch-size, --cache-dir, --self-check) still work and mean the same, but only the
+    underscore ones are in --help. sample.py's --save-converted likewise."""
+    calls = []
+    monkeypatch.setattr(fid, "source_stats", lambda source, **kw: calls.append(("stats", source, kw))
+                        or (np.zeros(3), np.eye(3), 5))
+    monkeypatch.setattr(fid, "save_stats", lambda path, mu, sigma, n=None: calls.append(("save", path, n)))
+    monkeypatch.setattr(fid, "_self_check", lambda: calls.append(("self-check",)))
+    out, cache = str(tmp_path / "s.npz"), str(tmp_path / "cache")
+    for spelling in (["--save_stats", out, "--batch_size", "7", "--cache_dir", cache, "digits"],
+                     ["--save-stats", out, "--batch-size", "7", "--cache-dir", cache, "digits"]):
+        calls.clear()
+        fid.main(spelling)
+        assert calls == [("stats", "digits", dict(batch_size=7, device=calls[0][2]["device"], progress=True,
+                                                  cache_dir=cache)), ("save", out, 5)], spelling
+    for spelling in ("--self_check", "--self-check"):
+        calls.clear()
+        fid.main([spelling])
+        assert calls == [("self-check",)], spelling
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        fid.main(["--help"])
+    shown = capsys.readouterr().out
+    for name in ("save_stats", "batch_size", "cache_dir", "self_check"):
+        assert f"--{name}" in shown and f"--{name.replace('_', '-')}" not in shown, name
+    for spelling in ("--save_converted", "--save-converted"):
+        assert sample.parse_args(["--ckpt", "x.pkl", spelling, "y.pt"]).save_converted == "y.pt"
+
+
 def test_every_option_has_help(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
@@ -1788,17 +1835,17 @@ def test_error_bad_latent_and_label_files(tmp_path):
     for latents, labels, name, message in cases:
         path = files(latents, labels, name)
         with pytest.raises(train.TrainError, match=message):
-            train.LatentData(str(path), 256)
+            LatentData(str(path), 256)
     path = files(np.zeros((4, 8, 32, 32), np.float16), np.zeros(4, np.int64), "cut")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(train.TrainError, match="not a usable latent file.*truncated"):
-        train.LatentData(str(path), 256)
+        LatentData(str(path), 256)
     with open(tmp_path / "labels" / "meta.json", "w") as f:
         json.dump({"num_classes": 1}, f)
     np.save(tmp_path / "labels" / "labels.npy", np.array([0, 1, 0, 0]))
     with pytest.raises(train.TrainError, match=r"outside 0..0"):
-        train.LatentData(str(tmp_path / "labels"), 256)
+        LatentData(str(tmp_path / "labels"), 256)
 
 
 def test_error_checkpoint_missing_a_tensor(tmp_path):
@@ -1818,7 +1865,7 @@ def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
     Image.fromarray(np.full((30, 40), 100 * 257, np.uint16)).save(tmp_path / "imgs" / "a" / "grey16.png")
     assert Image.open(tmp_path / "imgs" / "a" / "grey16.png").mode.startswith("I")
     seen = []
-    train.encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256,
+    encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256,
                               lambda x: seen.append(x) or fake_encoder(x), workers=0)
     torch.testing.assert_close(seen[0], torch.full_like(seen[0], 100 / 127.5 - 1))
 
@@ -1831,7 +1878,7 @@ def test_unreadable_image_advice_is_true_and_hidden_folders_are_not_classes(tmp_
     broken = tmp_path / "imgs" / "class0" / "broken.png"
     broken.write_bytes(b"not a png at all")
     cache, calls = str(tmp_path / "c"), []
-    encode = lambda: train.encode_image_folder(str(tmp_path / "imgs"), cache, 256,   # noqa: E731
+    encode = lambda: encode_image_folder(str(tmp_path / "imgs"), cache, 256,   # noqa: E731
                                                lambda x: calls.append(len(x)) or fake_encoder(x), batch=2,
                                                workers=0, flush_every=1)
     with pytest.raises(train.TrainError, match=r"cannot read image .*broken\.png.*Replace it with a readable image "
@@ -2022,8 +2069,8 @@ def test_fid_reference_digits_match_the_samples_pixel_convention():
     that samples go through (train.py's x0 = v/8 - 1, then to_uint8_images): otherwise FID would measure
     a brightness mismatch, not the model."""
     import fid
-    data = train.DigitsData(os.path.join(HERE, "data", "digits.npz"))
-    np.testing.assert_array_equal(fid.dataset_images("digits"), train.to_uint8_images(data.images, {"res": 0}))
+    data = DigitsData(os.path.join(HERE, "data", "digits.npz"))
+    np.testing.assert_array_equal(fid.dataset_images("digits"), to_uint8_images(data.images, {"res": 0}))
 
 
 
@@ -2330,10 +2377,10 @@ def test_sample_py_on_an_official_pickle_and_save_converted(tmp_path, monkeypatc
 
 
 def test_random_sd_vae_has_the_sd_vae_shape():
-    """--vae random: diffusers' AutoencoderKL from sample.SD_VAE_CONFIG decodes h x w x 4 latents to
+    """--vae random: diffusers' AutoencoderKL from data.SD_VAE_CONFIG decodes h x w x 4 latents to
     8h x 8w x 3 (only where diffusers is installed; the rest of the evaluation path is tested without it)."""
     pytest.importorskip("diffusers")
-    vae = sample.RandomVAE("cpu")
+    vae = RandomVAE("cpu")
     assert vae.decode(torch.randn(1, 4, 4, 6)).shape == (1, 3, 32, 48)
     assert sum(p.numel() for p in vae.vae.decoder.parameters()) > 4e7            # the 49M-parameter decoder
 
@@ -2998,7 +3045,7 @@ def test_benchmark_mode_times_tvm_and_flow_matching_steps(capsys, monkeypatch):
     # --attention reference: the benchmark runs under its own --attention, and "auto" is the Triton
     # interpreter in this process (159 s instead of seconds); which attention runs is not what is tested.
     cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference"])
-    rows = train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
+    rows = benchmark.benchmark(cfg, cases=(("tiny", 64, 8),), steps=2, warmup=1, check=False)
     (row,) = rows
     assert len(calls) == 2 + 1                        # the TVM kind's steps + warm-up; none for FM
     assert row["tvm"]["s"] > row["fm"]["s"] > 0 and row["tvm"]["gib"] is None
@@ -3018,10 +3065,10 @@ def test_benchmark_profile_sorts_kernels_by_kind(capsys):
             "triton_poi_fused__to_copy_addcmul_unsqueeze_view_7": "Inductor (fused elementwise)",
             "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
             "direct_copy_kernel_cuda": "other elementwise and copies"}
-    assert {name: train.kernel_kind(name) for name in seen} == seen
+    assert {name: benchmark.kernel_kind(name) for name in seen} == seen
     cfg = train.parse_config(["--benchmark", "--device", "cpu", "--compile", "false", "--attention", "reference",
                               "--bench_profile"])
-    train.benchmark(cfg, cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
+    benchmark.benchmark(cfg, cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
     out = capsys.readouterr().out
     for kind in ("TVM", "FM"):
         line = next(l for l in out.splitlines() if f"profile, tiny 64 px batch 8, {kind} step" in l)
@@ -3051,11 +3098,11 @@ def test_speed_option_errors():
         train.parse_config(["--compile", "--jvp", "func"])
     with pytest.raises(train.TrainError, match="--checkpoint_blocks needs --jvp manual"):
         train.parse_config(["--checkpoint_blocks", "--jvp", "func"])
-    assert train.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
-    assert train.parse_bench_cases("") == train.BENCH_CASES
+    assert benchmark.parse_bench_cases("XL/2-18h:256:32, B/2:512:8") == (("XL/2-18h", 256, 32), ("B/2", 512, 8))
+    assert benchmark.parse_bench_cases("") == benchmark.BENCH_CASES
     for bad in ("XL/2-18h:256", "XL/9:256:32", "B/2:250:8", "B/2:256:x"):
         with pytest.raises(train.TrainError, match="model:px:batch"):
-            train.parse_bench_cases(bad)
+            benchmark.parse_bench_cases(bad)
 
 
 def test_presets_follow_table_6_time_embedder_init():
@@ -3326,13 +3373,13 @@ def test_sampler_state_is_float64_with_a_float32_network():
 def test_make_batch_pairs_each_digit_with_its_label():
     """make_batch's rows are the digits of EpochSampler.batch(step), each with its own label, in pixels
     x0 = v / 8 - 1 read here from the .npz; label dropout puts the null class exactly where w = 1."""
-    data = train.DigitsData(os.path.join(ROOT, "data", "digits.npz"))
+    data = DigitsData(os.path.join(ROOT, "data", "digits.npz"))
     with np.load(os.path.join(ROOT, "data", "digits.npz")) as f:
         v, labels = f["images"].astype(np.float64), f["labels"]
-    sampler = train.EpochSampler(len(data), seed=1)
+    sampler = EpochSampler(len(data), seed=1)
     cfg = train.resolve(train.TrainConfig(batch_size=64))
     idx = sampler.batch(5, 64)
-    (mb,) = train.make_batch(data, sampler, cfg, 5, 0, 1, "cpu", torch.float64)
+    (mb,) = make_batch(data, sampler, cfg, 5, 0, 1, "cpu", torch.float64)
     torch.testing.assert_close(mb.x0, torch.from_numpy(v[idx] / 8 - 1)[:, None], rtol=0, atol=0)
     dropped = mb.y == 10
     assert 0 < int(dropped.sum()) < 64                                   # 10% of 64: some, not all
@@ -3437,7 +3484,7 @@ def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_
         folder.mkdir()
         np.save(folder / "latents.npy", np.concatenate([mean, std], axis=1).astype(np.float16))
         np.save(folder / "labels.npy", np.array([0, 1, 1]))
-        data = train.LatentData(str(folder / "latents.npy"), res)
+        data = LatentData(str(folder / "latents.npy"), res)
         assert data.posterior and data.shape == (4, h, h)
         raw = data.load(np.array([2, 0]))
         eps = torch.from_numpy(rng.standard_normal((2, 4, h, h))).float()
@@ -3456,7 +3503,7 @@ def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_
                 return torch.zeros(len(z_), 3, 8 * h, 8 * h)
 
         vae = RecordingVAE()
-        train.to_uint8_images(x0.float(), {"res": res}, vae=vae)
+        to_uint8_images(x0.float(), {"res": res}, vae=vae)
         torch.testing.assert_close(torch.cat(vae.seen).double(), z, rtol=1e-5, atol=1e-5)
 
 
@@ -3473,12 +3520,12 @@ def test_benchmark_check_catches_a_wrong_path(monkeypatch):
     monkeypatch.setattr(tvm.DiT, "forward_jvp", off)
     build = tvm.build_dit      # the check's DiT (hidden 256) cut to hidden 32: what is tested is the comparison
     monkeypatch.setattr(tvm, "build_dit", lambda kw, *a: build(dict(kw, hidden_size=32, num_heads=2), *a))
-    errors = train.check_step_paths(torch.device("cpu"), compiled=False)["float64"]
+    errors = benchmark.check_step_paths(torch.device("cpu"), compiled=False)["float64"]
     assert max(errors["func"][:2]) <= 1e-12
     for path in ("manual", "manual + checkpoint_blocks"):
         assert errors[path][1] > 1e-8 and errors[path][2] > 1e-8, (path, errors[path])
     with pytest.raises(RuntimeError, match="float64 manual"):
-        train.report_check({"float64": errors})
+        benchmark.report_check({"float64": errors})
 
 
 def test_inception_sees_rgb_channels_in_order_and_the_image_upright():
@@ -3621,7 +3668,7 @@ def test_step_on_device_returns_a_tensor_and_refuses_an_unfused_optimizer():
 def test_cuda_graph_option_is_applied_or_refused():
     """--cuda_graph true on the CPU is refused with a message, not ignored."""
     with pytest.raises(train.TrainError, match="--cuda_graph needs"):
-        train.benchmark(train.parse_config(["--benchmark", "--device", "cpu", "--cuda_graph", "true"]),
+        benchmark.benchmark(train.parse_config(["--benchmark", "--device", "cpu", "--cuda_graph", "true"]),
                         cases=(("tiny", 64, 8),), steps=1, warmup=1, check=False)
 
 
@@ -3645,10 +3692,10 @@ def test_step_flops_counts_what_the_network_multiplies():
     with torch.no_grad():
         net(torch.randn(B, cin, side, side), torch.rand(B), torch.rand(B), torch.randint(0, 10, (B,)), torch.full((B,), 2.0))
     N = (side // p) ** 2
-    L, A = train.forward_macs(C, depth, N, p, cin)
+    L, A = benchmark.forward_macs(C, depth, N, p, cin)
     assert sum(macs) == B * L
     assert A == depth * heads * 2 * N * N * (C // heads)
     # The step counts: 11 L + 14 A (TVM) and 4 L + 4 A (FM), 2 FLOPs per multiply-add.
-    L_xl, A_xl = train.forward_macs(1152, 28, 256, 2)
-    assert train.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
-    assert train.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)
+    L_xl, A_xl = benchmark.forward_macs(1152, 28, 256, 2)
+    assert benchmark.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
+    assert benchmark.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)

@@ -1,7 +1,7 @@
 r"""
 Train a Terminal Velocity Matching model (arXiv 2511.19797, Algorithm 1), from a laptop demo to
-ImageNet-512 on several nodes. The method itself lives in tvm.py; this file is data, the loop,
-checkpoints and logs.
+ImageNet-512 on several nodes. The method itself lives in tvm.py, the data and the SD-VAE in data.py;
+this file is the configuration, the loop, checkpoints and logs.
 
 The embedded demo: 1,797 8x8 handwritten digits (data/digits.npz), a tiny DiT, CPU, about 10 minutes:
 $ python train.py
@@ -26,11 +26,22 @@ the log ends with the FID of 1- and 4-step samples (fid.py; --fid false skips it
 per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume continues from it.
 """
 
+# The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
+#   benchmark.py     imports  sample, train, data, fid, tvm, attention_jvp   times the step and sampling
+#   sample.py        imports  released, train, data, fid, tvm                 samples, writes the ADM .npz
+#   evidence.py      imports  train, data, fid, tvm                           small-scale evidence (2-D, digits)
+#   released.py      imports  train, data, tvm                                reads the official .pkl files
+#   train.py         imports  data, fid, tvm, attention_jvp                   configuration, step, loop, checkpoints
+#   data.py          imports  tvm                                             data sets, latent cache, SD-VAE, errors
+#   fid.py           imports  nothing of the project                          FID
+#   tvm.py           imports  attention_jvp                                   the method and the network
+#   attention_jvp.py imports  nothing of the project                          the attention kernel and its reference
+# train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
+# benchmark.py imports them.
+
 import argparse
 import copy
 import dataclasses
-import errno
-import hashlib
 import json
 import math
 import os
@@ -38,8 +49,8 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -52,7 +63,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention_jvp
+import fid
 import tvm
+from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, load_vae, make_batch, open_data,
+                  run_script, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -60,10 +74,6 @@ except ImportError:
     fcntl = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class TrainError(Exception):
-    """A problem the person running train.py can fix; the message says what to do."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,9 +185,15 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# What --help (and an error) opens with: three commands to copy; the docstring below them says more.
+USAGE = """python train.py                                       (the embedded digits: CPU, about 10 minutes)
+       python train.py --res 256 --data /path/to/imagenet/train     (ImageNet 256 px, one GPU)
+       torchrun --standalone --nproc_per_node=8 train.py --res 256 --data /path/to/imagenet/train   (8 GPUs)"""
+
+
 def parse_config(argv=None):
     """Command line -> TrainConfig with the --res preset filled in and every value checked."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     derived = ("input_size", "in_channels", "num_classes")
     types = {bool: _parse_bool, int: int, float: float, str: str}
     for f in dataclasses.fields(TrainConfig):
@@ -294,455 +310,8 @@ def build_net(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data. Digits: pixels in memory. ImageNet: SD-VAE latents, memory-mapped from a .npy file.
-# ------------------------------------------------------------------------------------------------
-
-# Per-channel statistics of raw SD-VAE (ft-ema) latents, from IMM (paper-notes §7). Training data is
-# x0 = (z - mean) / std, with unit final std; decoding inverts it before the VAE.
-LATENT_STATS = {
-    256: dict(mean=[0.865, -0.278, 0.216, 0.374], std=[4.855, 5.319, 3.937, 3.987]),
-    512: dict(mean=[1.56, -0.695, 0.483, 0.729], std=[5.27, 5.91, 4.21, 4.31]),
-}
-
-
-def _stats(res, device, dtype):
-    st = LATENT_STATS[res]
-    return (torch.tensor(st["mean"], device=device, dtype=dtype)[None, :, None, None],
-            torch.tensor(st["std"], device=device, dtype=dtype)[None, :, None, None])
-
-
-def check_labels(labels, num_classes, path):
-    bad = (labels < 0) | (labels >= num_classes)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise TrainError(f"{path}: {int(bad.sum())} label(s) outside 0..{num_classes - 1} (the first: {labels[i]} at "
-                         f"row {i}); labels index the classes, 0 to num_classes - 1. Fix or re-create the labels")
-
-
-class DigitsData:
-    """The 1,797 8x8 digits of UCI "Optical Recognition of Handwritten Digits" (values 0..16, labels
-    0..9), as pixels in [-1, 1]: x0 = v / 8 - 1. Small enough to hold in memory on every rank."""
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise TrainError(f"--data {path}: no such file. The digits ship with the project as "
-                             "data/digits.npz; restore it with `git checkout data/digits.npz`")
-        d = np.load(path)
-        self.images = torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0)[:, None]  # (N, 1, 8, 8)
-        self.labels = d["labels"].astype(np.int64)                                          # (N,)
-        self.num_classes = int(self.labels.max()) + 1
-        check_labels(self.labels, self.num_classes, path)
-        self.shape = tuple(self.images.shape[1:])
-        self.posterior = False
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, idx):  # idx (n,) numpy -> (n, 1, 8, 8)
-        return self.images[torch.from_numpy(idx)]
-
-
-class LatentData:
-    """SD-VAE latents of an image folder: latents.npy (N, 8, h, w) float16, the posterior mean and std of
-    each image (N, 4, h, w: fixed latents), with labels.npy (N,) and meta.json beside it. Memory-mapped:
-    each rank reads only the rows of its share of the batch. Latents are raw VAE latents; the posterior
-    sample mean + std * eps is drawn afresh at every step, as in the official code (paper-notes §7)."""
-
-    def __init__(self, path, res):
-        if os.path.isdir(path):
-            path = os.path.join(path, "latents.npy")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isfile(path):
-            raise TrainError(f"--data {path}: no such latent file. Pass an image folder to encode it, or the "
-                             "latents.npy (or its folder) that an earlier run wrote")
-        labels_path = os.path.join(folder, "labels.npy")
-        if not os.path.isfile(labels_path):
-            raise TrainError(f"{path} has no labels.npy beside it: the latents and their class labels "
-                             f"(int64, shape (N,)) must sit in the same folder {folder}")
-        redo = "Encode the images again: pass the image folder as --data"
-        try:
-            self.moments = np.load(path, mmap_mode="r")
-        except ValueError as e:   # object arrays cannot be memory-mapped; a truncated file is shorter than its header says
-            raise TrainError(f"{path} is not a usable latent file ({e}): it is truncated (an interrupted copy?) "
-                             f"or holds Python objects instead of numbers. {redo}") from None
-        if self.moments.dtype.kind != "f":
-            raise TrainError(f"{path} holds {self.moments.dtype} values; latents are float16 (or float32). {redo}")
-        try:
-            labels = np.load(labels_path)
-        except ValueError as e:
-            raise TrainError(f"{labels_path} is not a usable label file ({e}). {redo}") from None
-        if labels.dtype.kind not in "iu" or labels.ndim != 1:
-            raise TrainError(f"{labels_path} holds {labels.dtype} values of shape {labels.shape}; expected integer "
-                             f"class labels, shape (N,). {redo}")
-        self.labels = labels.astype(np.int64)
-        h = res // 8
-        if self.moments.ndim != 4 or self.moments.shape[1] not in (4, 8) or self.moments.shape[2:] != (h, h):
-            found = "x".join(map(str, self.moments.shape[1:]))
-            guess = (f" These look like latents for --res {self.moments.shape[-1] * 8}: pass that --res, or"
-                     if self.moments.ndim == 4 and self.moments.shape[1] in (4, 8) else
-                     " 3 channels: these look like images, not SD-VAE latents;"
-                     if self.moments.ndim == 4 and self.moments.shape[1] == 3 else "")
-            raise TrainError(f"{path} holds latents of shape {found} per image, but --res {res} needs "
-                             f"4x{h}x{h} (or 8x{h}x{h}: posterior mean and std).{guess} encode the images "
-                             f"again for --res {res} by passing the image folder as --data")
-        if len(self.labels) != len(self.moments):
-            raise TrainError(f"{labels_path} has {len(self.labels)} labels for {len(self.moments)} latents; "
-                             "re-encode the folder (delete the latent folder and pass the images as --data)")
-        meta_path = os.path.join(folder, "meta.json")
-        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
-        self.num_classes = int(meta.get("num_classes", self.labels.max() + 1))
-        check_labels(self.labels, self.num_classes, labels_path)
-        self.posterior = self.moments.shape[1] == 8
-        self.shape = (4, h, h)
-        self.res = res
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, idx):  # idx (n,) numpy -> (n, 8 or 4, h, w) float32; sorted reads are faster on disk
-        order = np.argsort(idx)
-        rows = np.empty((len(idx),) + self.moments.shape[1:], dtype=np.float32)
-        rows[order] = self.moments[idx[order]]
-        return torch.from_numpy(rows)
-
-    def to_x0(self, raw, eps):
-        """Raw rows on the device -> normalised latents x0. eps: (n, 4, h, w) posterior noise."""
-        z = raw[:, :4] + raw[:, 4:] * eps if self.posterior else raw
-        mean, std = _stats(self.res, raw.device, raw.dtype)
-        return (z - mean) / std
-
-
-class EpochSampler:
-    """The global batch of step k is a pure function of (seed, k): the k-th block of batch_size entries
-    in a sequence of per-epoch random permutations. No state to save; every rank computes the same
-    global indices and takes its own slice, whatever the number of ranks."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.cache = n, seed, {}
-
-    def perm(self, epoch):
-        if epoch not in self.cache:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.cache = {e: p for e, p in self.cache.items() if e == epoch - 1}   # keep one epoch back
-            self.cache[epoch] = torch.randperm(self.n, generator=g).numpy()
-        return self.cache[epoch]
-
-    def batch(self, step, batch_size):  # -> (batch_size,) dataset indices
-        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        epoch, i = pos // self.n, pos % self.n
-        out = np.empty(batch_size, dtype=np.int64)
-        for e in np.unique(epoch):
-            out[epoch == e] = self.perm(int(e))[i[epoch == e]]
-        return out
-
-
-def make_batch(data, sampler, cfg, step, rank, world, device, dtype):
-    """One rank's share of step `step`'s batch, split into micro-batches of tvm.LossInputs.
-
-    Everything random (posterior noise, x1, times, label dropout) is drawn for the *global* batch from a
-    generator seeded by (seed, step), identically on every rank, and then sliced. So the global batch
-    does not depend on the number of ranks or micro-batches: 2 GPUs compute the same step as 1, and a
-    resumed run the same steps as an uninterrupted one. Only the data rows are read per rank.
-    """
-    B = cfg.batch_size
-    Br = B // world
-    lo, hi = rank * Br, (rank + 1) * Br
-    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-    idx = sampler.batch(step, B)                                                 # (B,)
-    y = torch.from_numpy(data.labels[idx]).to(device)                            # (B,), cheap for all
-    x0 = torch.zeros((B,) + data.shape, device=device, dtype=dtype)              # (B, C, H, W)
-    raw = data.load(idx[lo:hi]).to(device, dtype)
-    if isinstance(data, LatentData):
-        eps = torch.randn((B,) + data.shape, generator=g, device=device, dtype=dtype)[lo:hi]
-        raw = data.to_x0(raw, eps)
-    x0[lo:hi] = raw
-    w_range = (cfg.w, cfg.w_max) if cfg.w_max > cfg.w else None
-    inputs = tvm.sample_loss_inputs(x0, y, data.num_classes, w=cfg.w, w_range=w_range,
-                                    label_dropout=cfg.label_dropout, generator=g).slice(lo, hi)
-    mb = cfg.micro_batch or Br
-    return [inputs.slice(i, i + mb) for i in range(0, Br, mb)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Encoding an image folder into SD-VAE latents (once; resumable)
-# ------------------------------------------------------------------------------------------------
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-def scan_image_folder(root):
-    """ImageNet layout: root/<class>/<image>. -> (files, labels (N,) int64, class names)."""
-    if not os.path.isdir(root):
-        raise TrainError(f"--data {root}: no such folder. Expected an image folder in ImageNet layout "
-                         f"({root}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
-    # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes, nor hidden files images.
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise TrainError(f"--data {root} has no class sub-folders. Expected {root}/<class>/<image>.JPEG, "
-                         "one folder per class (for one class, put all images in one sub-folder)")
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        imgs = sorted(e.path for e in os.scandir(os.path.join(root, name))
-                      if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS))
-        if not imgs:
-            raise TrainError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTS)}): "
-                             "add images or remove the folder (every folder is a class)")
-        files += imgs
-        labels += [c] * len(imgs)
-    return files, np.array(labels, dtype=np.int64), classes
-
-
-def center_crop(img, res):
-    """ADM's preprocessing (guided-diffusion center_crop_arr), used by DiT and TVM: box-downsample by 2
-    while possible, bicubic-resize the short side to res, crop the centre. -> (res, res, 3) uint8."""
-    from PIL import Image
-    while min(img.size) >= 2 * res:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = res / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    arr = np.asarray(img)
-    top, left = (arr.shape[0] - res) // 2, (arr.shape[1] - res) // 2
-    return arr[top:top + res, left:left + res]
-
-
-def to_rgb8(img):
-    """A PIL image -> 8-bit RGB. convert("RGB") clips 16-bit greyscale (modes I;16*, and I as older Pillow
-    opens 16-bit PNGs) to 255, whitening almost every pixel: scale those by 1/257 (65535 -> 255) first.
-    Other 32-bit and float images have no agreed range: refused."""
-    from PIL import Image
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
-        arr = np.asarray(img).astype(np.float64)
-        if arr.min() < 0 or arr.max() > 65535:
-            raise ValueError(f"mode {img.mode} with values outside 0..65535")
-        img = Image.fromarray(np.round(arr / 257).astype(np.uint8), mode="L")
-    elif img.mode in ("I", "F"):
-        raise ValueError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (mode {img.mode}) "
-                         "have no agreed range; convert the image to 8- or 16-bit")
-    return img.convert("RGB")
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, files, res):
-        self.files, self.res = files, res
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        from PIL import Image
-        try:
-            with Image.open(self.files[i]) as img:
-                arr = center_crop(to_rgb8(img), self.res)
-        except Exception as e:
-            # Deleting the file would change the list of images, which the unfinished encoding is bound
-            # to (encode_image_folder): replacing it keeps the work done.
-            raise TrainError(f"cannot read image {self.files[i]} ({type(e).__name__}: {e}). Replace it with a "
-                             "readable image of the same name and run again: encoding resumes where it stopped. "
-                             "(Deleting it changes the list of images, so the encoding would start over: then "
-                             "delete the latent folder too.)") from None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i     # (3, res, res) uint8
-
-
-def reserve_disk(path):
-    """Allocate every block of the file at `path` (posix_fallocate). -> None, or the OSError of a full
-    disk. Other failures (a file system without fallocate) are ignored: the free-space check must do."""
-    if not hasattr(os, "posix_fallocate"):
-        return None
-    with open(path, "r+b") as f:
-        try:
-            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                return e
-    return None
-
-
-def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, world=1, device="cpu",
-                        flush_every=100):
-    """Encode root/<class>/<image> into cache/{latents.npy, labels.npy, meta.json}.
-
-    encoder: (n, 3, res, res) in [-1, 1] -> (n, 8, res/8, res/8) posterior mean and std (VAE.encode).
-    Work is split in chunks of `batch` images, shared round-robin by the ranks. Every `flush_every`
-    chunks the rows are flushed to disk and only then marked in done.npy, so after an interruption (or
-    with another number of GPUs) the next run encodes only what is missing. meta.json is written last: it marks the cache
-    as complete.
-    """
-    meta_path = os.path.join(cache, "meta.json")
-    if os.path.isfile(meta_path):
-        return cache
-    files, labels, classes = scan_image_folder(root)
-    n, h = len(files), res // 8
-    chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
-    lat_path, done_path = os.path.join(cache, "latents.npy"), os.path.join(cache, "done.npy")
-    # Row i of the latents is files[i]: the unfinished encoding is bound to this exact list of images.
-    listing = hashlib.sha1("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()[:16]
-    info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch, files_sha1=listing)
-    if rank == 0:
-        os.makedirs(cache, exist_ok=True)
-        info_path = os.path.join(cache, "encoding.json")
-        known = json.load(open(info_path)) if os.path.isfile(info_path) else info
-        known.setdefault("files_sha1", listing)   # recorded before the fingerprint existed: trust the count
-        if known != info:
-            old = known
-            what = (f"--res {old.get('res')} (now {res})" if old.get("res") != res else
-                    f"another list of images ({old.get('num_images')} then, {n} now: files were added, removed "
-                    "or renamed since)")
-            raise TrainError(f"{cache} holds an unfinished encoding of {root} with {what}: its rows no longer "
-                             f"match the images. Delete {cache} and run again (the encoding starts over)")
-        if not os.path.isfile(info_path):
-            need = n * 8 * h * h * 2                               # float16 rows
-            free = shutil.disk_usage(cache).free
-            if free < need + 2 ** 20:
-                raise TrainError(f"not enough disk space for the latents of {root}: {cache} needs "
-                                 f"{need / 2 ** 30:.2f} GiB, {free / 2 ** 30:.2f} GiB is free. Free some space or "
-                                 "pass --latent_cache on another disk")
-            np.lib.format.open_memmap(lat_path, mode="w+", dtype=np.float16, shape=(n, 8, h, h)).flush()
-            # open_memmap makes a sparse file; writing into it on a full disk kills the process with
-            # SIGBUS ("Bus error"). Reserve its blocks now, so a full disk is an error here instead.
-            if reserve_disk(lat_path) is not None:
-                os.remove(lat_path)
-                raise TrainError(f"the disk is full: could not reserve {need / 2 ** 30:.2f} GiB for {lat_path}. "
-                                 "Free some space or pass --latent_cache on another disk")
-            np.save(done_path, np.zeros(len(chunks), dtype=np.uint8))
-            np.save(os.path.join(cache, "labels.npy"), labels)
-            json.dump(info, open(info_path, "w"))
-    if world > 1:
-        dist.barrier()
-    lat = np.load(lat_path, mmap_mode="r+")
-    done = np.load(done_path, mmap_mode="r+")
-    todo = [c for c in range(len(chunks)) if c % world == rank and not done[c]]
-    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_sampler=[range(*chunks[c]) for c in todo],
-                                         num_workers=workers)
-    pending = []
-    for (imgs, idx), c in zip(tqdm(loader, desc=f"encoding {root} -> {cache}", disable=rank != 0), todo):
-        x = imgs.to(device).float() / 127.5 - 1.0                                # (n, 3, res, res)
-        lat[chunks[c][0]:chunks[c][1]] = encoder(x).float().cpu().numpy().astype(np.float16)
-        pending.append(c)
-        if len(pending) == flush_every or c == todo[-1]:
-            lat.flush()
-            done[pending] = 1
-            done.flush()
-            pending = []
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        if not np.all(np.load(done_path)):
-            raise TrainError(f"encoding of {root} is incomplete; run again to finish it")
-        _atomic_write_text(meta_path, json.dumps(dict(info, classes=classes, root=os.path.abspath(root)), indent=1))
-    if world > 1:
-        dist.barrier()
-    return cache
-
-
-def open_data(cfg, rank, world, device):
-    if cfg.res == 0:
-        return DigitsData(cfg.data)
-    if not os.path.exists(cfg.data):
-        raise TrainError(f"--data {cfg.data} does not exist. Expected an image folder in ImageNet layout "
-                         f"({cfg.data}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
-    if os.path.isdir(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "latents.npy")):
-        # An image folder: encode it once, or reuse its complete cache.
-        cache = cfg.latent_cache or cfg.data.rstrip("/") + f"_latents{cfg.res}"
-        if not os.path.isfile(os.path.join(cache, "meta.json")):
-            scan_image_folder(cfg.data)           # a bad folder is reported before the VAE is loaded
-            if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
-                raise TrainError(f"{cfg.data} is not encoded yet ({cache} is missing or unfinished). Encode it "
-                                 "on one machine first (train.py --res ... --data DIR --steps 0, with torchrun on "
-                                 "its GPUs), put the latent folder where every machine sees it, then pass it as --data")
-            vae = load_vae(device, cfg.vae)
-            encode_image_folder(cfg.data, cache, cfg.res, vae.encode_moments, workers=cfg.workers,
-                                rank=rank, world=world, device=device)
-            del vae
-        return LatentData(cache, cfg.res)
-    return LatentData(cfg.data, cfg.res)
-
-
-# ------------------------------------------------------------------------------------------------
-# The VAE (SD-VAE ft-ema, through diffusers): only for encoding and for decoding samples
-# ------------------------------------------------------------------------------------------------
-
-class VAE:
-    def __init__(self, name, device):
-        try:
-            from diffusers.models import AutoencoderKL
-        except ImportError:
-            raise TrainError("the SD-VAE needs the `diffusers` package, used only to encode images and decode "
-                             "samples: `pip install diffusers`. (Training from an existing latents.npy "
-                             "with --sample_every 0 needs neither.)") from None
-        try:
-            self.vae = AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
-        except Exception as e:
-            raise TrainError(f"could not load the VAE weights {name!r} ({type(e).__name__}: {e}). diffusers "
-                             f"downloads them from the Hugging Face Hub on first use; on a machine without "
-                             f"network, fetch them elsewhere with `huggingface-cli download {name}` and pass "
-                             f"the downloaded folder as --vae") from None
-
-    @torch.no_grad()
-    def encode_moments(self, img):  # (n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8): posterior mean, std
-        d = self.vae.encode(img).latent_dist
-        return torch.cat([d.mean, d.std], dim=1)
-
-    @torch.no_grad()
-    def decode(self, z):  # (n, 4, h, w) raw latents -> (n, 3, 8h, 8w) in about [-1, 1]
-        return self.vae.decode(z).sample
-
-
-def load_vae(device, name="stabilityai/sd-vae-ft-ema"):
-    return VAE(name, device)
-
-
-@torch.no_grad()
-def to_uint8_images(x0, config_dict, vae=None, batch=32):
-    """Model samples -> uint8 (N, H, W, 3). Digits: pixels in [-1, 1], grey repeated to RGB. Latents:
-    un-normalised with LATENT_STATS and decoded by the VAE (loaded here if not given).
-    round((x + 1) * 127.5) equals EDM2's (x * 127.5 + 128).clip(0, 255).to(uint8)."""
-    res = config_dict["res"]
-    if res == 0:
-        img = x0.float()
-    else:
-        vae = vae or load_vae(x0.device)
-        dtype = next(vae.vae.parameters()).dtype
-        mean, std = _stats(res, x0.device, torch.float32)
-        z = x0.float() * std + mean
-        img = torch.cat([vae.decode(z[i:i + batch].to(dtype)).float() for i in range(0, len(z), batch)])
-    img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
-
-
-# ------------------------------------------------------------------------------------------------
 # Checkpoints: atomic, complete, and loadable with weights_only=True
 # ------------------------------------------------------------------------------------------------
-
-def _write_atomically(path, write):
-    """write(file object) into a fresh temporary file beside `path`, fsync, then rename it over `path`.
-    The temporary name is unique (mkstemp: random, created with O_EXCL), so two writers never share
-    one, and nothing planted at a predictable name (a symlink, say) can redirect the write. A rename is
-    atomic: a kill at any moment leaves either the old file or the new one, never half of one. A full
-    disk raises TrainError and leaves the old file as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 -> what open() would have given
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TrainError(f"the disk is full: could not write {path} ({e.strerror}; "
-                             f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free). "
-                             f"The previous file is kept; free some space, then run again (with --resume)") from None
-        raise
-
-
-def _atomic_write_text(path, text):
-    _write_atomically(path, lambda f: f.write(text.encode()))
-
 
 def save_checkpoint(state, path):
     """torch.save through _write_atomically. Before the new ckpt.pt replaces the old one, the old one
@@ -1089,25 +658,20 @@ def check_resumable(saved, cfg, path):
     return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
 
 
-def parse_bench_cases(text):
-    """"XL/2-18h:256:32,B/2:256:32" -> (("XL/2-18h", 256, 32), ("B/2", 256, 32)); "" -> BENCH_CASES."""
-    if not text:
-        return BENCH_CASES
-    cases = []
-    for item in text.split(","):
-        parts = item.strip().split(":")
-        if len(parts) != 3 or parts[0] not in MODELS or not (parts[1].isdigit() and parts[2].isdigit()) \
-                or int(parts[1]) % 16:
-            raise TrainError(f"--bench_cases: {item!r} is not model:px:batch with a model of {sorted(MODELS)} "
-                             "and px a multiple of 16, e.g. XL/2-18h:256:32")
-        cases.append((parts[0], int(parts[1]), int(parts[2])))
-    return tuple(cases)
+def run_benchmark(kind, argv=None):
+    """train.py --benchmark and sample.py --benchmark: `python benchmark.py step|sample` with the same options,
+    in a process of its own. benchmark.py imports train.py and sample.py (it times their code), so neither
+    imports it. -> its exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    flags = ["-B"] if sys.flags.dont_write_bytecode else []
+    return subprocess.call([sys.executable, *flags, os.path.join(HERE, "benchmark.py"), kind, *argv])
 
 
 def main(argv=None):
+    """-> the resolved config of the finished run; with --benchmark, the benchmark's exit status."""
     cfg = parse_config(argv)
     if cfg.benchmark:
-        return benchmark(cfg, parse_bench_cases(cfg.bench_cases), check=cfg.bench_check)
+        return run_benchmark("step", argv)
     with attention_jvp.use_backend(cfg.attention):
         return train(cfg)
 
@@ -1235,7 +799,7 @@ def train(cfg):
 
 
 def _train(cfg, rank, world, device):
-    """The run itself, inside the lock of its folder."""
+    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps."""
     master = rank == 0
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -1249,73 +813,18 @@ def _train(cfg, rank, world, device):
     cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
     cfg.num_classes = data.num_classes
     vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
-
-    torch.manual_seed(cfg.seed)
-    net = build_net(cfg).to(device, dtype)
-    ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
-    target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
-    prepare_net(net, cfg)                               # the EMA is not compiled; the target is
-    prepare_net(target, cfg)
-    # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
-    # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
-    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    opt = make_optimizer(net, cfg)
-    if cfg.cuda_graph is None:
-        cfg.cuda_graph = cuda and world == 1
-    elif cfg.cuda_graph and not (cuda and world == 1):
-        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
-                         "pass --cuda_graph false")
+    net, ema, target, model, opt = _build(cfg, world, device, dtype)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
-    step = 0
     if cfg.resume:
-        # On the CPU: load_state_dict copies each tensor onto the device, so the GPU never holds the whole
-        # checkpoint beside the run's own weights and optimiser state.
-        state = load_checkpoint(ckpt_path, "cpu")
-        changed = check_resumable(state["config"], cfg, ckpt_path)
-        for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
-            load_weights(module, state[key], ckpt_path, key)
-        # load_state_dict also restores the saved groups' implementation flags; keep this run's (fused,
-        # capturable on a GPU): a checkpoint of an unfused AdamW (older train.py) or from the CPU must not
-        # switch the found_inf skip or the CUDA graph off. Set before loading: they place the step counters.
-        for group in state["opt"].get("param_groups", []):
-            group.update(fused=True, foreach=None, capturable=opt.defaults["capturable"])
-        try:
-            opt.load_state_dict(state["opt"])
-        except (ValueError, KeyError) as e:
-            raise TrainError(f"{ckpt_path}: its optimiser state does not fit the network ({e}): the file is "
-                             "damaged or from another version of train.py") from None
-        # load_state_dict also restores the checkpoint's hyper-parameters; the config (printed, saved in
-        # every checkpoint, logged) is what must run, so a changed --lr / --beta2 / ... takes effect here.
-        for group in opt.param_groups:
-            group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        step = state["step"]
-        if len(state.get("rng", [])) == world:
-            set_rng_state(state["rng"][rank])
-        if master:
-            print(f"resuming {ckpt_path} at step {step}" + "".join(
-                f"\n  changed: {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-        del state
+        step = _resume(cfg, net, ema, target, opt, ckpt_path, rank, world)
     elif os.path.exists(ckpt_path):
         raise TrainError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    else:
+        step = 0
     saved_step = step
-
-    if master:
-        print(json.dumps(dataclasses.asdict(cfg), indent=1))
-        n_params = sum(p.numel() for p in net.parameters())
-        threads = "" if cuda else f" ({torch.get_num_threads()} intra-op thread(s) each)"
-        print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
-              f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
-              f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
-        if cfg.resume and os.path.isfile(log_path):
-            # Rows past the checkpoint were written by steps that are now done again: drop them.
-            _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
-        log = open(log_path, "a" if cfg.resume else "w")     # a new run starts a new log
-        if cfg.compile:
-            print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
+    log = _start_log(cfg, net, data, world, device, precision, step, log_path) if master else None
 
     def checkpoint():
         rngs = [None] * world
@@ -1347,32 +856,10 @@ def _train(cfg, rank, world, device):
             step += 1
             bar.update(1)
             if not stats["weights_ok"]:
-                fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
-                msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
-                       f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
-                           f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
-                           if os.path.isfile(ckpt_path) else
-                           f"no checkpoint had been written yet. Start again with {fix}"))
-                if master:
-                    log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
-                                              **stats)) + "\n")
-                    log.close()
-                raise TrainError(msg)
+                _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log)
             if stats["skipped"]:
                 skipped_in_a_row += 1
-                if master:
-                    tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
-                    log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
-                if skipped_in_a_row == MAX_SKIPPED:
-                    if master:
-                        log.close()
-                    kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
-                            "no checkpoint had been written yet")
-                    raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
-                                     f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
-                                     f"the data for NaN or infinite values; if it is clean, "
-                                     + ("resume" if os.path.isfile(ckpt_path) else "start again")
-                                     + " with a smaller --lr or with --grad_clip 1.0")
+                _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log)
             else:
                 skipped_in_a_row = 0
                 acc.append(stats)
@@ -1381,24 +868,11 @@ def _train(cfg, rank, world, device):
                                 fm=f"{stats['fm']:.4f}", gnorm=f"{stats['grad_norm']:.3f}", refresh=False)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 if master and acc:
-                    if cuda:
-                        torch.cuda.synchronize()
-                    dt = time.time() - t_last
-                    row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
-                    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
-                                              s_per_step=dt / (step - n_last),
-                                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
-                    log.flush()
+                    _write_log_row(log, acc, step, n_last, t_last, cfg, cuda)
                 acc, t_last, n_last = [], time.time(), step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 samples()
-            # A signal, or ckpt_minutes since the last save, also saves; under DDP every rank must agree on
-            # the step at which that happens (one 2-number all-reduce per step).
-            flags = [float(stop.signum), float(cfg.ckpt_minutes > 0 and time.time() - t_saved > 60 * cfg.ckpt_minutes)]
-            if world > 1:
-                flags_t = torch.tensor(flags, device=device, dtype=torch.float64)
-                dist.all_reduce(flags_t, op=dist.ReduceOp.MAX)
-                flags = flags_t.tolist()
+            flags = _save_flags(stop, cfg, t_saved, world, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
                 checkpoint()
                 saved_step, t_saved = step, time.time()
@@ -1411,10 +885,15 @@ def _train(cfg, rank, world, device):
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
     bar.close()
+    _finish(cfg, ema, data, device, log, ckpt_path, log_path, world)
+    return cfg
 
-    if master and cfg.res == 0 and cfg.fid:
+
+def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
+    """After the last step: the digits' FID, the log closed (rank 0: log is its open log), all ranks out."""
+    if log is not None and cfg.res == 0 and cfg.fid:
         report_fid(ema, cfg, data, device, log)
-    if master:
+    if log is not None:
         log.close()
         print(f"done: {ckpt_path}, {log_path}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
@@ -1423,7 +902,135 @@ def _train(cfg, rank, world, device):
         # one rank while the other is still inside it hung a CPU test once (torch 2.13).
         dist.barrier()
         dist.destroy_process_group()
-    return cfg
+
+
+def _build(cfg, world, device, dtype):
+    """-> the online network theta, its two EMAs (theta**, theta*), the loss module (DDP-wrapped on several
+    processes) and AdamW."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg).to(device, dtype)
+    ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
+    target = copy.deepcopy(net).requires_grad_(False)   # theta*, the teacher in the loss
+    prepare_net(net, cfg)                               # the EMA is not compiled; the target is
+    prepare_net(target, cfg)
+    # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
+    # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
+    model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    opt = make_optimizer(net, cfg)
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = cuda and world == 1
+    elif cfg.cuda_graph and not (cuda and world == 1):
+        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
+                         "pass --cuda_graph false")
+    return net, ema, target, model, opt
+
+
+def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
+    """Load <out>/ckpt.pt into the networks and AdamW (and this rank's RNG states) -> its step."""
+    # On the CPU: load_state_dict copies each tensor onto the device, so the GPU never holds the whole
+    # checkpoint beside the run's own weights and optimiser state.
+    state = load_checkpoint(ckpt_path, "cpu")
+    changed = check_resumable(state["config"], cfg, ckpt_path)
+    for module, key in ((net, "model"), (ema, "ema"), (target, "target")):
+        load_weights(module, state[key], ckpt_path, key)
+    # load_state_dict also restores the saved groups' implementation flags; keep this run's (fused,
+    # capturable on a GPU): a checkpoint of an unfused AdamW (older train.py) or from the CPU must not
+    # switch the found_inf skip or the CUDA graph off. Set before loading: they place the step counters.
+    for group in state["opt"].get("param_groups", []):
+        group.update(fused=True, foreach=None, capturable=opt.defaults["capturable"])
+    try:
+        opt.load_state_dict(state["opt"])
+    except (ValueError, KeyError) as e:
+        raise TrainError(f"{ckpt_path}: its optimiser state does not fit the network ({e}): the file is "
+                         "damaged or from another version of train.py") from None
+    # load_state_dict also restores the checkpoint's hyper-parameters; the config (printed, saved in
+    # every checkpoint, logged) is what must run, so a changed --lr / --beta2 / ... takes effect here.
+    for group in opt.param_groups:
+        group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    step = state["step"]
+    if len(state.get("rng", [])) == world:
+        set_rng_state(state["rng"][rank])
+    if rank == 0:
+        print(f"resuming {ckpt_path} at step {step}" + "".join(
+            f"\n  changed: {k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return step
+
+
+def _start_log(cfg, net, data, world, device, precision, step, log_path):
+    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log) -> the open file."""
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    n_params = sum(p.numel() for p in net.parameters())
+    threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} intra-op thread(s) each)"
+    print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
+          f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
+          f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
+    if cfg.resume and os.path.isfile(log_path):
+        # Rows past the checkpoint were written by steps that are now done again: drop them.
+        _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
+    log = open(log_path, "a" if cfg.resume else "w")
+    if cfg.compile:
+        print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
+    return log
+
+
+def _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log):
+    """The AdamW update made the weights non-finite: log it (rank 0, whose log is open; None elsewhere), raise."""
+    fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
+    msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
+           f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
+               f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
+               if os.path.isfile(ckpt_path) else
+               f"no checkpoint had been written yet. Start again with {fix}"))
+    if log is not None:
+        log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
+                                  **stats)) + "\n")
+        log.close()
+    raise TrainError(msg)
+
+
+def _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log):
+    """A step skipped for a non-finite loss or gradient: say so (rank 0, whose log is open; None elsewhere);
+    raise once MAX_SKIPPED were skipped in a row."""
+    if log is not None:
+        tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
+        log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
+    if skipped_in_a_row == MAX_SKIPPED:
+        if log is not None:
+            log.close()
+        kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
+                "no checkpoint had been written yet")
+        raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
+                         f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
+                         f"the data for NaN or infinite values; if it is clean, "
+                         + ("resume" if os.path.isfile(ckpt_path) else "start again")
+                         + " with a smaller --lr or with --grad_clip 1.0")
+
+
+def _write_log_row(log, acc, step, n_last, t_last, cfg, cuda):
+    """One log.jsonl row: the means of the steps `acc` since the row of step n_last, their speed, the skipped."""
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.time() - t_last
+    row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
+    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
+                              s_per_step=dt / (step - n_last),
+                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
+    log.flush()
+
+
+def _save_flags(stop, cfg, t_saved, world, device):
+    """[the signal that stops the run, or 0; whether ckpt_minutes have passed since the last save]."""
+    # A signal, or ckpt_minutes since the last save, also saves; under DDP every rank must agree on
+    # the step at which that happens (one 2-number all-reduce per step).
+    flags = [float(stop.signum), float(cfg.ckpt_minutes > 0 and time.time() - t_saved > 60 * cfg.ckpt_minutes)]
+    if world > 1:
+        flags_t = torch.tensor(flags, device=device, dtype=torch.float64)
+        dist.all_reduce(flags_t, op=dist.ReduceOp.MAX)
+        flags = flags_t.tolist()
+    return flags
 
 
 @torch.no_grad()
@@ -1435,7 +1042,6 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     more samples. The real features are cached in the run folder. Skipped, with a message, if fid.py's
     weights are not installed."""
     try:
-        import fid
         fid.load_inception("cpu")
     except (ImportError, RuntimeError) as e:
         print(f"FID skipped ({e}). --fid false turns this step off.")
@@ -1465,377 +1071,9 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     return result
 
 
-# ------------------------------------------------------------------------------------------------
-# python train.py --benchmark: the step on random latents, TVM against flow matching, same run
-# ------------------------------------------------------------------------------------------------
-
-# (model, image side in pixels, batch): the latents are (batch, 4, px / 8, px / 8).
-BENCH_CASES = (("XL/2-18h", 256, 32), ("XL/2-18h", 512, 8), ("XL/2-18h", 512, 16), ("B/2", 256, 32))
-
-
-def benchmark(cfg, cases=BENCH_CASES, steps=6, warmup=2, check=True):
-    """Seconds per step, images per second and peak memory of the TVM step (Eq. 15: the JVP forward,
-    the backward through it, one target forward for two batches, the guided FM term, AdamW, both EMAs)
-    and of a flow-matching step of the same network (the FM term alone, no JVP), in the same run, on
-    random latents shaped like ImageNet-256/512: no data needed. The paper's settings for that resolution
-    (Table 6), bf16 autocast and TF32 off on a GPU; the median of `steps` timed steps after `warmup`.
-    --attention and --detach_jvp select the variants, --device the device. Returns the rows; a case that
-    does not fit is None."""
-    if "RANK" in os.environ:
-        raise TrainError("--benchmark times one process: run it with python, not torchrun")
-    _, _, device = setup_distributed(cfg)           # a single process: only picks the device
-    want_cuda = device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if want_cuda else nullcontext()
-    name = torch.cuda.get_device_name() if want_cuda else "CPU"
-    if cfg.cuda_graph is None:
-        cfg.cuda_graph = want_cuda
-    if cfg.cuda_graph and not want_cuda:
-        raise TrainError("--cuda_graph needs a GPU: pass --cuda_graph false")
-    if cfg.bench_memory_gib and want_cuda:
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.bench_memory_gib * 2 ** 30 / total))
-    print(f"{name}, torch {torch.__version__}, attention {cfg.attention}, jvp {cfg.jvp}, compile {cfg.compile}, "
-          f"cuda_graph {cfg.cuda_graph}, checkpoint_blocks {cfg.checkpoint_blocks}, detach_jvp {cfg.detach_jvp}, "
-          f"median of {steps} steps after {warmup}; code {code_version()}"
-          + (f"; memory capped at {cfg.bench_memory_gib:g} GiB" if cfg.bench_memory_gib and want_cuda else ""))
-    peak = matmul_ceiling(device) if want_cuda else None
-    if peak:
-        print(f"bf16 matrix-product ceiling measured now (8192^3, random data): {peak:.0f} TFLOP/s; model FLOPs "
-              f"utilisation (MFU) below is against it, and against the datasheet's {DATASHEET_BF16_TFLOPS:.0f} dense")
-    if check:
-        print("Check first: each path's loss and gradient (small DiT, relative errors) against float64 "
-              "torch.func.jvp with math attention, and against the func path in the same precision:")
-        report_check(check_step_paths(device, amp, compiled=cfg.compile))
-        if cfg.cuda_graph:
-            report_graph_check(check_cuda_graph(device, amp, compiled=cfg.compile))
-    print("| model | px | batch | TVM step | flow-matching step | TVM / FM |\n| --- | --- | --- | --- | --- | --- |")
-    rows = []
-    for model, px, batch in cases:
-        if cfg.compile:  # compile each case afresh for its shapes (no dynamic-shape graphs, no recompile limit)
-            torch._dynamo.reset()
-        row = dict(model=model, px=px, batch=batch)
-        for kind in ("tvm", "fm"):
-            row[kind] = _time_step(cfg, row["model"], px, row["batch"], kind, device, amp, steps, warmup)
-            if row[kind]:
-                row[kind]["tflops"] = step_flops(model, px, batch, kind) / row[kind]["s"] / 1e12
-        rows.append(row)
-        mfu = lambda m: f", {m['tflops']:.0f} TFLOP/s = MFU {m['tflops'] / peak:.0%} ({m['tflops'] / DATASHEET_BF16_TFLOPS:.0%})" \
-            if peak else ""
-        cell = lambda m: "out of memory" if m is None else f"{m['s']:.3f} s, {m['img_s']:.0f} img/s, " + (
-            f"{m['gib']:.1f} GiB" if m["gib"] is not None else "-") + mfu(m)
-        ratio = f"{row['tvm']['s'] / row['fm']['s']:.2f}x" if row["tvm"] and row["fm"] else "-"
-        print(f"| {row['model']} | {px} | {row['batch']} | {cell(row['tvm'])} | {cell(row['fm'])} | {ratio} |",
-              flush=True)
-    return rows
-
-
-# H100 / H200 SXM, dense bf16 with fp32 accumulation (NVIDIA's datasheet); the measured ceiling is lower.
-DATASHEET_BF16_TFLOPS = 989.0
-
-
-def step_flops(model, px, batch, kind, mlp_ratio=4, freq_dim=256, in_channels=4):
-    """Model FLOPs of one training step, counted analytically: 2 per multiply-add of the matrix products
-    (linears and attention; elementwise work, norms and the optimizer are not counted), the backward
-    twice its forward, recomputation not counted (the MFU convention: work the model needs, not what an
-    implementation spends). Per image, with C the width, N = (px / 8 / patch)^2 tokens, depth blocks:
-
-        L = depth (12 C^2 N + 6 C^2) + N (2 p^2 c C) + 2 C^2 + 3 (freq_dim C + C^2)   multiply-adds of the
-            linears in one forward (qkv 3C^2, proj C^2, MLP 8C^2 per token; adaLN 6C^2 per sample; the
-            patch embedding and output layer; the final adaLN; the t, gap and w embedders)
-        A = depth 2 N^2 C                                                            of the attention
-            (q k^T and P v over all heads)
-
-    TVM step (Eq. 15): the forward with its tangent 2L + 3A (the tangent O' = P'v + Pv', P' from q'k^T
-    and qk'^T: 4 more products), its backward twice that, the target's forward on two batches 2L + 2A,
-    the FM term's forward and backward 3L + 3A: 11 L + 14 A. FM step: 3L + 3A, plus the target's
-    unconditional forward for the guided target (Eq. 14) L + A: 4 L + 4 A. XL/2-18h at 256 px: L = 114.1
-    G, A = 4.2 G per image, so 2.63 TFLOP (TVM) and 0.95 TFLOP (FM) per image.
-    """
-    m = MODELS[model]
-    L, A = forward_macs(m["hidden_size"], m["depth"], (px // 8 // m["patch_size"]) ** 2, m["patch_size"],
-                        in_channels, mlp_ratio, freq_dim)
-    units = (11 * L + 14 * A) if kind == "tvm" else (4 * L + 4 * A)
-    return 2 * units * batch
-
-
-def forward_macs(C, depth, N, p, in_channels=4, mlp_ratio=4, freq_dim=256):
-    """(L, A) of step_flops for one image: multiply-adds of the linears and of the attention in one forward."""
-    L = depth * (3 * C * C + C * C + 2 * mlp_ratio * C * C) * N + depth * 6 * C * C \
-        + N * 2 * p * p * in_channels * C + 2 * C * C + 3 * (freq_dim * C + C * C)
-    return L, depth * 2 * N * N * C
-
-
-def matmul_ceiling(device, n=8192, reps=10):
-    """TFLOP/s of an n^3 bf16 matrix product on random data (cuBLAS), median of `reps`: the attainable ceiling."""
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    times = []
-    for i in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n ** 3 / float(np.median(times[3:])) / 1e12
-
-
-# Kernel kinds of print_kernel_profile, by name: cuBLAS products (GPU) or aten's (CPU), this project's
-# attention and EMA kernels, AdamW, Inductor's generated kernels; the rest is "other elementwise and copies".
-KERNEL_KINDS = (
-    ("matrix products", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm")),
-    ("attention kernels", ("_fwd_kernel", "_tangent_kernel", "_bwd_kernel", "_bwd_preprocess")),
-    ("EMA kernel", ("_ema_kernel",)),
-    ("AdamW and norms", ("multi_tensor", "fused_adam", "LpNorm", "aten::_fused_adamw", "aten::_foreach_norm")),
-    ("Inductor (fused elementwise)", ("triton_",)),
-)
-
-
-def kernel_kind(name):
-    low = name.lower()
-    for kind, marks in KERNEL_KINDS:
-        if any(m.lower() in low for m in marks):
-            return kind
-    return "other elementwise and copies"
-
-
-def print_kernel_profile(title, device, run, top=12):
-    """Profile one call of run() with torch.profiler and print where the time goes: on a GPU each kernel's
-    GPU time (an eager step launches the same kernels that a CUDA graph replays), on the CPU each
-    operator's own CPU time; summed by kernel_kind, then the `top` largest. Returns {kind: ms}."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        ms = (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3
-        if ms > 0 and (not cuda or e.device_type.name == "CUDA"):   # on a GPU, kernels only (not their ops)
-            rows.append((ms, e.count, e.key))
-    rows.sort(reverse=True)
-    kinds = {}
-    for ms, count, name in rows:
-        k = kinds.setdefault(kernel_kind(name), [0.0, 0])
-        k[0] += ms
-        k[1] += count
-    total = sum(ms for ms, _, _ in rows)
-    print(f"  profile, {title} ({'GPU kernel' if cuda else 'CPU operator'} time of one eager step): {total:.1f} ms")
-    for kind, (ms, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
-        print(f"    {kind:30s} {ms:8.1f} ms  {count:6d} calls")
-    for ms, count, name in rows[:top]:
-        print(f"      {ms:8.2f} ms {count:5d}x  {name[:100]}")
-    return {kind: ms for kind, (ms, _) in kinds.items()}
-
-
-def code_version():
-    """sha1 (10 hex digits) of tvm.py, attention_jvp.py and train.py: which code a printed timing ran."""
-    h = hashlib.sha1()
-    for name in ("tvm.py", "attention_jvp.py", "train.py"):
-        with open(os.path.join(HERE, name), "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:10]
-
-
-def _check_dit(seed):
-    """The benchmark checks' small DiT (head dim 64, as in XL/2-18h), every weight perturbed so that no
-    zero-initialised layer hides an error."""
-    torch.manual_seed(seed)
-    base = tvm.build_dit(dict(hidden_size=256, depth=2, num_heads=4, patch_size=2), 16, 4, 10)
-    with torch.no_grad():
-        for p in base.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return base
-
-
-def check_step_paths(device, amp=nullcontext(), compiled=True, seed=0):
-    """One TVM loss evaluation (loss and gradient) by each way of computing it: torch.func.jvp (the
-    reference path), the by-hand tangent, with block checkpointing, and compiled (if `compiled`). A
-    small DiT with every weight perturbed (so no zero-initialised layer hides an error).
-
-    Precisions: float64 on the CPU (the tests); on a GPU float32 and the benchmark's `amp` (bf16).
-    Returns {precision: {path: (loss error vs float64, gradient error vs float64, gradient difference
-    from the func path in the same precision)}}, all relative (the gradient's in Frobenius norm); the
-    float64 reference is torch.func.jvp with math attention on the same device.
-    """
-    base = _check_dit(seed)
-    g = torch.Generator().manual_seed(seed)
-    inp = tvm.sample_loss_inputs(torch.randn(8, 4, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g),
-                                 10, w=2.0, generator=g)
-    fields = _fields(inp)
-
-    def run(dtype, jvp, attention="auto", ckpt=False, compiled=False, amp_=nullcontext()):
-        if compiled:
-            torch._dynamo.reset()   # each compiled path compiles for its own dtype
-        net = copy.deepcopy(base).to(device, dtype)
-        target = copy.deepcopy(base).to(device, dtype).requires_grad_(False)
-        prepare_net(net, TrainConfig(compile=compiled, checkpoint_blocks=ckpt))
-        prepare_net(target, TrainConfig(compile=compiled))
-        cast = tvm.LossInputs(*[x.to(device) if x.dtype == torch.long else x.to(device, dtype) for x in fields])
-        with attention_jvp.use_backend(attention), amp_:
-            loss, _ = tvm.tvm_loss(net, target, cast, jvp=jvp)
-        loss.backward()
-        return loss.detach().double(), torch.cat([p.grad.double().flatten() for p in net.parameters() if p.grad is not None])
-
-    ref_loss, ref_grad = run(torch.float64, "func", attention="reference")
-    paths = {"func": dict(jvp="func"), "manual": dict(jvp="manual"),
-             "manual + checkpoint_blocks": dict(jvp="manual", ckpt=True)}
-    if compiled:
-        paths["manual + compile"] = dict(jvp="manual", compiled=True)
-    precisions = {"float64": (torch.float64, nullcontext())} if device.type == "cpu" else \
-        {"float32": (torch.float32, nullcontext()), "bf16 autocast": (torch.float32, amp)}
-    rel = lambda a, b: float((a - b).norm() / b.norm())
-    errors = {}
-    for label, (dtype, amp_) in precisions.items():
-        results = {name: run(dtype, amp_=amp_, **opts) for name, opts in paths.items()}
-        func_grad = results["func"][1]
-        errors[label] = {name: (float(abs(loss - ref_loss) / abs(ref_loss)), rel(grad, ref_grad), rel(grad, func_grad))
-                         for name, (loss, grad) in results.items()}
-    return errors
-
-
-# Pass marks of the check. float32: every path within 1e-3 of the func path's gradient (they differ by
-# operation order only; the kernel's TF32 products are the same in both; a wrong rule is off by 1e-1 or
-# more). bf16: no path further from float64 than 3x the func path (bf16 noise differs between paths).
-CHECK_FP32_VS_FUNC = 1e-3
-CHECK_BF16_VS_FUNC_ERROR = 3.0
-
-
-def report_check(errors):
-    """Print check_step_paths' table; raise if a path fails its pass mark."""
-    failed = []
-    for label, paths in errors.items():
-        print(f"  {label}:")
-        for name, (e_loss, e_grad, d_func) in paths.items():
-            print(f"    {name:28s} vs float64: loss {e_loss:.1e}, gradient {e_grad:.1e};  gradient vs func {d_func:.1e}")
-            bad = (label == "float32" and d_func > CHECK_FP32_VS_FUNC) or \
-                  (label == "bf16 autocast" and e_grad > CHECK_BF16_VS_FUNC_ERROR * paths["func"][1]) or \
-                  (label == "float64" and max(e_loss, e_grad) > 1e-10)
-            if bad or not math.isfinite(e_grad):
-                failed.append(f"{label} {name}")
-    if failed:
-        raise RuntimeError(f"the step check failed for: {', '.join(failed)}; the timings would not mean anything")
-
-
-def check_cuda_graph(device, amp=nullcontext(), compiled=True, steps=4, seed=0):
-    """The CUDA-graph step (CudaGraphStep) against the eager step (train_step) on a small DiT with
-    perturbed weights: `steps` steps each from the same weights and batches, the third batch holding a
-    NaN (a step to skip, replayed from the graph). Eager runs twice: with the kernel's atomic adds two
-    eager runs differ too, and that difference is the yardstick. Returns {precision: dict(graph=relative
-    difference graph vs eager, eager=eager vs eager, skipped_unchanged=bool)}; the differences are over
-    the online weights, both EMAs and AdamW's first moments after the last step."""
-    base = _check_dit(seed)
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for i in range(steps):
-        x0 = torch.randn(8, 4, 16, 16, generator=g)
-        if i == 2:
-            x0[1, 2, 3, 4] = float("nan")
-        batches.append(tvm.sample_loss_inputs(x0, torch.randint(0, 10, (8,), generator=g), 10, w=2.0, generator=g))
-    c = TrainConfig(lr=1e-3, grad_clip=1.0, ema=0.999, target_ema=0.99, compile=compiled)
-
-    def run(graph, amp_):
-        net = copy.deepcopy(base).to(device)
-        ema, target = (copy.deepcopy(net).requires_grad_(False) for _ in range(2))
-        prepare_net(net, c)
-        prepare_net(target, c)
-        opt = make_optimizer(net, c)
-        model = tvm.TVMLoss(net)
-        step = CudaGraphStep(model, net, ema, target, opt, c, amp_, warmup=1) if graph else \
-            (lambda mb: train_step(model, net, ema, target, opt, mb, c, amp_))
-        state = lambda: [t.detach().clone() for t in (*net.parameters(), *ema.parameters(), *target.parameters())] \
-            + [opt.state[p]["exp_avg"].clone() for p in opt.state]
-        unchanged = True
-        for i, inp in enumerate(batches):
-            inp = tvm.LossInputs(*[x.to(device) for x in _fields(inp)])
-            before = state() if i == 2 else None
-            stats = step([inp])
-            if i == 2:
-                unchanged = stats["skipped"] and all(torch.equal(a, b) for a, b in zip(before, state()))
-        return torch.cat([t.double().flatten() for t in state()]), unchanged
-
-    rel = lambda a, b: float((a - b).norm() / b.norm())
-    out = {}
-    for label, amp_ in (("float32", nullcontext()), ("bf16 autocast", amp)):
-        eager1, _ = run(False, amp_)
-        eager2, _ = run(False, amp_)
-        graphed, unchanged = run(True, amp_)
-        out[label] = dict(graph=rel(graphed, eager1), eager=rel(eager2, eager1), skipped_unchanged=unchanged)
-    return out
-
-
-def report_graph_check(result):
-    """Print check_cuda_graph's result; raise unless the graph is as close to eager as eager is to itself
-    (10x that difference, at least 1e-5) and the skipped step changed nothing."""
-    failed = []
-    for label, r in result.items():
-        print(f"  CUDA graph, {label}: weights, EMAs and moments after the steps {r['graph']:.1e} from eager (eager vs "
-              f"eager {r['eager']:.1e}); the NaN step {'changed nothing' if r['skipped_unchanged'] else 'CHANGED THE STATE'}")
-        if not (r["skipped_unchanged"] and r["graph"] <= 10 * max(r["eager"], 1e-6) and math.isfinite(r["graph"])):
-            failed.append(label)
-    if failed:
-        raise RuntimeError(f"the CUDA-graph step differs from the eager step ({', '.join(failed)}); the timings "
-                           "would not mean anything")
-
-
-def _time_step(cfg, model, px, batch, kind, device, amp, steps, warmup):
-    c = resolve(TrainConfig(res=256 if px <= 256 else 512, data="random", model=model, batch_size=batch,
-                            detach_jvp=cfg.detach_jvp, jvp=cfg.jvp, compile=cfg.compile,
-                            checkpoint_blocks=cfg.checkpoint_blocks, device=cfg.device))
-    c.input_size, c.in_channels, c.num_classes = px // 8, 4, 1000
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        with torch.device(device):      # built (and spectrally initialised) on the GPU directly
-            torch.manual_seed(0)
-            net = build_net(c)
-            ema = copy.deepcopy(net).requires_grad_(False)
-            target = copy.deepcopy(net).requires_grad_(False)
-        prepare_net(net, c)
-        prepare_net(target, c)
-        model_ = tvm.TVMLoss(net, scale_param=c.scale_param, detach_jvp=c.detach_jvp, terminal=kind == "tvm",
-                             jvp=c.jvp)
-        opt = make_optimizer(net, c)
-        step = make_step(model_, net, ema, target, opt, c, amp, graph=cfg.cuda_graph, warmup=warmup)
-        g = torch.Generator(device).manual_seed(0)
-        times = []
-        warmup += 1 if cfg.cuda_graph else 0        # and the capture
-        with attention_jvp.use_backend(cfg.attention):
-            for _ in range(warmup + steps):
-                x0 = torch.randn(batch, 4, px // 8, px // 8, device=device, generator=g)
-                y = torch.randint(0, 1000, (batch,), device=device, generator=g)
-                inp = tvm.sample_loss_inputs(x0, y, 1000, w=c.w, label_dropout=c.label_dropout, generator=g)
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step([inp])
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        sec = float(np.median(times[warmup:]))
-        row = dict(s=sec, img_s=batch / sec, gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None)
-        if cfg.bench_profile:
-            title = f"{model} {px} px batch {batch}, {kind.upper()} step"
-            try:    # the timing stands even if the eager step does not fit beside the graph's memory
-                with attention_jvp.use_backend(cfg.attention):
-                    print_kernel_profile(title, device, lambda: train_step(model_, net, ema, target, opt, [inp], c, amp))
-            except torch.cuda.OutOfMemoryError:
-                print(f"  profile, {title}: out of memory (the eager step beside the CUDA graph's memory)")
-        return row
-    except torch.cuda.OutOfMemoryError:
-        return None
-
-
 if __name__ == "__main__":
     try:
-        main()
-    except TrainError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run_script(main, "train.py")
     except Stopped as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)

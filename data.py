@@ -1,0 +1,528 @@
+"""
+The data of train.py, and the SD-VAE around it:
+  - the embedded 8x8 digits (pixels, in memory) and ImageNet as SD-VAE latents (a memory-mapped cache);
+  - one step's batch, a pure function of (seed, step) whatever the number of processes (make_batch);
+  - an image folder in ImageNet layout, centre-cropped as ADM does, encoded once into that cache;
+  - the VAE (stabilityai/sd-vae-ft-ema through diffusers) that encodes images and decodes samples, and
+    its architecture with random weights (RandomVAE) for timing without the weights.
+Also what the files above share: the error types of the command lines and how the scripts report them
+(run_script), and the atomic file writes of the latent cache, the checkpoints and the logs.
+
+Encode an image folder once, without training (before a multi-node run, say; train.py calls open_data):
+$ python train.py --res 256 --data /path/to/imagenet/train --steps 0
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import tvm
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors a person can fix, and how the scripts report them
+# ------------------------------------------------------------------------------------------------
+
+class TrainError(Exception):
+    """A problem the person running train.py can fix; the message says what to do."""
+
+
+class SampleError(Exception):
+    """A problem the person running sample.py can fix; the message says what to do."""
+
+
+def run_script(main, script):
+    """`python <script>`: main(), then exit. A TrainError or SampleError (a problem the person can fix) is
+    printed as "<script>: error: ...", exit status 2, as argparse reports a bad option; an int that main
+    returns is the exit status (that of benchmark.py run as a program), anything else is success."""
+    try:
+        result = main()
+    except (TrainError, SampleError) as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes: a file is replaced whole or not at all
+# ------------------------------------------------------------------------------------------------
+
+def _write_atomically(path, write):
+    """write(file object) into a fresh temporary file beside `path`, fsync, then rename it over `path`.
+    The temporary name is unique (mkstemp: random, created with O_EXCL), so two writers never share
+    one, and nothing planted at a predictable name (a symlink, say) can redirect the write. A rename is
+    atomic: a kill at any moment leaves either the old file or the new one, never half of one. A full
+    disk raises TrainError and leaves the old file as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)     # mkstemp's 0600 -> what open() would have given
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainError(f"the disk is full: could not write {path} ({e.strerror}; "
+                             f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free). "
+                             f"The previous file is kept; free some space, then run again (with --resume)") from None
+        raise
+
+
+def _atomic_write_text(path, text):
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data. Digits: pixels in memory. ImageNet: SD-VAE latents, memory-mapped from a .npy file.
+# ------------------------------------------------------------------------------------------------
+
+# Per-channel statistics of raw SD-VAE (ft-ema) latents, from IMM, as the official configs give them
+# (configs/im256_*.yaml, im512_*.yaml: the encoder's raw_mean and raw_std). Training data is
+# x0 = (z - mean) / std, with unit final std; decoding inverts it before the VAE.
+LATENT_STATS = {
+    256: dict(mean=[0.865, -0.278, 0.216, 0.374], std=[4.855, 5.319, 3.937, 3.987]),
+    512: dict(mean=[1.56, -0.695, 0.483, 0.729], std=[5.27, 5.91, 4.21, 4.31]),
+}
+
+
+def _stats(res, device, dtype):
+    st = LATENT_STATS[res]
+    return (torch.tensor(st["mean"], device=device, dtype=dtype)[None, :, None, None],
+            torch.tensor(st["std"], device=device, dtype=dtype)[None, :, None, None])
+
+
+def check_labels(labels, num_classes, path):
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise TrainError(f"{path}: {int(bad.sum())} label(s) outside 0..{num_classes - 1} (the first: {labels[i]} at "
+                         f"row {i}); labels index the classes, 0 to num_classes - 1. Fix or re-create the labels")
+
+
+class DigitsData:
+    """The 1,797 8x8 digits of UCI "Optical Recognition of Handwritten Digits" (values 0..16, labels
+    0..9), as pixels in [-1, 1]: x0 = v / 8 - 1. Small enough to hold in memory on every rank."""
+
+    def __init__(self, path):
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {path}: no such file. The digits ship with the project as "
+                             "data/digits.npz; restore it with `git checkout data/digits.npz`")
+        d = np.load(path)
+        self.images = torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0)[:, None]  # (N, 1, 8, 8)
+        self.labels = d["labels"].astype(np.int64)                                          # (N,)
+        self.num_classes = int(self.labels.max()) + 1
+        check_labels(self.labels, self.num_classes, path)
+        self.shape = tuple(self.images.shape[1:])
+        self.posterior = False
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, idx):  # idx (n,) numpy -> (n, 1, 8, 8)
+        return self.images[torch.from_numpy(idx)]
+
+
+class LatentData:
+    """SD-VAE latents of an image folder: latents.npy (N, 8, h, w) float16, the posterior mean and std of
+    each image (N, 4, h, w: fixed latents), with labels.npy (N,) and meta.json beside it. Memory-mapped:
+    each rank reads only the rows of its share of the batch. Latents are raw VAE latents; the posterior
+    sample mean + std * eps is drawn afresh at every step, as in the official code (training/encoders.py,
+    StabilityVAEEncoder.encode_latents)."""
+
+    def __init__(self, path, res):
+        if os.path.isdir(path):
+            path = os.path.join(path, "latents.npy")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {path}: no such latent file. Pass an image folder to encode it, or the "
+                             "latents.npy (or its folder) that an earlier run wrote")
+        labels_path = os.path.join(folder, "labels.npy")
+        if not os.path.isfile(labels_path):
+            raise TrainError(f"{path} has no labels.npy beside it: the latents and their class labels "
+                             f"(int64, shape (N,)) must sit in the same folder {folder}")
+        redo = "Encode the images again: pass the image folder as --data"
+        try:
+            self.moments = np.load(path, mmap_mode="r")
+        except ValueError as e:   # object arrays cannot be memory-mapped; a truncated file is shorter than its header says
+            raise TrainError(f"{path} is not a usable latent file ({e}): it is truncated (an interrupted copy?) "
+                             f"or holds Python objects instead of numbers. {redo}") from None
+        if self.moments.dtype.kind != "f":
+            raise TrainError(f"{path} holds {self.moments.dtype} values; latents are float16 (or float32). {redo}")
+        try:
+            labels = np.load(labels_path)
+        except ValueError as e:
+            raise TrainError(f"{labels_path} is not a usable label file ({e}). {redo}") from None
+        if labels.dtype.kind not in "iu" or labels.ndim != 1:
+            raise TrainError(f"{labels_path} holds {labels.dtype} values of shape {labels.shape}; expected integer "
+                             f"class labels, shape (N,). {redo}")
+        self.labels = labels.astype(np.int64)
+        h = res // 8
+        if self.moments.ndim != 4 or self.moments.shape[1] not in (4, 8) or self.moments.shape[2:] != (h, h):
+            found = "x".join(map(str, self.moments.shape[1:]))
+            guess = (f" These look like latents for --res {self.moments.shape[-1] * 8}: pass that --res, or"
+                     if self.moments.ndim == 4 and self.moments.shape[1] in (4, 8) else
+                     " 3 channels: these look like images, not SD-VAE latents;"
+                     if self.moments.ndim == 4 and self.moments.shape[1] == 3 else "")
+            raise TrainError(f"{path} holds latents of shape {found} per image, but --res {res} needs "
+                             f"4x{h}x{h} (or 8x{h}x{h}: posterior mean and std).{guess} encode the images "
+                             f"again for --res {res} by passing the image folder as --data")
+        if len(self.labels) != len(self.moments):
+            raise TrainError(f"{labels_path} has {len(self.labels)} labels for {len(self.moments)} latents; "
+                             "re-encode the folder (delete the latent folder and pass the images as --data)")
+        meta_path = os.path.join(folder, "meta.json")
+        meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+        self.num_classes = int(meta.get("num_classes", self.labels.max() + 1))
+        check_labels(self.labels, self.num_classes, labels_path)
+        self.posterior = self.moments.shape[1] == 8
+        self.shape = (4, h, h)
+        self.res = res
+
+    def __len__(self):
+        return len(self.labels)
+
+    def load(self, idx):  # idx (n,) numpy -> (n, 8 or 4, h, w) float32; sorted reads are faster on disk
+        order = np.argsort(idx)
+        rows = np.empty((len(idx),) + self.moments.shape[1:], dtype=np.float32)
+        rows[order] = self.moments[idx[order]]
+        return torch.from_numpy(rows)
+
+    def to_x0(self, raw, eps):
+        """Raw rows on the device -> normalised latents x0. eps: (n, 4, h, w) posterior noise."""
+        z = raw[:, :4] + raw[:, 4:] * eps if self.posterior else raw
+        mean, std = _stats(self.res, raw.device, raw.dtype)
+        return (z - mean) / std
+
+
+class EpochSampler:
+    """The global batch of step k is a pure function of (seed, k): the k-th block of batch_size entries
+    in a sequence of per-epoch random permutations. No state to save; every rank computes the same
+    global indices and takes its own slice, whatever the number of ranks."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.cache = n, seed, {}
+
+    def perm(self, epoch):
+        if epoch not in self.cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self.cache = {e: p for e, p in self.cache.items() if e == epoch - 1}   # keep one epoch back
+            self.cache[epoch] = torch.randperm(self.n, generator=g).numpy()
+        return self.cache[epoch]
+
+    def batch(self, step, batch_size):  # -> (batch_size,) dataset indices
+        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+        epoch, i = pos // self.n, pos % self.n
+        out = np.empty(batch_size, dtype=np.int64)
+        for e in np.unique(epoch):
+            out[epoch == e] = self.perm(int(e))[i[epoch == e]]
+        return out
+
+
+def make_batch(data, sampler, cfg, step, rank, world, device, dtype):
+    """One rank's share of step `step`'s batch, split into micro-batches of tvm.LossInputs.
+
+    Everything random (posterior noise, x1, times, label dropout) is drawn for the *global* batch from a
+    generator seeded by (seed, step), identically on every rank, and then sliced. So the global batch
+    does not depend on the number of ranks or micro-batches: 2 GPUs compute the same step as 1, and a
+    resumed run the same steps as an uninterrupted one. Only the data rows are read per rank.
+    """
+    B = cfg.batch_size
+    Br = B // world
+    lo, hi = rank * Br, (rank + 1) * Br
+    g = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    idx = sampler.batch(step, B)                                                 # (B,)
+    y = torch.from_numpy(data.labels[idx]).to(device)                            # (B,), cheap for all
+    x0 = torch.zeros((B,) + data.shape, device=device, dtype=dtype)              # (B, C, H, W)
+    raw = data.load(idx[lo:hi]).to(device, dtype)
+    if isinstance(data, LatentData):
+        eps = torch.randn((B,) + data.shape, generator=g, device=device, dtype=dtype)[lo:hi]
+        raw = data.to_x0(raw, eps)
+    x0[lo:hi] = raw
+    w_range = (cfg.w, cfg.w_max) if cfg.w_max > cfg.w else None
+    inputs = tvm.sample_loss_inputs(x0, y, data.num_classes, w=cfg.w, w_range=w_range,
+                                    label_dropout=cfg.label_dropout, generator=g).slice(lo, hi)
+    mb = cfg.micro_batch or Br
+    return [inputs.slice(i, i + mb) for i in range(0, Br, mb)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding an image folder into SD-VAE latents (once; resumable)
+# ------------------------------------------------------------------------------------------------
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def scan_image_folder(root):
+    """ImageNet layout: root/<class>/<image>. -> (files, labels (N,) int64, class names)."""
+    if not os.path.isdir(root):
+        raise TrainError(f"--data {root}: no such folder. Expected an image folder in ImageNet layout "
+                         f"({root}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+    # Hidden folders (.ipynb_checkpoints, .git, ...) are not classes, nor hidden files images.
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise TrainError(f"--data {root} has no class sub-folders. Expected {root}/<class>/<image>.JPEG, "
+                         "one folder per class (for one class, put all images in one sub-folder)")
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        imgs = sorted(e.path for e in os.scandir(os.path.join(root, name))
+                      if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS))
+        if not imgs:
+            raise TrainError(f"class folder {os.path.join(root, name)} holds no images ({', '.join(IMAGE_EXTS)}): "
+                             "add images or remove the folder (every folder is a class)")
+        files += imgs
+        labels += [c] * len(imgs)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+def center_crop(img, res):
+    """ADM's preprocessing (guided-diffusion center_crop_arr), used by DiT and TVM: box-downsample by 2
+    while possible, bicubic-resize the short side to res, crop the centre. -> (res, res, 3) uint8."""
+    from PIL import Image
+    while min(img.size) >= 2 * res:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = res / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - res) // 2, (arr.shape[1] - res) // 2
+    return arr[top:top + res, left:left + res]
+
+
+def to_rgb8(img):
+    """A PIL image -> 8-bit RGB. convert("RGB") clips 16-bit greyscale (modes I;16*, and I as older Pillow
+    opens 16-bit PNGs) to 255, whitening almost every pixel: scale those by 1/257 (65535 -> 255) first.
+    Other 32-bit and float images have no agreed range: refused."""
+    from PIL import Image
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG"):
+        arr = np.asarray(img).astype(np.float64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"mode {img.mode} with values outside 0..65535")
+        img = Image.fromarray(np.round(arr / 257).astype(np.uint8), mode="L")
+    elif img.mode in ("I", "F"):
+        raise ValueError(f"{'32-bit integer' if img.mode == 'I' else 'floating-point'} pixels (mode {img.mode}) "
+                         "have no agreed range; convert the image to 8- or 16-bit")
+    return img.convert("RGB")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files, res):
+        self.files, self.res = files, res
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as img:
+                arr = center_crop(to_rgb8(img), self.res)
+        except Exception as e:
+            # Deleting the file would change the list of images, which the unfinished encoding is bound
+            # to (encode_image_folder): replacing it keeps the work done.
+            raise TrainError(f"cannot read image {self.files[i]} ({type(e).__name__}: {e}). Replace it with a "
+                             "readable image of the same name and run again: encoding resumes where it stopped. "
+                             "(Deleting it changes the list of images, so the encoding would start over: then "
+                             "delete the latent folder too.)") from None
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i     # (3, res, res) uint8
+
+
+def reserve_disk(path):
+    """Allocate every block of the file at `path` (posix_fallocate). -> None, or the OSError of a full
+    disk. Other failures (a file system without fallocate) are ignored: the free-space check must do."""
+    if not hasattr(os, "posix_fallocate"):
+        return None
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return e
+    return None
+
+
+def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, world=1, device="cpu",
+                        flush_every=100):
+    """Encode root/<class>/<image> into cache/{latents.npy, labels.npy, meta.json}.
+
+    encoder: (n, 3, res, res) in [-1, 1] -> (n, 8, res/8, res/8) posterior mean and std (VAE.encode).
+    Work is split in chunks of `batch` images, shared round-robin by the ranks. Every `flush_every`
+    chunks the rows are flushed to disk and only then marked in done.npy, so after an interruption (or
+    with another number of GPUs) the next run encodes only what is missing. meta.json is written last: it marks the cache
+    as complete.
+    """
+    meta_path = os.path.join(cache, "meta.json")
+    if os.path.isfile(meta_path):
+        return cache
+    files, labels, classes = scan_image_folder(root)
+    n, h = len(files), res // 8
+    chunks = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+    lat_path, done_path = os.path.join(cache, "latents.npy"), os.path.join(cache, "done.npy")
+    # Row i of the latents is files[i]: the unfinished encoding is bound to this exact list of images.
+    listing = hashlib.sha1("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()[:16]
+    info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch, files_sha1=listing)
+    if rank == 0:
+        os.makedirs(cache, exist_ok=True)
+        info_path = os.path.join(cache, "encoding.json")
+        known = json.load(open(info_path)) if os.path.isfile(info_path) else info
+        known.setdefault("files_sha1", listing)   # recorded before the fingerprint existed: trust the count
+        if known != info:
+            old = known
+            what = (f"--res {old.get('res')} (now {res})" if old.get("res") != res else
+                    f"another list of images ({old.get('num_images')} then, {n} now: files were added, removed "
+                    "or renamed since)")
+            raise TrainError(f"{cache} holds an unfinished encoding of {root} with {what}: its rows no longer "
+                             f"match the images. Delete {cache} and run again (the encoding starts over)")
+        if not os.path.isfile(info_path):
+            need = n * 8 * h * h * 2                               # float16 rows
+            free = shutil.disk_usage(cache).free
+            if free < need + 2 ** 20:
+                raise TrainError(f"not enough disk space for the latents of {root}: {cache} needs "
+                                 f"{need / 2 ** 30:.2f} GiB, {free / 2 ** 30:.2f} GiB is free. Free some space or "
+                                 "pass --latent_cache on another disk")
+            np.lib.format.open_memmap(lat_path, mode="w+", dtype=np.float16, shape=(n, 8, h, h)).flush()
+            # open_memmap makes a sparse file; writing into it on a full disk kills the process with
+            # SIGBUS ("Bus error"). Reserve its blocks now, so a full disk is an error here instead.
+            if reserve_disk(lat_path) is not None:
+                os.remove(lat_path)
+                raise TrainError(f"the disk is full: could not reserve {need / 2 ** 30:.2f} GiB for {lat_path}. "
+                                 "Free some space or pass --latent_cache on another disk")
+            np.save(done_path, np.zeros(len(chunks), dtype=np.uint8))
+            np.save(os.path.join(cache, "labels.npy"), labels)
+            json.dump(info, open(info_path, "w"))
+    if world > 1:
+        dist.barrier()
+    lat = np.load(lat_path, mmap_mode="r+")
+    done = np.load(done_path, mmap_mode="r+")
+    todo = [c for c in range(len(chunks)) if c % world == rank and not done[c]]
+    loader = torch.utils.data.DataLoader(ImageFiles(files, res), batch_sampler=[range(*chunks[c]) for c in todo],
+                                         num_workers=workers)
+    pending = []
+    for (imgs, idx), c in zip(tqdm(loader, desc=f"encoding {root} -> {cache}", disable=rank != 0), todo):
+        x = imgs.to(device).float() / 127.5 - 1.0                                # (n, 3, res, res)
+        lat[chunks[c][0]:chunks[c][1]] = encoder(x).float().cpu().numpy().astype(np.float16)
+        pending.append(c)
+        if len(pending) == flush_every or c == todo[-1]:
+            lat.flush()
+            done[pending] = 1
+            done.flush()
+            pending = []
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if not np.all(np.load(done_path)):
+            raise TrainError(f"encoding of {root} is incomplete; run again to finish it")
+        _atomic_write_text(meta_path, json.dumps(dict(info, classes=classes, root=os.path.abspath(root)), indent=1))
+    if world > 1:
+        dist.barrier()
+    return cache
+
+
+def open_data(cfg, rank, world, device):
+    if cfg.res == 0:
+        return DigitsData(cfg.data)
+    if not os.path.exists(cfg.data):
+        raise TrainError(f"--data {cfg.data} does not exist. Expected an image folder in ImageNet layout "
+                         f"({cfg.data}/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+    if os.path.isdir(cfg.data) and not os.path.isfile(os.path.join(cfg.data, "latents.npy")):
+        # An image folder: encode it once, or reuse its complete cache.
+        cache = cfg.latent_cache or cfg.data.rstrip("/") + f"_latents{cfg.res}"
+        if not os.path.isfile(os.path.join(cache, "meta.json")):
+            scan_image_folder(cfg.data)           # a bad folder is reported before the VAE is loaded
+            if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
+                raise TrainError(f"{cfg.data} is not encoded yet ({cache} is missing or unfinished). Encode it "
+                                 "on one machine first (train.py --res ... --data DIR --steps 0, with torchrun on "
+                                 "its GPUs), put the latent folder where every machine sees it, then pass it as --data")
+            vae = load_vae(device, cfg.vae)
+            encode_image_folder(cfg.data, cache, cfg.res, vae.encode_moments, workers=cfg.workers,
+                                rank=rank, world=world, device=device)
+            del vae
+        return LatentData(cache, cfg.res)
+    return LatentData(cfg.data, cfg.res)
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAE (SD-VAE ft-ema, through diffusers): only for encoding and for decoding samples
+# ------------------------------------------------------------------------------------------------
+
+class VAE:
+    def __init__(self, name, device):
+        try:
+            from diffusers.models import AutoencoderKL
+        except ImportError:
+            raise TrainError("the SD-VAE needs the `diffusers` package, used only to encode images and decode "
+                             "samples: `pip install diffusers`. (Training from an existing latents.npy "
+                             "with --sample_every 0 needs neither.)") from None
+        try:
+            self.vae = AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
+        except Exception as e:
+            raise TrainError(f"could not load the VAE weights {name!r} ({type(e).__name__}: {e}). diffusers "
+                             f"downloads them from the Hugging Face Hub on first use; on a machine without "
+                             f"network, fetch them elsewhere with `huggingface-cli download {name}` and pass "
+                             f"the downloaded folder as --vae") from None
+
+    @torch.no_grad()
+    def encode_moments(self, img):  # (n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8): posterior mean, std
+        d = self.vae.encode(img).latent_dist
+        return torch.cat([d.mean, d.std], dim=1)
+
+    @torch.no_grad()
+    def decode(self, z):  # (n, 4, h, w) raw latents -> (n, 3, 8h, 8w) in about [-1, 1]
+        return self.vae.decode(z).sample
+
+
+def load_vae(device, name="stabilityai/sd-vae-ft-ema"):
+    return VAE(name, device)
+
+
+@torch.no_grad()
+def to_uint8_images(x0, config_dict, vae=None, batch=32):
+    """Model samples -> uint8 (N, H, W, 3). Digits: pixels in [-1, 1], grey repeated to RGB. Latents:
+    un-normalised with LATENT_STATS and decoded by the VAE (loaded here if not given).
+    round((x + 1) * 127.5) equals EDM2's (x * 127.5 + 128).clip(0, 255).to(uint8)."""
+    res = config_dict["res"]
+    if res == 0:
+        img = x0.float()
+    else:
+        vae = vae or load_vae(x0.device)
+        dtype = next(vae.vae.parameters()).dtype
+        mean, std = _stats(res, x0.device, torch.float32)
+        z = x0.float() * std + mean
+        img = torch.cat([vae.decode(z[i:i + batch].to(dtype)).float() for i in range(0, len(z), batch)])
+    img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
+
+
+# The SD-VAE's architecture (stabilityai/sd-vae-ft-ema and sd-vae-ft-mse share it: their config.json), for
+# a decoder of the same shape and cost with random weights (--vae random: timing and tests without the
+# weights, which cannot be downloaded everywhere).
+SD_VAE_CONFIG = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+    layers_per_block=2, norm_num_groups=32, sample_size=256,
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+
+
+class RandomVAE(VAE):
+    """VAE (encode_moments, decode) around an AutoencoderKL built from SD_VAE_CONFIG with random
+    weights (seeded): the real decoder's cost, not its images."""
+
+    def __init__(self, device, seed=0):
+        try:
+            from diffusers.models import AutoencoderKL
+        except ImportError:
+            raise SampleError("--vae random builds diffusers' AutoencoderKL: `pip install diffusers`") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.vae = AutoencoderKL.from_config(SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
