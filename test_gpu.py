@@ -38,7 +38,13 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU acceptance suite needs a CUDA GPU")
+# TVM_ACCEPTANCE_CPU=1 runs the same flows on the CPU (no compile, no CUDA graph, fp32; about 15 minutes on
+# 2 cores): a check of the suite itself where no GPU is at hand. It proves nothing about the GPU path.
+ON_CPU = os.environ.get("TVM_ACCEPTANCE_CPU") == "1"
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU),
+                                reason="the GPU acceptance suite needs a CUDA GPU")
+DEVICE = ["--device", "cpu", "--compile", "false"] if ON_CPU else []
+SDEVICE = ["--device", "cpu"] if ON_CPU else []             # sample.py and fid.py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # A small DiT with the head dimension of XL/2-18h (64), so the kernel runs its real configuration.
@@ -106,7 +112,8 @@ def state_diff(a, b):
 
 def train_args(data, out, *extra):
     return [os.path.join(ROOT, "train.py"), "--res", 256, "--data", data, "--vae", ASSETS["vae"], *MODEL,
-            "--batch_size", BATCH, "--log_every", 1, "--sample_every", 0, "--ckpt_every", 4, "--out", out, *extra]
+            "--batch_size", BATCH, "--log_every", 1, "--sample_every", 0, "--ckpt_every", 4, "--out", out,
+            *DEVICE, *extra]
 
 
 ASSETS = {}
@@ -154,7 +161,8 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     out = ASSETS["root"] / "A"
     text = run(train_args(ASSETS["imgs"], out, "--steps", 8, "--sample_every", 8), timeout=600)
     cfg = json.loads(text[text.index("{"):text.index("\n}") + 2])
-    assert cfg["compile"] and cfg["cuda_graph"] and cfg["precision"] == "auto" and "on cuda, bf16" in text
+    if not ON_CPU:
+        assert cfg["compile"] and cfg["cuda_graph"] and cfg["precision"] == "auto" and "on cuda, bf16" in text
     assert cfg["w"] == 2.0 and cfg["ema"] == 0.9999 and cfg["scale_param"] and cfg["lr"] == 1e-4
 
     # The latent cache: every image, its label, and (for two of them) the VAE's moments of its ADM crop
@@ -167,11 +175,12 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     assert lat.shape == (CLASSES * PER_CLASS, 8, 32, 32) and np.isfinite(lat).all()
     assert labels.tolist() == [c for c in range(CLASSES) for _ in range(PER_CLASS)]
     files, _, _ = data_mod.scan_image_folder(ASSETS["imgs"])
-    vae = AutoencoderKL.from_pretrained(ASSETS["vae"]).cuda().eval()
+    dev = "cpu" if ON_CPU else "cuda"
+    vae = AutoencoderKL.from_pretrained(ASSETS["vae"]).to(dev).eval()
     from PIL import Image
     for i in (1, 50):
         img = data_mod.center_crop(Image.open(files[i]).convert("RGB"), 256)
-        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].cuda().float() / 127.5 - 1
+        x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].to(dev).float() / 127.5 - 1
         with torch.no_grad():
             d = vae.encode(x).latent_dist
         want = torch.cat([d.mean, d.std], 1)[0].cpu().numpy()
@@ -181,7 +190,6 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     # about 4e-4 and 4e-2 of the way the online weights went)
     ck = load(out / "ckpt.pt")
     assert ck["step"] == 8 and ck["config"]["input_size"] == 32 and ck["config"]["num_classes"] == CLASSES
-    init = ck0 = None
     moved = {}
     for key in ("model", "ema", "target"):
         assert all(torch.isfinite(t).all() for t in ck[key].values()), key
@@ -197,7 +205,6 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
     grid = np.asarray(Image.open(out / "samples_0000008.png"))
     assert grid.shape[0] > 4 * 256 and grid.std() > 1
-    del init, ck0
 
     run(train_args(ASSETS["imgs"], ASSETS["root"] / "A2", "--steps", 8), timeout=300)
 
@@ -312,7 +319,7 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
     n = 24
     for steps in (1, 4):
         run([os.path.join(ROOT, "sample.py"), "--ckpt", root / "A" / "ckpt.pt", "--n", n, "--steps", steps,
-             "--vae", ASSETS["vae"], "--batch_size", 16, "--out", root / f"s{steps}"])
+             "--vae", ASSETS["vae"], "--batch_size", 16, "--out", root / f"s{steps}", *SDEVICE])
     s1, s4 = (np.load(root / f"s{k}.npz") for k in (1, 4))
     want = [sample_mod.noise_and_label(0, i, (4, 32, 32), None, CLASSES)[1] for i in range(n)]
     for s in (s1, s4):
@@ -332,14 +339,14 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
     run([os.path.join(ROOT, "sample.py"), "--ckpt", pkl, "--save_converted", conv])
     for src, name in ((pkl, "o_pkl"), (conv, "o_pt")):
         run([os.path.join(ROOT, "sample.py"), "--ckpt", src, "--n", 8, "--steps", 1, "--cfg", 2.0,
-             "--vae", ASSETS["vae"], "--out", root / name])
+             "--vae", ASSETS["vae"], "--out", root / name, *SDEVICE])
     a, b = np.load(root / "o_pkl.npz"), np.load(root / "o_pt.npz")
     assert a["arr_0"].shape == (8, 256, 256, 3) and a["arr_1"].max() < 1000
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
     assert not evil.exists()
 
     fid_py = os.path.join(ROOT, "fid.py")
-    extra = [] if fid_weights_installed() else ["--standin"]
+    extra = ([] if fid_weights_installed() else ["--standin"]) + SDEVICE
     same = run([fid_py, root / "s1.npz", root / "s1.npz", *extra])
     other = run([fid_py, root / "s1.npz", root / "s4.npz", *extra])
     assert "24 images" in same and "same" in same.lower()
@@ -361,7 +368,8 @@ def fid_weights_installed():
 def test_benchmark_with_its_path_check_on_a_small_model():
     """train.py --benchmark on S/2: every path's loss and gradient checked against float64 first (the
     script exits non-zero if a check fails), then both kinds of step timed, graph against eager."""
-    text = run([os.path.join(ROOT, "train.py"), "--benchmark", "--bench_cases", "S/2:256:16"], timeout=600)
+    case = "S/2:256:2" if ON_CPU else "S/2:256:16"
+    text = run([os.path.join(ROOT, "train.py"), "--benchmark", "--bench_cases", case, *DEVICE], timeout=600)
     assert "Check first" in text and "FAILED" not in text.upper().replace("NOT FAILED", "")
     assert "S/2" in text and "img/s" in text
 
@@ -372,22 +380,37 @@ def test_benchmark_with_its_path_check_on_a_small_model():
 
 def test_two_processes_sharing_one_gpu_match_one_process():
     """torchrun with 2 processes on the one GPU (gloo; compiled blocks under DDP, eager step) against 1
-    process: the same global batch, so the same training up to bf16 round-off in the all-reduce."""
+    process: the same global batch, so the same training up to round-off in the all-reduce, which Adam's
+    first steps amplify on tiny gradients (on 2 H200s with NCCL the updates were 3.7e-2 apart, see
+    test_tvm.test_ddp_two_gpus_bf16_agree_with_one). A run with another seed is the control: ~100% off."""
     root = ASSETS["root"]
     common = ["--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100]
     run(train_args(ASSETS["cache"], root / "one", *common))
+    run(train_args(ASSETS["cache"], root / "seed", *common, "--seed", 1))
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
          *train_args(ASSETS["cache"], root / "two", *common, "--dist_backend", "gloo")[1:]], timeout=400)
-    a, b = load(root / "one" / "ckpt.pt"), load(root / "two" / "ckpt.pt")
-    la = [json.loads(line)["loss"] for line in open(root / "one" / "log.jsonl")]
-    lb = [json.loads(line)["loss"] for line in open(root / "two" / "log.jsonl")]
-    assert np.allclose(la, lb, rtol=2e-2), (la, lb)
-    diff, _ = state_diff(a, b)
-    moved, _ = state_diff(a, {**a, "model": load_init(a)})
-    assert diff < 0.1 * moved, (diff, moved)
-
-
-def load_init(ck):
+    ck = {k: load(root / k / "ckpt.pt") for k in ("one", "two", "seed")}
     import train as train_mod
-    torch.manual_seed(ck["config"]["seed"])
-    return train_mod.build_net(ck["config"]).state_dict()
+    torch.manual_seed(0)
+    init = train_mod.build_net(ck["one"]["config"]).state_dict()
+    delta = {k: torch.cat([(ck[k]["model"][n].float() - init[n]).flatten() for n in init]) for k in ck}
+    rel = lambda a, b: float((delta[a] - delta[b]).norm() / delta[a].norm())  # noqa: E731
+    print(f"1 vs 2 processes: updates {rel('one', 'two'):.3g} apart; another seed: {rel('one', 'seed'):.3g}")
+    assert rel("one", "two") < 0.1 and rel("one", "seed") > 0.5
+    loss = {k: [json.loads(line)["loss"] for line in open(root / k / "log.jsonl")] for k in ("one", "two")}
+    assert np.allclose(loss["one"], loss["two"], rtol=2e-3), loss
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_nccl_match_one_gpu():
+    """torchrun on 2 GPUs (NCCL, compiled blocks under DDP) against the 1-process run of the test above."""
+    root = ASSETS["root"]
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+         *train_args(ASSETS["cache"], root / "nccl", "--steps", 4, "--cuda_graph", "false", "--ckpt_every",
+                     100)[1:]], timeout=400)
+    a, b = load(root / "one" / "ckpt.pt"), load(root / "nccl" / "ckpt.pt")
+    import train as train_mod
+    torch.manual_seed(0)
+    init = train_mod.build_net(a["config"]).state_dict()
+    da, db = (torch.cat([(c["model"][n].float() - init[n]).flatten() for n in init]) for c in (a, b))
+    assert float((da - db).norm() / da.norm()) < 0.1
