@@ -236,7 +236,7 @@ def main(argv=None):
         save_converted(net, info, args.save_converted)
         print(f"wrote {args.save_converted} from {args.ckpt} ({json.dumps(info)})")
         return args.save_converted
-    rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device))
+    rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device, dist_backend="auto"))
     net, config, info = load_any(args.ckpt, which=args.which, device=device)
     if info is not None and rank == 0:
         print(f"{args.ckpt}: official snapshot, data[{info['key']!r}], {info['img_channels']} x "
