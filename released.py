@@ -62,6 +62,8 @@ MAX_GLOBALS = 1_000          # distinct global names (each stand-in is a class o
 MAX_CALL_ARGS = 16           # arguments of one call (REDUCE, NEWOBJ); a tensor record has 6
 MAX_NAME = 200               # characters of a global's name, and of a module, parameter or buffer name
 MAX_TENSOR_DIMS = 8          # dimensions of one tensor (the DiT's have at most 4)
+MAX_MODULES = 10_000         # modules in the network's tree (XL/2: ~600)
+MAX_DEPTH = 16               # nesting of modules (compiled wrapper > wrapper > DiT > blocks > i > attn > qkv: 7)
 
 
 class OfficialCheckpointError(SampleError):
@@ -504,6 +506,10 @@ def _read_pickle(path):
                                       f"{text[:200]}{'...' if len(text) > 200 else ''})") from None
 
 
+# ------------------------------------------------------------------------------------------------
+# The network in the stand-ins: each module visited once
+# ------------------------------------------------------------------------------------------------
+
 def _module_state(obj):
     """The __dict__ that a stand-in of a torch module recorded (BUILD may give (state, slotstate))."""
     state = obj.state if isinstance(obj, StandIn) else None
@@ -512,12 +518,26 @@ def _module_state(obj):
     return state if isinstance(state, dict) else {}
 
 
+def _entries(state, kind):
+    """[(name, value)] of state[kind] (_parameters, _buffers or _modules): a dict of short names without dots."""
+    entries = state.get(kind)
+    if entries is None:
+        return []
+    if not isinstance(entries, dict):
+        raise OfficialCheckpointError(f"a module's {kind} is {_show(entries)}, expected a dict")
+    for name in entries:
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME or "." in name:
+            raise OfficialCheckpointError(f"a module's {kind} holds the name {_show(name)}: expected a name "
+                                          f"of at most {MAX_NAME} characters without dots")
+    return list(entries.items())
+
+
 def _children(obj):
     """{name: child} of a stand-in module. torch.compile's OptimizedModule holds the real module as
     _orig_mod: in _modules (older torch), in its __dict__, or (torch >= 2.6, whose __reduce__ is
     (OptimizedModule, (module, dynamo_ctx))) as its first argument."""
     state = _module_state(obj)
-    children = {k: v for k, v in (state.get("_modules") or {}).items() if v is not None}
+    children = {k: v for k, v in _entries(state, "_modules") if v is not None}
     if obj.global_name.endswith(".OptimizedModule") and "_orig_mod" not in children:
         orig = state.get("_orig_mod", obj.args[0] if obj.args else None)
         if orig is not None:
@@ -525,33 +545,61 @@ def _children(obj):
     return children
 
 
-def _state_dict(obj, prefix=""):
-    """{name: tensor} of a stand-in module tree, named as nn.Module.state_dict() names them."""
-    state, out = _module_state(obj), {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for kind in ("_parameters", "_buffers"):
-        for k, v in (state.get(kind) or {}).items():
-            if v is None or (kind == "_buffers" and k in skip):
-                continue
-            if not isinstance(v, torch.Tensor):
-                raise OfficialCheckpointError(f"{prefix}{k} holds a {type(v).__name__}, not a tensor")
-            out[prefix + k] = v
-    for k, child in _children(obj).items():
-        out.update(_state_dict(child, f"{prefix}{k}."))
+def _module_tree(root):
+    """[(prefix, module)] of the module tree under root, breadth first: each module exactly once, so the
+    walk is linear in the file. The official network is a tree (every layer is built on its own), so a
+    module reached twice, shared or in a cycle, is refused, as are trees deeper than MAX_DEPTH or larger
+    than MAX_MODULES."""
+    tree, seen = [("", root)], {id(root): "the network itself"}
+    for prefix, module in tree:          # the list grows while we go: breadth first
+        for name, child in _children(module).items():
+            path = prefix + name
+            if not isinstance(child, StandIn):
+                raise OfficialCheckpointError(f"module {_show(path)} is {_show(child)}, not a module")
+            if id(child) in seen:
+                raise OfficialCheckpointError(f"the module tree reaches one module as {_show(seen[id(child)])} and as "
+                                              f"{_show(path)}: the official network is a tree, and a shared or "
+                                              "cyclic module is refused")
+            if path.count(".") >= MAX_DEPTH:
+                raise OfficialCheckpointError(f"the module tree is deeper than {MAX_DEPTH} levels at {_show(path)} "
+                                              "(this loader's limit; the official network has 7)")
+            if len(tree) >= MAX_MODULES:
+                raise OfficialCheckpointError(f"the module tree holds more than {MAX_MODULES} modules (this "
+                                              "loader's limit; the official XL/2 network has about 600)")
+            seen[id(child)] = path
+            tree.append((path + ".", child))
+    return tree
+
+
+def _state_dict(tree):
+    """{name: tensor} of a module tree (_module_tree), named as nn.Module.state_dict() names them."""
+    out = {}
+    for prefix, module in tree:
+        state = _module_state(module)
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if type(skip) not in (set, frozenset):
+            raise OfficialCheckpointError(f"a module's _non_persistent_buffers_set is {_show(skip)}, expected a set")
+        for kind in ("_parameters", "_buffers"):
+            for k, v in _entries(state, kind):
+                if v is None or (kind == "_buffers" and k in skip):
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    raise OfficialCheckpointError(f"{_show(prefix + k)} holds {_show(v)}, not a tensor")
+                if prefix + k in out:
+                    raise OfficialCheckpointError(f"{_show(prefix + k)} is both a parameter and a buffer")
+                out[prefix + k] = v
     return out
 
 
-def _find_attribute(obj, name):
-    """The first value of attribute `name` in the module tree, searched breadth first (the official
-    wrapper holds img_resolution, img_channels, label_dim, do_scale_param)."""
-    queue = [obj]
-    while queue:
-        obj = queue.pop(0)
-        if name in _module_state(obj):
-            return _module_state(obj)[name]
-        queue += list(_children(obj).values())
-    return None
+def _find_attribute(tree, name):
+    """The first value of attribute `name` in the module tree, breadth first (the official wrapper holds
+    img_resolution, img_channels, label_dim, do_scale_param)."""
+    return next((_module_state(m)[name] for _, m in tree if name in _module_state(m)), None)
 
+
+# ------------------------------------------------------------------------------------------------
+# Official names -> tvm.DiT
+# ------------------------------------------------------------------------------------------------
 
 # Official name -> tvm.DiT name, applied in order to "." + key (checked on all 356 keys of XL/2-18h).
 OFFICIAL_RENAMES = ((".x_embedder.proj.", ".x_embedder."), (".s_embedder.", ".gap_embedder."),
@@ -617,42 +665,47 @@ def load_official(path, device="cpu"):
     (whether a torch.compile wrapper was unwrapped), img_resolution (latent side), img_channels,
     label_dim, res (pixels: 8 x the side for 4-channel SD-VAE latents, 0 for pixel models), scale_param
     (the pickle's do_scale_param), dit (constructor arguments), and the recommended steps, w and the
-    paper's FID of the released file of that name (None, with known=False, for other names)."""
-    name = os.path.basename(path)
+    paper's FID of the released file of that name (None, with known=False, for other names). A file that
+    is refused raises OfficialCheckpointError: '<path>: <the cause, in one sentence>'."""
     try:
-        data = _read_pickle(path)
+        return _load_official(path, device)
     except OfficialCheckpointError as e:
         raise OfficialCheckpointError(f"{path}: {e}; nothing in the file was executed") from None
+
+
+def _load_official(path, device):
+    name = os.path.basename(path)
+    data = _read_pickle(path)
     key = next((k for k in ("ema", "net") if isinstance(data, dict) and k in data), None)
     if key is None:
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise OfficialCheckpointError(f"{path}: expected a dict with the network under 'ema' or 'net', found {found}")
-    root = data[key]
-    raw = _state_dict(root)
+        raise OfficialCheckpointError(f"expected a dict with the network under 'ema' or 'net', found {found}")
+    tree = _module_tree(data[key])
+    raw = _state_dict(tree)
     if not raw:
-        raise OfficialCheckpointError(f"{path}: data[{key!r}] holds no weights")
+        raise OfficialCheckpointError(f"data[{key!r}] holds no weights")
 
-    label_dim = _find_attribute(root, "label_dim")
+    label_dim = _find_attribute(tree, "label_dim")
     rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight")), None)
     if label_dim is None and rows is not None:
         label_dim = rows - 1
     if not isinstance(label_dim, int):
-        raise OfficialCheckpointError(f"{path}: label_dim is {label_dim!r}, expected an integer")
+        raise OfficialCheckpointError(f"label_dim is {label_dim!r}, expected an integer")
     sd = official_state_dict(raw, label_dim)
     kwargs = dit_kwargs_from_state_dict(sd)
     # A cross-check of the wrapper's attributes against the weights' shapes. img_resolution is taken as the
     # network's input side (latents) or as the pixel side (8x), whichever the official wrapper records.
-    side, channels = _find_attribute(root, "img_resolution"), _find_attribute(root, "img_channels")
+    side, channels = _find_attribute(tree, "img_resolution"), _find_attribute(tree, "img_channels")
     S, C = kwargs["input_size"], kwargs["in_channels"]
     if (channels is not None and channels != C) or (side is not None and side not in (S, 8 * S)):
-        raise OfficialCheckpointError(f"{path}: the wrapper says {channels} channels at resolution {side}, the "
+        raise OfficialCheckpointError(f"the wrapper says {channels} channels at resolution {side}, the "
                                       f"weights take {C} x {S} x {S} inputs: not a consistent snapshot")
 
     release = RELEASED.get(name)
-    scale_param = _find_attribute(root, "do_scale_param")
+    scale_param = _find_attribute(tree, "do_scale_param")
     if not isinstance(scale_param, bool):
         if release is None:
-            raise OfficialCheckpointError(f"{path}: do_scale_param is {scale_param!r}, not true or false, and "
+            raise OfficialCheckpointError(f"do_scale_param is {scale_param!r}, not true or false, and "
                                           f"{name} is not one of the released files {sorted(RELEASED)}")
         scale_param = release["scale_param"]
 
@@ -661,7 +714,7 @@ def load_official(path, device="cpu"):
     try:
         net.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
-        raise OfficialCheckpointError(f"{path}: the weights do not fit tvm.DiT({kwargs}): {e}") from None
+        raise OfficialCheckpointError(f"the weights do not fit tvm.DiT({kwargs}): {e}") from None
     net = net.to(device).eval().requires_grad_(False)
     latent = kwargs["in_channels"] == 4
     info = dict(file=name, key=key, compiled=any(k.startswith("_orig_mod.") for k in raw),

@@ -3768,6 +3768,41 @@ def _unicode(text):
     return b"X" + struct.pack("<I", len(text.encode())) + text.encode()
 
 
+def _shared_tree(levels):
+    """Each module's two children are the same module of the level below: 2^levels paths, 2 x levels nodes."""
+    node = _module({"weight": torch.zeros(1)})
+    for _ in range(levels):
+        node = _module(children={"a": node, "b": node})
+    return {"ema": _module(children={"model": node})}
+
+
+def _chain(length):
+    """A chain of `length` nested modules, pickled leaf first (the pickler itself would recurse otherwise)."""
+    chain = [_module({"weight": torch.zeros(1)})]
+    for _ in range(length):
+        chain.append(_module(children={"c": chain[-1]}))
+    return {"all": chain, "ema": chain[-1]}
+
+
+def _cycle():
+    """A module that contains itself (pickle writes a cycle through BUILD: torch.nn's default reduction)."""
+    m = nn.Sequential()
+    m._modules["self"] = m
+    return {"ema": m}
+
+
+@pytest.mark.parametrize("kind", ["shared", "cycle", "deep"])
+def test_official_module_tree_is_walked_once_and_bounded(tmp_path, kind):
+    """A module reached twice (shared by two parents: 2^40 paths in a 3 KB file; or a cycle) and a tree
+    deeper than released.MAX_DEPTH are refused at once, where the walk used to visit every path (hang) or
+    recurse until a RecursionError traceback."""
+    data = {"shared": lambda: _shared_tree(40), "cycle": _cycle, "deep": lambda: _chain(5000)}[kind]()
+    path = _write(tmp_path, f"{kind}.pkl", data)
+    _refused(path, {"shared": r"reaches one module as 'model\.a' and as 'model\.b'.*shared or cyclic",
+                    "cycle": r"reaches one module as 'the network itself' and as 'self'",
+                    "deep": r"deeper than 16"}[kind])
+
+
 def _storage_blob(values, declared):
     """A legacy torch.save of one float32 storage holding `values` (what pickle.dump writes inside each tensor
     record), whose record declares `declared` elements."""
