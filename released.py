@@ -64,6 +64,11 @@ MAX_NAME = 200               # characters of a global's name, and of a module, p
 MAX_TENSOR_DIMS = 8          # dimensions of one tensor (the DiT's have at most 4)
 MAX_MODULES = 10_000         # modules in the network's tree (XL/2: ~600)
 MAX_DEPTH = 16               # nesting of modules (compiled wrapper > wrapper > DiT > blocks > i > attn > qkv: 7)
+# The network a file declares must be a tvm.DiT within these bounds (XL/2-18h: input 32 or 64, patch 2,
+# 4 channels, hidden 1152, depth 28, 18 heads, 1000 classes, 678M parameters).
+DIT_LIMITS = dict(input_size=(1, 256), patch_size=(1, 16), in_channels=(1, 16), hidden_size=(1, 8192),
+                  depth=(1, 128), num_heads=(1, 128), num_classes=(1, 100_000))
+MAX_PARAMS = 4_000_000_000   # 16 GB of float32 weights
 
 
 class OfficialCheckpointError(SampleError):
@@ -597,8 +602,16 @@ def _find_attribute(tree, name):
     return next((_module_state(m)[name] for _, m in tree if name in _module_state(m)), None)
 
 
+def _int_attribute(tree, name):
+    """An integer attribute of the network (None if absent): a bool, a tensor or anything else is refused."""
+    value = _find_attribute(tree, name)
+    if value is not None and type(value) is not int:
+        raise OfficialCheckpointError(f"{name} is {_show(value)}, expected an integer")
+    return value
+
+
 # ------------------------------------------------------------------------------------------------
-# Official names -> tvm.DiT
+# Official names -> tvm.DiT, and the network the weights declare
 # ------------------------------------------------------------------------------------------------
 
 # Official name -> tvm.DiT name, applied in order to "." + key (checked on all 356 keys of XL/2-18h).
@@ -628,29 +641,71 @@ def official_state_dict(sd, label_dim):
     for key, value in sd.items():
         ours = official_to_ours(key)
         if ours is None:
-            raise OfficialCheckpointError(f"unexpected weight {key!r} outside the wrapped DiT (model.*)")
+            raise OfficialCheckpointError(f"unexpected weight {_show(key)} outside the wrapped DiT (model.*)")
+        if ours in out:
+            raise OfficialCheckpointError(f"two weights are named {_show(ours)} once renamed (one of them {_show(key)})")
         out[ours] = value
     table = out.get("y_embedder.weight")
     if table is not None:
-        if table.shape[0] < label_dim + 1:
-            raise OfficialCheckpointError(f"the label table has {table.shape[0]} rows, fewer than label_dim + 1 "
-                                          f"= {label_dim + 1} (label_dim classes and the null class)")
+        if table.dim() != 2 or table.shape[0] < label_dim + 1:
+            raise OfficialCheckpointError(f"the label table has shape {tuple(table.shape)}, expected at least "
+                                          f"label_dim + 1 = {label_dim + 1} rows (label_dim classes and the null class)")
         out["y_embedder.weight"] = table[:label_dim + 1]
     return out
 
 
 def dit_kwargs_from_state_dict(sd):
-    """tvm.DiT's constructor arguments read off the shapes of its state dict."""
+    """tvm.DiT's constructor arguments read off the shapes of its state dict, within DIT_LIMITS."""
+    def shape(key, dims):
+        if key not in sd:
+            raise OfficialCheckpointError(f"no weight {key!r} after renaming: not a DiT of the official layout")
+        if sd[key].dim() != dims or 0 in sd[key].shape:
+            raise OfficialCheckpointError(f"{key} has shape {tuple(sd[key].shape)}, expected {dims} nonzero sizes")
+        return sd[key].shape
+
+    _, tokens, hidden = shape("pos_embed", 3)
+    _, in_channels, _, patch = shape("x_embedder.weight", 4)
+    head_dim, = shape("blocks.0.attn.q_norm.weight", 1)
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens or hidden % head_dim:
+        raise OfficialCheckpointError(f"pos_embed has {tokens} positions of size {hidden} and the heads have size "
+                                      f"{head_dim}: expected a square grid and a head size that divides {hidden}")
+    kwargs = dict(input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                  depth=sum(1 for k in sd if k.startswith("blocks.") and k.endswith(".adaLN.weight")),
+                  num_heads=hidden // head_dim, mlp_ratio=shape("blocks.0.mlp.0.weight", 2)[0] / hidden,
+                  num_classes=shape("y_embedder.weight", 2)[0] - 1)
+    for k, (lo, hi) in DIT_LIMITS.items():
+        if not lo <= kwargs[k] <= hi:
+            raise OfficialCheckpointError(f"the weights declare a DiT with {k} {kwargs[k]}, outside this loader's "
+                                          f"limits {lo}..{hi}")
+    return kwargs
+
+
+def _dit_of(sd, kwargs):
+    """tvm.DiT(**kwargs) holding the tensors of sd (no copy), after checking that they are exactly its
+    weights: names, shapes, one floating dtype, and at most MAX_PARAMS of them."""
     try:
-        hidden, patch = sd["pos_embed"].shape[-1], sd["x_embedder.weight"].shape[-1]
-        grid = math.isqrt(sd["pos_embed"].shape[1])
-        head_dim = sd["blocks.0.attn.q_norm.weight"].shape[0]
-        return dict(input_size=grid * patch, patch_size=patch, in_channels=sd["x_embedder.weight"].shape[1],
-                    hidden_size=hidden, depth=sum(1 for k in sd if k.startswith("blocks.") and k.endswith(".adaLN.weight")),
-                    num_heads=hidden // head_dim, mlp_ratio=sd["blocks.0.mlp.0.weight"].shape[0] / hidden,
-                    num_classes=sd["y_embedder.weight"].shape[0] - 1)
-    except KeyError as e:
-        raise OfficialCheckpointError(f"no weight {e} after renaming: not a DiT of the official layout") from None
+        with torch.device("meta"):       # no initialisation: every tensor comes from the file
+            net = tvm.DiT(**kwargs)
+    except Exception as e:               # tvm.DiT's own checks (hidden size and heads, ...)
+        raise OfficialCheckpointError(f"tvm.DiT({kwargs}) cannot be built ({type(e).__name__})") from None
+    params = sum(p.numel() for p in net.parameters())
+    if params > MAX_PARAMS:
+        raise OfficialCheckpointError(f"the weights declare a DiT of {params:,} parameters, more than this "
+                                      f"loader's limit of {MAX_PARAMS:,}")
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and sd[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise OfficialCheckpointError(f"the weights do not fit tvm.DiT({kwargs}): " + "; ".join(
+            f"{what} {_names(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                        ("of another shape", wrong)) if keys))
+    dtypes = sorted({str(v.dtype) for v in sd.values()})
+    if len(dtypes) != 1 or not next(iter(sd.values())).is_floating_point():
+        raise OfficialCheckpointError(f"the weights are of dtypes {', '.join(dtypes)}: expected one floating-point dtype")
+    net.load_state_dict(sd, strict=True, assign=True)
+    return net
 
 
 def is_official_pickle(path):
@@ -678,44 +733,43 @@ def _load_official(path, device):
     data = _read_pickle(path)
     key = next((k for k in ("ema", "net") if isinstance(data, dict) and k in data), None)
     if key is None:
-        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        found = f"the keys {_names(list(data))}" if isinstance(data, dict) else _show(data)
         raise OfficialCheckpointError(f"expected a dict with the network under 'ema' or 'net', found {found}")
-    tree = _module_tree(data[key])
+    root = data[key]
+    if not isinstance(root, StandIn):
+        raise OfficialCheckpointError(f"data[{key!r}] is {_show(root)}, not a pickled network (a state dict saved "
+                                      "with pickle is not an official snapshot)")
+    tree = _module_tree(root)
     raw = _state_dict(tree)
     if not raw:
         raise OfficialCheckpointError(f"data[{key!r}] holds no weights")
 
-    label_dim = _find_attribute(tree, "label_dim")
-    rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight")), None)
+    label_dim = _int_attribute(tree, "label_dim")
+    rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight") and v.dim()), None)
     if label_dim is None and rows is not None:
         label_dim = rows - 1
-    if not isinstance(label_dim, int):
-        raise OfficialCheckpointError(f"label_dim is {label_dim!r}, expected an integer")
+    lo, hi = DIT_LIMITS["num_classes"]
+    if label_dim is None or not lo <= label_dim <= hi:
+        raise OfficialCheckpointError(f"label_dim is {_show(label_dim)}, expected an integer in {lo}..{hi}")
     sd = official_state_dict(raw, label_dim)
     kwargs = dit_kwargs_from_state_dict(sd)
     # A cross-check of the wrapper's attributes against the weights' shapes. img_resolution is taken as the
     # network's input side (latents) or as the pixel side (8x), whichever the official wrapper records.
-    side, channels = _find_attribute(tree, "img_resolution"), _find_attribute(tree, "img_channels")
+    side, channels = _int_attribute(tree, "img_resolution"), _int_attribute(tree, "img_channels")
     S, C = kwargs["input_size"], kwargs["in_channels"]
     if (channels is not None and channels != C) or (side is not None and side not in (S, 8 * S)):
-        raise OfficialCheckpointError(f"the wrapper says {channels} channels at resolution {side}, the "
+        raise OfficialCheckpointError(f"the wrapper says {_show(channels)} channels at resolution {_show(side)}, the "
                                       f"weights take {C} x {S} x {S} inputs: not a consistent snapshot")
 
     release = RELEASED.get(name)
     scale_param = _find_attribute(tree, "do_scale_param")
     if not isinstance(scale_param, bool):
         if release is None:
-            raise OfficialCheckpointError(f"do_scale_param is {scale_param!r}, not true or false, and "
-                                          f"{name} is not one of the released files {sorted(RELEASED)}")
+            raise OfficialCheckpointError(f"do_scale_param is {_show(scale_param)}, not true or false, and {name} "
+                                          f"is not one of the released files {sorted(RELEASED)}")
         scale_param = release["scale_param"]
 
-    with torch.device("meta"):           # no initialisation: every tensor comes from the file
-        net = tvm.DiT(**kwargs)
-    try:
-        net.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise OfficialCheckpointError(f"the weights do not fit tvm.DiT({kwargs}): {e}") from None
-    net = net.to(device).eval().requires_grad_(False)
+    net = _dit_of(sd, kwargs).to(device).eval().requires_grad_(False)
     latent = kwargs["in_channels"] == 4
     info = dict(file=name, key=key, compiled=any(k.startswith("_orig_mod.") for k in raw),
                 img_resolution=kwargs["input_size"], img_channels=kwargs["in_channels"], label_dim=label_dim,

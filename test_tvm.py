@@ -3759,6 +3759,17 @@ def _official_tree(weights, **attributes):
     return build(nested, **attributes)
 
 
+def _small_official_network(**changes):
+    """A small DiT (perturbed_dit: 10 classes, 4 x 8 x 8 inputs) as an official module tree -> (net, tree);
+    changes: {official name: tensor} replacing weights, and attributes of the wrapper."""
+    net = perturbed_dit()
+    weights = _official_weights(net.state_dict())
+    weights.update({k: v for k, v in changes.items() if k.startswith("model.")})
+    attributes = dict(label_dim=10, img_resolution=8, img_channels=4, do_scale_param=True)
+    attributes.update({k: v for k, v in changes.items() if not k.startswith("model.")})
+    return net, _official_tree(weights, **attributes)
+
+
 def _ops(*parts):
     """A protocol-2 pickle written opcode by opcode."""
     return b"\x80\x02" + b"".join(parts) + b"."
@@ -3931,3 +3942,52 @@ def test_official_file_cannot_change_the_loaders_objects(tmp_path, kind):
         torch.testing.assert_close(F_of(loaded), F_of(net), rtol=0, atol=1e-6)
     finally:
         released._rebuild_parameter.__defaults__ = saved
+
+
+@pytest.mark.parametrize("kind", ["state dict", "head dim 0", "tensor for a number", "200,000 keys"])
+def test_official_refusals_are_one_short_sentence(tmp_path, kind):
+    """Files that ended in a traceback or in a 2.5-million-character message: {"ema": model.state_dict()}
+    saved with pickle (a realistic mistake), q_norm weights of size 0 (head dim 0), a tensor where the
+    wrapper holds a number, a dict of 200,000 keys without 'ema'. Each gets one line naming the cause."""
+    if kind == "state dict":
+        data = pickle.dumps({"ema": perturbed_dit().state_dict()})
+    elif kind == "head dim 0":
+        data = {"ema": _small_official_network(**{"model.blocks.0.attn.q_norm.weight": torch.zeros(0)})[1]}
+    elif kind == "tensor for a number":
+        data = {"ema": _small_official_network(img_resolution=torch.ones(2))[1]}
+    else:
+        data = pickle.dumps({f"key{i}": 0 for i in range(200_000)})
+    path = _write(tmp_path, "mistake.pkl", data)
+    _refused(path, {"state dict": r"data\['ema'\] is an OrderedDict, not a pickled network",
+                    "head dim 0": r"blocks\.0\.attn\.q_norm\.weight has shape \(0,\)",
+                    "tensor for a number": r"img_resolution is a Tensor, expected an integer",
+                    "200,000 keys": r"found the keys 'key0', 'key1', 'key2' and 199997 more"}[kind])
+
+
+def test_official_dit_must_be_within_the_stated_limits(tmp_path, monkeypatch):
+    """The network a file declares must be a tvm.DiT within released.DIT_LIMITS and MAX_PARAMS: a legitimate
+    small tree loads to the same F, but 129 blocks, 100,001 classes, or (with the cap lowered to 10,000)
+    more parameters than the cap are refused."""
+    net, tree = _small_official_network()
+    loaded, info = released.load_official(str(_write(tmp_path, "good.pkl", {"ema": tree})))
+    torch.testing.assert_close(F_of(loaded), F_of(net), rtol=0, atol=1e-6)
+
+    for depth, classes, match in ((129, 1, r"a DiT with depth 129, outside this loader's limits 1\.\.128"),
+                                  (1, 100_001, r"label_dim is 100001, expected an integer in 1\.\.100000")):
+        big = tvm.build_dit(dict(hidden_size=4, depth=depth, num_heads=1, patch_size=2), 2, 1, classes)
+        tree = _official_tree(_official_weights(big.state_dict()), label_dim=classes, do_scale_param=True)
+        _refused(_write(tmp_path, "big.pkl", {"ema": tree}), match)
+    monkeypatch.setattr(released, "MAX_PARAMS", 10_000, raising=False)
+    _refused(_write(tmp_path, "good.pkl", {"ema": _small_official_network()[1]}),
+             r"a DiT of [\d,]+ parameters, more than this loader's limit")
+
+
+def test_sample_py_exits_2_with_one_line_on_a_refused_official_pickle(tmp_path):
+    """sample.py on {"ema": model.state_dict()} saved with pickle: exit status 2 and one line on stderr
+    (it was a traceback and status 1)."""
+    path = _write(tmp_path, "state_dict.pkl", pickle.dumps({"ema": perturbed_dit().state_dict()}))
+    run = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", str(path)], cwd=HERE,
+                         env=dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("sample.py: error: "), run.stderr[-3000:]
