@@ -472,7 +472,8 @@ class _Reader:
             raise OfficialCheckpointError("a tensor record with a non-storage source, or with backward hooks")
         if not (ints(size) and ints(stride) and len(size) == len(stride) and ints((offset,))):
             raise OfficialCheckpointError(f"a tensor record with offset {_show(offset)}, size {_show(size)} and "
-                                          f"stride {_show(stride)}: expected non-negative integers, one stride per size")
+                                          f"stride {_show(stride)}: expected non-negative integers, one stride "
+                                          "per size")
         numel = math.prod(size)
         if numel:
             if any(n > 1 and s == 0 for n, s in zip(size, stride)):
@@ -643,13 +644,15 @@ def official_state_dict(sd, label_dim):
         if ours is None:
             raise OfficialCheckpointError(f"unexpected weight {_show(key)} outside the wrapped DiT (model.*)")
         if ours in out:
-            raise OfficialCheckpointError(f"two weights are named {_show(ours)} once renamed (one of them {_show(key)})")
+            raise OfficialCheckpointError(f"two weights are named {_show(ours)} once renamed (one of them "
+                                          f"{_show(key)})")
         out[ours] = value
     table = out.get("y_embedder.weight")
     if table is not None:
         if table.dim() != 2 or table.shape[0] < label_dim + 1:
             raise OfficialCheckpointError(f"the label table has shape {tuple(table.shape)}, expected at least "
-                                          f"label_dim + 1 = {label_dim + 1} rows (label_dim classes and the null class)")
+                                          f"label_dim + 1 = {label_dim + 1} rows (label_dim classes and the null "
+                                          "class)")
         out["y_embedder.weight"] = table[:label_dim + 1]
     return out
 
@@ -660,7 +663,8 @@ def dit_kwargs_from_state_dict(sd):
         if key not in sd:
             raise OfficialCheckpointError(f"no weight {key!r} after renaming: not a DiT of the official layout")
         if sd[key].dim() != dims or 0 in sd[key].shape:
-            raise OfficialCheckpointError(f"{key} has shape {tuple(sd[key].shape)}, expected {dims} nonzero sizes")
+            raise OfficialCheckpointError(f"{key} has shape {tuple(sd[key].shape)}, expected {dims} dimensions, "
+                                          "none of size 0")
         return sd[key].shape
 
     _, tokens, hidden = shape("pos_embed", 3)
@@ -703,7 +707,8 @@ def _dit_of(sd, kwargs):
                                                         ("of another shape", wrong)) if keys))
     dtypes = sorted({str(v.dtype) for v in sd.values()})
     if len(dtypes) != 1 or not next(iter(sd.values())).is_floating_point():
-        raise OfficialCheckpointError(f"the weights are of dtypes {', '.join(dtypes)}: expected one floating-point dtype")
+        raise OfficialCheckpointError(f"the weights are of dtypes {', '.join(dtypes)}: expected one floating-point "
+                                      "dtype")
     net.load_state_dict(sd, strict=True, assign=True)
     return net
 
@@ -745,7 +750,8 @@ def _load_official(path, device):
         raise OfficialCheckpointError(f"data[{key!r}] holds no weights")
 
     label_dim = _int_attribute(tree, "label_dim")
-    rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight") and v.dim()), None)
+    rows = next((v.shape[0] for k, v in raw.items() if k.endswith("y_embedder.embedding_table.weight") and v.dim()),
+                None)
     if label_dim is None and rows is not None:
         label_dim = rows - 1
     lo, hi = DIT_LIMITS["num_classes"]

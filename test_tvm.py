@@ -3931,8 +3931,8 @@ def test_official_file_cannot_change_the_loaders_objects(tmp_path, kind):
         data = {"function": lambda: _ops(b"ctorch._utils\n_rebuild_parameter\n", b"N}", _unicode("__defaults__"),
                                          b")s\x86b"),
                 "class": lambda: _ops(b"ctorch\ndevice\n", b"N}", _unicode("type"), b"Ns\x86b"),
-                "tensor": lambda: {"ema": _module({"w": _Call(torch._utils._rebuild_tensor_v2, _storage(torch.ones(1)), 0,
-                                                              (1,), (1,), False, OrderedDict(),
+                "tensor": lambda: {"ema": _module({"w": _Call(torch._utils._rebuild_tensor_v2, _storage(torch.ones(1)),
+                                                              0, (1,), (1,), False, OrderedDict(),
                                                               state=(_storage(torch.ones(1)), 0, (10**6,), (1,)))})}}
         path = _write(tmp_path, "build.pkl", data[kind]())
         _refused(path, r"refused BUILD \(setting the state\) of a " + {"function": "function", "class": "type",
