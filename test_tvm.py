@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import attention_jvp
 import benchmark
 import fid
+import released
 import sample
 import train
 import tvm
@@ -3699,3 +3700,365 @@ def test_step_flops_counts_what_the_network_multiplies():
     L_xl, A_xl = benchmark.forward_macs(1152, 28, 256, 2)
     assert benchmark.step_flops("XL/2-18h", 256, 32, "tvm") == 2 * 32 * (11 * L_xl + 14 * A_xl)
     assert benchmark.step_flops("XL/2-18h", 256, 32, "fm") == 2 * 32 * (4 * L_xl + 4 * A_xl)
+
+
+# ================================================================================================
+# Hostile official pickles: released.load_official's time, memory and messages are bounded (issue 21)
+# ================================================================================================
+#
+# Each test writes small files that once made the loader hang, reserve gigabytes, accept tensors that are
+# not in the file, change its own functions, or print a traceback; each must now be refused within a few
+# seconds with one short sentence (OfficialCheckpointError; sample.py exits 2). The pickles are written
+# with pickle itself where it can express them (official persistent objects: _Persistent, tensors of any
+# stride: _Call), and opcode by opcode where pickle.dump would never write them.
+
+import io
+import signal
+import struct
+import tracemalloc
+from collections import OrderedDict
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise Timeout from a block that runs longer than `seconds` (checked between Python bytecodes:
+    a C loop is stopped when it returns), so that a hang fails the test instead of the suite."""
+    class Timeout(BaseException):        # not an Exception: no `except Exception` of the code under test catches it
+        pass
+
+    def alarm(signum, frame):
+        raise Timeout(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _refused(path, match, seconds=5, max_python_bytes=None):
+    """load_official(path) refuses the file within `seconds` (and, if given, with at most max_python_bytes of
+    Python allocations at the peak), in one line of at most 300 characters besides the path -> message."""
+    if max_python_bytes:
+        tracemalloc.start()
+    try:
+        with time_limit(seconds), pytest.raises(released.OfficialCheckpointError) as e:
+            released.load_official(str(path))
+        peak = tracemalloc.get_traced_memory()[1] if max_python_bytes else 0
+    finally:
+        tracemalloc.stop()
+    message = str(e.value)
+    assert re.search(match, message), message[:2000]
+    assert "\n" not in message and len(message) <= len(str(path)) + 300, message[:2000]
+    assert peak <= (max_python_bytes or 0), f"peak of {peak:,} bytes of Python allocations"
+    return message
+
+
+def _write(tmp_path, name, data):
+    """data (bytes, or an object to pickle as the official files are pickled) -> the file's path."""
+    if not isinstance(data, bytes):
+        with fake_modules(**official_modules("").modules):
+            data = pickle.dumps(data, protocol=4)
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+class _Persistent:
+    """A module written as the official files write their persistent ones: a call of
+    torch_utils.persistence._reconstruct_persistent_obj(meta), with meta["state"] its __dict__ (pickled
+    only inside _write, where that module exists)."""
+    def __init__(self, state, class_name="DiTBlock"):
+        self.state, self.class_name = state, class_name
+
+    def __reduce__(self):
+        meta = dict(type="class", version=6, module_src="", class_name=self.class_name, state=self.state)
+        return sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj, (meta,)
+
+
+def _module(params=(), children=(), **attributes):
+    return _Persistent(dict(_parameters=dict(params), _buffers={}, _modules=dict(children), **attributes))
+
+
+class _Call:
+    """Pickled as the call fn(*args), then BUILD with `state` if given."""
+    def __init__(self, fn, *args, state=None):
+        self.fn, self.args, self.state = fn, args, state
+
+    def __reduce__(self):
+        return (self.fn, self.args) if self.state is None else (self.fn, self.args, self.state)
+
+
+def _storage(values):
+    """A storage as the official pickles hold one: torch.storage._load_from_bytes(legacy torch.save bytes)."""
+    return torch.storage.TypedStorage(wrap_storage=values.untyped_storage(), dtype=values.dtype, _internal=True)
+
+
+def _tensor_record(storage, offset, size, stride):
+    """A tensor record (torch._utils._rebuild_tensor_v2) with any offset, size and stride."""
+    return _Call(torch._utils._rebuild_tensor_v2, storage, offset, tuple(size), tuple(stride), False, OrderedDict())
+
+
+def _official_weights(state_dict):
+    """tvm.DiT's {name: tensor} under the official names: released.OFFICIAL_RENAMES inverted (mlp.0/mlp.2 are
+    fc1/fc2 in the blocks only), checked by renaming back."""
+    out = {}
+    for ours, tensor in state_dict.items():
+        key = "." + ours
+        for theirs, mine in released.OFFICIAL_RENAMES:
+            if not mine.startswith(".mlp.") or ours.startswith("blocks."):
+                key = key.replace(mine, theirs)
+        assert released.official_to_ours("model" + key) == ours
+        out["model" + key] = tensor
+    return out
+
+
+def _official_tree(weights, **attributes):
+    """The module tree of {official name: tensor}, one persistent module per name prefix; the root (the
+    wrapper) carries `attributes` (label_dim, img_resolution, ...)."""
+    nested = {}
+    for name, tensor in weights.items():
+        *path, leaf = name.split(".")
+        node = nested
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = tensor
+
+    def build(node, **attributes):
+        return _module({k: v for k, v in node.items() if not isinstance(v, dict)},
+                       {k: build(v) for k, v in node.items() if isinstance(v, dict)}, **attributes)
+    return build(nested, **attributes)
+
+
+def _small_official_network(**changes):
+    """A small DiT (perturbed_dit: 10 classes, 4 x 8 x 8 inputs) as an official module tree -> (net, tree);
+    changes: {official name: tensor} replacing weights, and attributes of the wrapper."""
+    net = perturbed_dit()
+    weights = _official_weights(net.state_dict())
+    weights.update({k: v for k, v in changes.items() if k.startswith("model.")})
+    attributes = dict(label_dim=10, img_resolution=8, img_channels=4, do_scale_param=True)
+    attributes.update({k: v for k, v in changes.items() if not k.startswith("model.")})
+    return net, _official_tree(weights, **attributes)
+
+
+def _ops(*parts):
+    """A protocol-2 pickle written opcode by opcode."""
+    return b"\x80\x02" + b"".join(parts) + b"."
+
+
+def _unicode(text):
+    return b"X" + struct.pack("<I", len(text.encode())) + text.encode()
+
+
+def _shared_tree(levels):
+    """Each module's two children are the same module of the level below: 2^levels paths, 2 x levels nodes."""
+    node = _module({"weight": torch.zeros(1)})
+    for _ in range(levels):
+        node = _module(children={"a": node, "b": node})
+    return {"ema": _module(children={"model": node})}
+
+
+def _chain(length):
+    """A chain of `length` nested modules, pickled leaf first (the pickler itself would recurse otherwise)."""
+    chain = [_module({"weight": torch.zeros(1)})]
+    for _ in range(length):
+        chain.append(_module(children={"c": chain[-1]}))
+    return {"all": chain, "ema": chain[-1]}
+
+
+def _cycle():
+    """A module that contains itself (pickle writes a cycle through BUILD: torch.nn's default reduction)."""
+    m = nn.Sequential()
+    m._modules["self"] = m
+    return {"ema": m}
+
+
+@pytest.mark.parametrize("kind", ["shared", "cycle", "deep"])
+def test_official_module_tree_is_walked_once_and_bounded(tmp_path, kind):
+    """A module reached twice (shared by two parents: 2^40 paths in a 3 KB file; or a cycle) and a tree
+    deeper than released.MAX_DEPTH are refused at once, where the walk used to visit every path (hang) or
+    recurse until a RecursionError traceback."""
+    data = {"shared": lambda: _shared_tree(40), "cycle": _cycle, "deep": lambda: _chain(5000)}[kind]()
+    path = _write(tmp_path, f"{kind}.pkl", data)
+    _refused(path, {"shared": r"reaches one module as 'model\.a' and as 'model\.b'.*shared or cyclic",
+                    "cycle": r"reaches one module as 'the network itself' and as 'self'",
+                    "deep": r"deeper than 16"}[kind])
+
+
+def _storage_blob(values, declared):
+    """A legacy torch.save of one float32 storage holding `values` (what pickle.dump writes inside each tensor
+    record), whose record declares `declared` elements."""
+    class Record(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", declared, None) if obj is Record else None
+    f = io.BytesIO()
+    for obj in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+                dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))):
+        pickle.dump(obj, f, protocol=2)
+    Record(f, protocol=2).dump(Record)
+    pickle.dump(["0"], f, protocol=2)
+    f.write(struct.pack("<q", len(values)) + values.numpy().tobytes())
+    return f.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["memo", "bytes8", "unicode8", "frame", "storage"])
+def test_official_memo_and_declared_lengths_are_bounded_by_the_file(tmp_path, kind):
+    """A 9-byte file that puts memo slot 2^26 (pickle then reserved 1.4 GB of Python memory), lengths of
+    2^40 bytes declared in a few bytes (a MemoryError traceback), and a storage record that declares 2^31
+    elements for 4 bytes (torch.load reserved 8 GB before reading them): each refused, naming the cause,
+    with at most a few MB of Python allocations."""
+    data = {"memo": b"\x80\x02Nr" + struct.pack("<I", 2**26) + b".",
+            "bytes8": b"\x80\x04\x8e" + struct.pack("<Q", 2**40) + b"x.",
+            "unicode8": b"\x80\x04\x8d" + struct.pack("<Q", 2**40) + b"x.",
+            "frame": b"\x80\x04\x95" + struct.pack("<Q", 2**40) + b"N.",
+            "storage": {"ema": _Call(torch.storage._load_from_bytes, _storage_blob(torch.ones(1), 2**31))}}[kind]
+    path = _write(tmp_path, f"{kind}.pkl", data)
+    _refused(path, {"memo": r"memo index 67108864 at byte 3", "bytes8": r"ends early.*1099511627776 bytes",
+                    "unicode8": r"ends early.*1099511627776 bytes", "frame": r"ends early.*frame of 1099511627776",
+                    "storage": r"declares 2147483648 elements of torch\.float32 and holds 4 bytes"}[kind],
+             max_python_bytes=5_000_000)
+
+
+def _colliding_keys(n):
+    """A dict of n int keys of one hash (multiples of 2^61 - 1, Python's int hash modulus), opcode by opcode:
+    each insertion probes every key before it."""
+    keys = b"".join(b"\x8a\x0b" + (k * (2**61 - 1)).to_bytes(11, "little", signed=True) + b"N" for k in range(1, n + 1))
+    return _ops(b"}(", keys, b"u")
+
+
+def _shared_tuple(levels):
+    """A tuple whose two items are the same tuple of the level below: its hash or repr takes 2^levels steps."""
+    t = "x"
+    for _ in range(levels):
+        t = (t, t)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["colliding keys", "shared tuple key", "shared tuple name", "call copies"])
+def test_official_loader_work_is_linear_in_the_file(tmp_path, kind):
+    """Files whose cost grew faster than their size: 60,000 dict keys of one hash (quadratic insertion), a
+    dict key or a class name that is a tuple sharing its parts (hash and repr take 2^28 and 2^24 steps), and
+    2,000 calls of a stand-in with one memoised tuple of 20,000 items (each call copied it: 320 MB from a
+    30 KB file). Each is refused within 3 s."""
+    if kind == "colliding keys":
+        data = _colliding_keys(60_000)
+    elif kind == "shared tuple key":
+        data = _ops(b"}", pickle.dumps(_shared_tuple(28), protocol=2)[2:-1], b"Ns")   # {tuple: None}
+    elif kind == "shared tuple name":
+        data = {"ema": _Persistent({}, class_name=_shared_tuple(24))}
+    else:
+        data = _ops(b"ctraining.dit\nBlock\nq\x00(", b"N" * 20_000, b"tq\x01", b"h\x00h\x01R" * 2_000)
+    path = _write(tmp_path, "slow.pkl", data)
+    _refused(path, {"colliding keys": r"dict key or set member 2305843009213693951.*refused",
+                    "shared tuple key": r"dict key or set member a tuple",
+                    "shared tuple name": r"persistent object without the expected meta",
+                    "call copies": r"refused a call with a tuple as its arguments"}[kind],
+             seconds=3, max_python_bytes=30_000_000)
+
+
+def _zero_stride_dit(hidden, depth):
+    """An official tree of a tvm.DiT whose every weight is one float32 element repeated by zero strides."""
+    with torch.device("meta"):
+        net = tvm.DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=hidden, depth=depth,
+                      num_heads=hidden // 64, num_classes=1000)
+    weights = _official_weights({k: torch.zeros(1).expand(v.shape) for k, v in net.state_dict().items()})
+    return {"ema": _official_tree(weights, label_dim=1000, img_resolution=32, img_channels=4, do_scale_param=True)}
+
+
+@pytest.mark.parametrize("kind", ["zero stride", "past the end", "offset past the end", "overlapping",
+                                  "storage rebuilt", "zero-stride DiT"])
+def test_official_tensors_are_backed_by_bytes_of_the_file(tmp_path, kind):
+    """Tensors that are not bytes of the file: a zero stride (1 element as 10^6; a 39-billion-parameter DiT
+    from a file of a few hundred KB), a size or an offset past the end of the storage (torch grew the
+    storage: uninitialised memory), 200 tensors over one storage, one storage record rebuilt 200 times
+    (each more bytes than the file has). Each used to load; each is refused, naming the cause."""
+    four, thousand = _storage(torch.arange(4.0)), _storage(torch.zeros(1000))
+    weights = lambda *tensors: {"ema": _module({f"w{i}": t for i, t in enumerate(tensors)})}
+    data = {"zero stride": lambda: weights(torch.zeros(1).expand(10**6)),
+            "past the end": lambda: weights(_tensor_record(four, 0, (100,), (1,))),
+            "offset past the end": lambda: weights(_tensor_record(four, 4, (1,), (1,))),
+            "overlapping": lambda: weights(*[_tensor_record(thousand, 0, (1000,), (1,)) for _ in range(200)]),
+            "storage rebuilt": lambda: weights(*[_tensor_record(_Call(torch.storage._load_from_bytes, blob), 0, (1000,),
+                                                                (1,)) for _ in range(200)]),
+            "zero-stride DiT": lambda: _zero_stride_dit(8192, 48)}
+    blob = _storage_blob(torch.zeros(1000), 1000)
+    path = _write(tmp_path, "tensors.pkl", data[kind]())
+    _refused(path, {"zero stride": r"size \(1000000,\) with stride \(0,\): a zero stride",
+                    "past the end": r"size \(100,\) reaches element 99 of a storage of 4",
+                    "offset past the end": r"size \(1,\) reaches element 4 of a storage of 4",
+                    "overlapping": r"tensors add up to more than the file's",
+                    "storage rebuilt": r"storages add up to more than the file's",
+                    "zero-stride DiT": r"zero stride"}[kind], seconds=20)
+
+
+@pytest.mark.parametrize("kind", ["function", "class", "tensor"])
+def test_official_file_cannot_change_the_loaders_objects(tmp_path, kind):
+    """BUILD (set an object's state) on an admitted function (__defaults__ of _rebuild_parameter: every later
+    load in the process failed), on an admitted class, and on a rebuilt tensor (Tensor.__setstate__ resizes
+    it past its storage) is refused; a legitimate file then still loads to the same F."""
+    saved = released._rebuild_parameter.__defaults__
+    try:
+        state = (None, {"__defaults__": ()})
+        data = {"function": lambda: _ops(b"ctorch._utils\n_rebuild_parameter\n", b"N}", _unicode("__defaults__"),
+                                         b")s\x86b"),
+                "class": lambda: _ops(b"ctorch\ndevice\n", b"N}", _unicode("type"), b"Ns\x86b"),
+                "tensor": lambda: {"ema": _module({"w": _Call(torch._utils._rebuild_tensor_v2, _storage(torch.ones(1)),
+                                                              0, (1,), (1,), False, OrderedDict(),
+                                                              state=(_storage(torch.ones(1)), 0, (10**6,), (1,)))})}}
+        path = _write(tmp_path, "build.pkl", data[kind]())
+        _refused(path, r"refused BUILD \(setting the state\) of a " + {"function": "function", "class": "type",
+                                                                       "tensor": "Tensor"}[kind])
+        net = perturbed_dit()
+        loaded, _ = released.load_official(write_official_pickle(tmp_path / "good.pkl", net, 10, evil=tmp_path / "x"))
+        torch.testing.assert_close(F_of(loaded), F_of(net), rtol=0, atol=1e-6)
+    finally:
+        released._rebuild_parameter.__defaults__ = saved
+
+
+@pytest.mark.parametrize("kind", ["state dict", "head dim 0", "tensor for a number", "200,000 keys"])
+def test_official_refusals_are_one_short_sentence(tmp_path, kind):
+    """Files that ended in a traceback or in a 2.5-million-character message: {"ema": model.state_dict()}
+    saved with pickle (a realistic mistake), q_norm weights of size 0 (head dim 0), a tensor where the
+    wrapper holds a number, a dict of 200,000 keys without 'ema'. Each gets one line naming the cause."""
+    if kind == "state dict":
+        data = pickle.dumps({"ema": perturbed_dit().state_dict()})
+    elif kind == "head dim 0":
+        data = {"ema": _small_official_network(**{"model.blocks.0.attn.q_norm.weight": torch.zeros(0)})[1]}
+    elif kind == "tensor for a number":
+        data = {"ema": _small_official_network(img_resolution=torch.ones(2))[1]}
+    else:
+        data = pickle.dumps({f"key{i}": 0 for i in range(200_000)})
+    path = _write(tmp_path, "mistake.pkl", data)
+    _refused(path, {"state dict": r"data\['ema'\] is an OrderedDict, not a pickled network",
+                    "head dim 0": r"blocks\.0\.attn\.q_norm\.weight has shape \(0,\)",
+                    "tensor for a number": r"img_resolution is a Tensor, expected an integer",
+                    "200,000 keys": r"found the keys 'key0', 'key1', 'key2' and 199997 more"}[kind])
+
+
+def test_official_dit_must_be_within_the_stated_limits(tmp_path, monkeypatch):
+    """The network a file declares must be a tvm.DiT within released.DIT_LIMITS and MAX_PARAMS: a legitimate
+    small tree loads to the same F, but 129 blocks, 100,001 classes, or (with the cap lowered to 10,000)
+    more parameters than the cap are refused."""
+    net, tree = _small_official_network()
+    loaded, info = released.load_official(str(_write(tmp_path, "good.pkl", {"ema": tree})))
+    torch.testing.assert_close(F_of(loaded), F_of(net), rtol=0, atol=1e-6)
+
+    for depth, classes, match in ((129, 1, r"a DiT with depth 129, outside this loader's limits 1\.\.128"),
+                                  (1, 100_001, r"label_dim is 100001, expected an integer in 1\.\.100000")):
+        big = tvm.build_dit(dict(hidden_size=4, depth=depth, num_heads=1, patch_size=2), 2, 1, classes)
+        tree = _official_tree(_official_weights(big.state_dict()), label_dim=classes, do_scale_param=True)
+        _refused(_write(tmp_path, "big.pkl", {"ema": tree}), match)
+    monkeypatch.setattr(released, "MAX_PARAMS", 10_000, raising=False)
+    _refused(_write(tmp_path, "good.pkl", {"ema": _small_official_network()[1]}),
+             r"a DiT of [\d,]+ parameters, more than this loader's limit")
+
+
+def test_sample_py_exits_2_with_one_line_on_a_refused_official_pickle(tmp_path):
+    """sample.py on {"ema": model.state_dict()} saved with pickle: exit status 2 and one line on stderr
+    (it was a traceback and status 1)."""
+    path = _write(tmp_path, "state_dict.pkl", pickle.dumps({"ema": perturbed_dit().state_dict()}))
+    run = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", str(path)], cwd=HERE,
+                         env=dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1"), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("sample.py: error: "), run.stderr[-3000:]
