@@ -52,6 +52,14 @@ def run_script(main, script):
     sys.exit(result if isinstance(result, int) else 0)
 
 
+def file_in_the_way(folder):
+    """The file that stands where `folder`, or a folder above it, would have to be made; None if there is none."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
 # ------------------------------------------------------------------------------------------------
 # Atomic writes: a file is replaced whole or not at all
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import sample
 import train
 import tvm
 from data import (DigitsData, EpochSampler, LatentData, RandomVAE, encode_image_folder,
-                  make_batch, to_uint8_images)
+                  make_batch, run_script, to_uint8_images)
 
 # Tiny tensors: one thread is as fast as two, and immune to the spin-wait slow-down that several
 # intra-op threads suffer on a busy 2-core machine (measured here: 25x slower per step).
@@ -1858,6 +1858,38 @@ def test_error_checkpoint_missing_a_tensor(tmp_path):
                                                r".*damaged or from another version"):
         run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume")
 
+
+# ------------------------------------------------------------------------------------------------
+# Refusals on the command line (issue 21): a bad option or file stops `python train.py` / `python
+# sample.py` with one line, "<script>: error: ...", and exit status 2, never a traceback. Each test
+# failed (a traceback, or exit 0) before its fix.
+# ------------------------------------------------------------------------------------------------
+
+def refused(script, argv, monkeypatch, capsys):
+    """`python <script> argv` in this process (run_script around main, as the script's __main__ runs it)
+    -> its last line on stderr; asserts exit status 2 and a line that starts '<script>: error: '. Any
+    other exception propagates, failing the test with its traceback."""
+    argv = [str(a) for a in argv]
+    monkeypatch.setattr(sys, "argv", [script, *argv])       # argparse names the script from argv[0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_script({"train.py": train.main, "sample.py": sample.main}[script], script)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, (e.value.code, err)
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"{script}: error: "), err
+    return err.splitlines()[-1]
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_train_refuses_an_out_that_is_or_lies_under_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "some_file").write_text("not a folder")
+    for out, found in ((tmp_path / "some_file", "is a file"), (tmp_path / "some_file" / "run", "is a file")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", out], monkeypatch, capsys)
+        assert f"--out {out}: {tmp_path / 'some_file'} {found}" in line and "choose another --out" in line, line
+    assert files_under(tmp_path) == ["some_file"]
 
 def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
     from PIL import Image

@@ -65,8 +65,8 @@ from tqdm import tqdm
 import attention_jvp
 import fid
 import tvm
-from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, load_vae, make_batch, open_data,
-                  run_script, to_uint8_images)
+from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
+                  make_batch, open_data, run_script, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -719,7 +719,13 @@ def lock_run_folder(out):
     the process ends, however it ends). -> the open lock file; keep it open. A second run on the same
     --out is refused, naming the holder's pid: two runs would overwrite each other's checkpoints and logs.
     Under DDP only rank 0 writes, so only rank 0 locks. flock may be a no-op on some network file systems."""
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        blocker = file_in_the_way(out)
+        raise TrainError(f"--out {out}: " + (f"{blocker} is a file, so the run folder (ckpt.pt, log.jsonl, the "
+                         "sample grids) cannot be made there" if blocker else f"cannot make the run folder "
+                         f"({e.strerror})") + ": choose another --out") from None
     if fcntl is None:   # not a POSIX system: no lock
         return None
     f = open(os.path.join(out, ".lock"), "a+")
