@@ -1891,6 +1891,43 @@ def test_train_refuses_an_out_that_is_or_lies_under_a_file(tmp_path, monkeypatch
         assert f"--out {out}: {tmp_path / 'some_file'} {found}" in line and "choose another --out" in line, line
     assert files_under(tmp_path) == ["some_file"]
 
+
+def test_train_refuses_data_that_is_not_what_its_res_reads(tmp_path, monkeypatch, capsys):
+    """--res 0 reads the digits' .npz, --res 256 a latents.npy or a folder: a pickle (under either name), a
+    .npy, a text file, an .npz without the arrays or with other shapes each get one line saying what was
+    found and what is expected. No pickle is ever unpickled (np.load(allow_pickle=False))."""
+    import pickle
+    arrays = dict(images=np.zeros((4, 8, 8)), labels=np.zeros(4, np.int64))
+    for name in ("pickle.npz", "digits.pkl"):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(arrays, f)
+    np.save(tmp_path / "one.npy", arrays["images"])
+    (tmp_path / "text.npz").write_text("images, labels\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "other.npz", x=arrays["images"])
+    np.savez(tmp_path / "flat.npz", images=np.zeros((4, 3)), labels=np.zeros(4, np.int64))
+    np.savez(tmp_path / "objects.npz", images=np.array([None] * 4), labels=np.zeros(4, np.int64))
+    digits = "--res 0 reads the digits: an .npz archive of 'images'"
+    for name, found in (("pickle.npz", "is a pickle"), ("digits.pkl", "is a pickle"), ("one.npy", "is a .npy array"),
+                        ("text.npz", "is a file of another kind"), ("empty.npz", "is an empty file"),
+                        ("other.npz", "holds x, not 'images' and 'labels'"),
+                        ("flat.npz", "holds images float64 (4, 3) and labels int64 (4,)"),
+                        ("objects.npz", "is not a readable .npz archive (Object arrays")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run",
+                                           "--data", tmp_path / name], monkeypatch, capsys)
+        assert f"--data {tmp_path / name} {found}" in line and digits in line, line
+    for data, found in ((tmp_path, "is a folder; the digits (--res 0) are one file"),
+                        (tmp_path / "digits.pkl", "save the arrays with numpy.savez")):
+        assert found in refused("train.py", TINY + ["--out", tmp_path / "run", "--data", data], monkeypatch, capsys)
+    latents = "--res 256 reads an image folder"
+    np.save(tmp_path / "labels.npy", np.zeros(4, np.int64))       # beside them: the check is not about labels
+    for name, found in (("pickle.npz", "is a pickle"), ("flat.npz", "is an .npz (zip) archive"),
+                        ("text.npz", "is a file of another kind")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", "--res", 256,
+                                           "--data", tmp_path / name], monkeypatch, capsys)
+        assert f"--data {tmp_path / name} {found}" in line and "not a latents.npy" in line and latents in line, line
+    assert "run" not in os.listdir(tmp_path) or files_under(tmp_path / "run") == [".lock"]
+
 def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
     from PIL import Image
     (tmp_path / "imgs" / "a").mkdir(parents=True)
