@@ -2124,6 +2124,48 @@ def test_bad_input_gives_clear_errors(ckpt, tmp_path, capsys):
         run_sample(str(tmp_path / "junk.pt"), tmp_path / "x")
 
 
+def test_sample_refuses_bad_options_before_sampling(ckpt, tmp_path, monkeypatch, capsys):
+    """Every option is checked before the checkpoint is read: a refusal writes nothing. --cfg inf gave
+    all-black images with exit status 0 (w = inf: beta = 0); --grid -1 and an --out under a file failed
+    after sampling, with a traceback."""
+    (tmp_path / "some_file").write_text("not a folder")
+    monkeypatch.setattr(sample, "load_any", lambda *a, **k: pytest.fail("read the checkpoint before refusing"))
+    blocked = f"{tmp_path / 'some_file'} is a file"
+    for argv, message in ((["--cfg", "inf"], "--cfg inf: the guidance weight must be positive and finite"),
+                          (["--cfg", "nan"], "--cfg nan: the guidance weight must be positive and finite"),
+                          (["--cfg", "0"], "--cfg 0.0: the guidance weight must be positive and finite"),
+                          (["--grid", "-1"], "--grid -1: the number of samples in the PNG grid must be 0 (no PNG) or"),
+                          (["--n", "-5"], "--n -5: need at least 1 sample"),
+                          (["--batch_size", "0"], "--batch_size 0: need at least 1"),
+                          (["--seed", "-1"], "--seed -1: need a seed >= 0"),
+                          (["--out", tmp_path / "some_file" / "x"], f"--out {tmp_path / 'some_file' / 'x'}: {blocked}"),
+                          (["--out", tmp_path / "some_file" / "a" / "x"], blocked)):
+        line = refused("sample.py", ["--ckpt", ckpt, "--out", tmp_path / "samples", *argv], monkeypatch, capsys)
+        assert message in line, (argv, line)
+    for argv, message in ((["--out", tmp_path / "some_file"], f"--out {tmp_path / 'some_file'}: {blocked}"),
+                          (["--out", tmp_path / "b", "--bench_n", "0"], "--bench_n 0: need at least 1 sample"),
+                          (["--out", tmp_path / "b", "--bench_batches", "64,x"], "--bench_batches '64,x': expected "
+                                                                                 "positive integers")):
+        line = refused("sample.py", ["--benchmark", *argv], monkeypatch, capsys)
+        assert message in line, (argv, line)
+    assert files_under(tmp_path) == ["some_file"]
+
+
+def test_sample_cfg_inf_is_refused_by_the_script(ckpt, tmp_path):
+    """The same through `python sample.py`: one line on stderr, exit status 2, no .npz."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--cfg", "inf",
+                          "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("sample.py: error: --cfg inf: "), run.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_grid_0_writes_the_npz_and_no_png(ckpt, tmp_path):
+    path = run_sample(ckpt, tmp_path / "s", "--n", 3, "--grid", 0)
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"] and load(path).shape == (3, 8, 8, 3)
+
+
 def test_latent_model_without_vae_says_what_to_do(tmp_path):
     """A latent (res 256) checkpoint needs the SD-VAE through diffusers and its weights, neither of which
     this machine has: the error must name them, and come before any sampling."""
