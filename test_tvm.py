@@ -1859,6 +1859,43 @@ def test_error_checkpoint_missing_a_tensor(tmp_path):
         run_train(tmp_path / "r", "--steps", 2, "--batch_size", 4, "--resume")
 
 
+def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
+    from PIL import Image
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.fromarray(np.full((30, 40), 100 * 257, np.uint16)).save(tmp_path / "imgs" / "a" / "grey16.png")
+    assert Image.open(tmp_path / "imgs" / "a" / "grey16.png").mode.startswith("I")
+    seen = []
+    encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256,
+                              lambda x: seen.append(x) or fake_encoder(x), workers=0)
+    torch.testing.assert_close(seen[0], torch.full_like(seen[0], 100 / 127.5 - 1))
+
+
+def test_unreadable_image_advice_is_true_and_hidden_folders_are_not_classes(tmp_path):
+    from PIL import Image
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()                 # not a class
+    (tmp_path / "imgs" / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
+    broken = tmp_path / "imgs" / "class0" / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    cache, calls = str(tmp_path / "c"), []
+    encode = lambda: encode_image_folder(str(tmp_path / "imgs"), cache, 256,   # noqa: E731
+                                               lambda x: calls.append(len(x)) or fake_encoder(x), batch=2,
+                                               workers=0, flush_every=1)
+    with pytest.raises(train.TrainError, match=r"cannot read image .*broken\.png.*Replace it with a readable image "
+                                               r"of the same name.*resumes.*Deleting it.*delete the latent folder"):
+        encode()
+    Image.new("RGB", (40, 30)).save(broken)                                # the advice: replace it ...
+    calls.clear()
+    encode()
+    assert calls == [1]                                                   # ... and only the rest is encoded
+    assert json.load(open(os.path.join(cache, "meta.json")))["classes"] == ["class0"]
+    # Another list of images of the same length must not be taken for this one.
+    os.remove(os.path.join(cache, "meta.json"))
+    os.rename(broken, tmp_path / "imgs" / "class0" / "renamed.png")
+    with pytest.raises(train.TrainError, match=r"another list of images.*renamed.*Delete .* and run again"):
+        encode()
+
+
 # ------------------------------------------------------------------------------------------------
 # Refusals on the command line (issue 21): a bad option or file stops `python train.py` / `python
 # sample.py` with one line, "<script>: error: ...", and exit status 2, never a traceback. Each test
@@ -1927,42 +1964,6 @@ def test_train_refuses_data_that_is_not_what_its_res_reads(tmp_path, monkeypatch
                                            "--data", tmp_path / name], monkeypatch, capsys)
         assert f"--data {tmp_path / name} {found}" in line and "not a latents.npy" in line and latents in line, line
     assert "run" not in os.listdir(tmp_path) or files_under(tmp_path / "run") == [".lock"]
-
-def test_sixteen_bit_png_is_scaled_not_whitened(tmp_path):
-    from PIL import Image
-    (tmp_path / "imgs" / "a").mkdir(parents=True)
-    Image.fromarray(np.full((30, 40), 100 * 257, np.uint16)).save(tmp_path / "imgs" / "a" / "grey16.png")
-    assert Image.open(tmp_path / "imgs" / "a" / "grey16.png").mode.startswith("I")
-    seen = []
-    encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256,
-                              lambda x: seen.append(x) or fake_encoder(x), workers=0)
-    torch.testing.assert_close(seen[0], torch.full_like(seen[0], 100 / 127.5 - 1))
-
-
-def test_unreadable_image_advice_is_true_and_hidden_folders_are_not_classes(tmp_path):
-    from PIL import Image
-    make_image_folder(tmp_path / "imgs", classes=1, per_class=2)
-    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir()                 # not a class
-    (tmp_path / "imgs" / ".ipynb_checkpoints" / "x.png").write_bytes(b"")
-    broken = tmp_path / "imgs" / "class0" / "broken.png"
-    broken.write_bytes(b"not a png at all")
-    cache, calls = str(tmp_path / "c"), []
-    encode = lambda: encode_image_folder(str(tmp_path / "imgs"), cache, 256,   # noqa: E731
-                                               lambda x: calls.append(len(x)) or fake_encoder(x), batch=2,
-                                               workers=0, flush_every=1)
-    with pytest.raises(train.TrainError, match=r"cannot read image .*broken\.png.*Replace it with a readable image "
-                                               r"of the same name.*resumes.*Deleting it.*delete the latent folder"):
-        encode()
-    Image.new("RGB", (40, 30)).save(broken)                                # the advice: replace it ...
-    calls.clear()
-    encode()
-    assert calls == [1]                                                   # ... and only the rest is encoded
-    assert json.load(open(os.path.join(cache, "meta.json")))["classes"] == ["class0"]
-    # Another list of images of the same length must not be taken for this one.
-    os.remove(os.path.join(cache, "meta.json"))
-    os.rename(broken, tmp_path / "imgs" / "class0" / "renamed.png")
-    with pytest.raises(train.TrainError, match=r"another list of images.*renamed.*Delete .* and run again"):
-        encode()
 
 
 
