@@ -1966,6 +1966,16 @@ def test_train_refuses_data_that_is_not_what_its_res_reads(tmp_path, monkeypatch
     assert "run" not in os.listdir(tmp_path) or files_under(tmp_path / "run") == [".lock"]
 
 
+def test_train_refuses_a_seed_its_generators_cannot_hold(tmp_path, monkeypatch, capsys):
+    """torch's CPU generator keeps the low 32 bits of a seed: --seed 2^32 ran seed 0's batches again (exit
+    status 0); 2^64 overflowed in torch.manual_seed (a traceback). Both are refused before anything is written."""
+    for seed in (2 ** 32, 2 ** 64):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", "--seed", seed],
+                       monkeypatch, capsys)
+        assert f"--seed {seed}: must lie in 0..4294967295" in line, line
+    assert os.listdir(tmp_path) == []
+
+
 
 # ================================================================================================
 # sample.py

@@ -249,8 +249,10 @@ def config_errors(cfg):
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)   # noqa: E731
     for k in ("batch_size", "depth", "hidden_size", "num_heads", "log_every", "ckpt_every"):
         need(getattr(cfg, k) >= 1, k, "must be a positive integer")
-    for k in ("micro_batch", "sample_every", "workers", "seed"):
+    for k in ("micro_batch", "sample_every", "workers"):
         need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
+    need(0 <= cfg.seed < 2 ** 32, "seed", f"must lie in 0..{2 ** 32 - 1}: torch's CPU generator keeps only the low "
+         "32 bits of a seed, so a larger one repeats the initial weights and batches of seed mod 2^32 (or overflows)")
     for k in ("fid_samples", "fid_real"):
         need(getattr(cfg, k) >= 1 or not cfg.fid, k, "must be positive (or pass --fid false)")
     need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
