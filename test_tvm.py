@@ -1976,6 +1976,19 @@ def test_train_refuses_a_seed_its_generators_cannot_hold(tmp_path, monkeypatch, 
     assert os.listdir(tmp_path) == []
 
 
+def test_train_refuses_too_few_fid_samples_before_training(tmp_path, monkeypatch, capsys):
+    """The end-of-run FID needs two samples on each side and its generated samples balanced over the
+    classes: --fid_real 1 and --fid_samples 5 (fewer than the 10 digit classes, hence 0 samples) raised a
+    traceback after the whole run. Now they are refused before the first step."""
+    base = TINY + ["--steps", 1, "--batch_size", 4, "--fid", "true", "--out", tmp_path / "run"]
+    line = refused("train.py", base + ["--fid_real", 1], monkeypatch, capsys)
+    assert "--fid_real 1: must be at least 2" in line, line
+    assert os.listdir(tmp_path) == []
+    line = refused("train.py", base + ["--fid_real", 2, "--fid_samples", 5], monkeypatch, capsys)
+    assert "--fid_samples 5: the FID's samples are balanced over the 10 classes: give at least 10" in line, line
+    assert files_under(tmp_path / "run") == [".lock"]
+
+
 
 # ================================================================================================
 # sample.py

@@ -253,8 +253,9 @@ def config_errors(cfg):
         need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
     need(0 <= cfg.seed < 2 ** 32, "seed", f"must lie in 0..{2 ** 32 - 1}: torch's CPU generator keeps only the low "
          "32 bits of a seed, so a larger one repeats the initial weights and batches of seed mod 2^32 (or overflows)")
-    for k in ("fid_samples", "fid_real"):
-        need(getattr(cfg, k) >= 1 or not cfg.fid, k, "must be positive (or pass --fid false)")
+    for k in ("fid_samples", "fid_real"):   # a covariance needs two samples (fid.fid_from_features)
+        need(getattr(cfg, k) >= 2 or not cfg.fid, k, "must be at least 2: FID compares two covariances (or pass "
+             "--fid false)")
     need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
          "must be at least 1 (0 only encodes an image folder, which the digits do not need)")
     if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
@@ -820,6 +821,9 @@ def _train(cfg, rank, world, device):
     data = open_data(cfg, rank, world, device)
     cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
     cfg.num_classes = data.num_classes
+    if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
+        raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
+                         f"classes: give at least {cfg.num_classes}, or pass --fid false")
     vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
     net, ema, target, model, opt = _build(cfg, world, device, dtype)
 
