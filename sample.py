@@ -211,10 +211,11 @@ def parse_args(argv=None):
                 "w = 1 is no guidance")
     if args.grid < 0:
         p.error(f"--grid {args.grid}: the number of samples in the PNG grid must be 0 (no PNG) or more")
-    blocker = args.out and file_in_the_way(os.path.dirname(os.path.abspath(args.out)))
-    if blocker:
-        p.error(f"--out {args.out}: {blocker} is a file, so {args.out}.npz cannot be written under it: "
-                "choose another --out")
+    for name in ("out", "save_converted"):
+        path = getattr(args, name)
+        blocker = path and file_in_the_way(os.path.dirname(os.path.abspath(path)))
+        if blocker:
+            p.error(f"--{name} {path}: {blocker} is a file, so nothing can be written under it: choose another --{name}")
     return args
 
 
@@ -239,6 +240,9 @@ def main(argv=None):
         return train.run_benchmark("sample", argv)
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
     torch.backends.cudnn.allow_tf32 = False
+    if os.path.isdir(args.ckpt):
+        raise SampleError(f"--ckpt {args.ckpt} is a folder: give the checkpoint in it, e.g. "
+                          f"{os.path.join(args.ckpt, 'ckpt.pt')}, which a train.py run writes in its --out folder")
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "

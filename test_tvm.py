@@ -2190,6 +2190,17 @@ def test_sample_grid_0_writes_the_npz_and_no_png(ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["s.npz"] and load(path).shape == (3, 8, 8, 3)
 
 
+def test_sample_refuses_a_ckpt_folder_and_a_save_converted_under_a_file(ckpt, tmp_path, monkeypatch, capsys):
+    """--ckpt naming a run folder was called "no such file"; --save_converted under a file raised
+    NotADirectoryError after the official file (gigabytes) was read. Both now say what they found."""
+    (tmp_path / "some_file").write_text("not a folder")
+    line = refused("sample.py", ["--ckpt", os.path.dirname(ckpt)], monkeypatch, capsys)
+    assert f"--ckpt {os.path.dirname(ckpt)} is a folder: give the checkpoint in it, e.g. {ckpt}" in line, line
+    line = refused("sample.py", ["--ckpt", ckpt, "--save_converted", tmp_path / "some_file" / "x.pt"], monkeypatch, capsys)
+    assert f"--save_converted {tmp_path / 'some_file' / 'x.pt'}: {tmp_path / 'some_file'} is a file" in line, line
+    assert files_under(tmp_path) == ["some_file"]
+
+
 def test_latent_model_without_vae_says_what_to_do(tmp_path):
     """A latent (res 256) checkpoint needs the SD-VAE through diffusers and its weights, neither of which
     this machine has: the error must name them, and come before any sampling."""
