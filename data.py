@@ -490,6 +490,10 @@ def open_data(cfg, rank, world, device):
         cache = cfg.latent_cache or cfg.data.rstrip("/") + f"_latents{cfg.res}"
         if not os.path.isfile(os.path.join(cache, "meta.json")):
             scan_image_folder(cfg.data)           # a bad folder is reported before the VAE is loaded
+            blocker = file_in_the_way(cache)
+            if blocker:
+                raise TrainError(f"the latent cache {cache}: {blocker} is a file, so the latents of {cfg.data} "
+                                 "cannot be written there: choose another folder with --latent_cache")
             if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
                 raise TrainError(f"{cfg.data} is not encoded yet ({cache} is missing or unfinished). Encode it "
                                  "on one machine first (train.py --res ... --data DIR --steps 0, with torchrun on "

@@ -1966,6 +1966,19 @@ def test_train_refuses_data_that_is_not_what_its_res_reads(tmp_path, monkeypatch
     assert "run" not in os.listdir(tmp_path) or files_under(tmp_path / "run") == [".lock"]
 
 
+def test_train_refuses_a_latent_cache_under_a_file_before_loading_the_vae(tmp_path, monkeypatch, capsys):
+    """The latents of an image folder could not be written under a file: os.makedirs raised after the VAE
+    was loaded (here, without diffusers, the VAE's message came instead). --steps 0: encoding only."""
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=1)
+    (tmp_path / "some_file").write_text("not a folder")
+    monkeypatch.setattr("data.load_vae", lambda *a: pytest.fail("loaded the VAE before refusing"))
+    cache = tmp_path / "some_file" / "latents"
+    line = refused("train.py", TINY + ["--res", 256, "--data", tmp_path / "imgs", "--latent_cache", cache,
+                                       "--steps", 0, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert f"the latent cache {cache}: {tmp_path / 'some_file'} is a file" in line and "--latent_cache" in line, line
+    assert files_under(tmp_path) == ["imgs/class0/0.png", "some_file"]
+
+
 def test_train_refuses_a_seed_its_generators_cannot_hold(tmp_path, monkeypatch, capsys):
     """torch's CPU generator keeps the low 32 bits of a seed: --seed 2^32 ran seed 0's batches again (exit
     status 0); 2^64 overflowed in torch.manual_seed (a traceback). Both are refused before anything is written."""
