@@ -1989,6 +1989,18 @@ def test_train_refuses_a_seed_its_generators_cannot_hold(tmp_path, monkeypatch, 
     assert os.listdir(tmp_path) == []
 
 
+def test_train_refuses_an_unknown_attention_and_a_width_the_position_embedding_cannot_split(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """--attention bogus raised use_backend's ValueError; --hidden_size 30 (not a multiple of 4) a shape
+    error in the first forward. Both are now refused with the other options, before anything is written."""
+    for argv, message in ((["--attention", "bogus"], "--attention 'bogus': expected auto, triton or reference"),
+                          (["--hidden_size", 30, "--num_heads", 3], "--hidden_size 30: must be a multiple of 4")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", *argv],
+                       monkeypatch, capsys)
+        assert message in line, line
+    assert os.listdir(tmp_path) == []
+
+
 def test_train_refuses_too_few_fid_samples_before_training(tmp_path, monkeypatch, capsys):
     """The end-of-run FID needs two samples on each side and its generated samples balanced over the
     classes: --fid_real 1 and --fid_samples 5 (fewer than the 10 digit classes, hence 0 samples) raised a

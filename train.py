@@ -261,6 +261,8 @@ def config_errors(cfg):
     if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
         need(cfg.hidden_size % cfg.num_heads == 0, "num_heads",
              f"must divide --hidden_size {cfg.hidden_size} (each head gets hidden_size / num_heads channels)")
+    need(cfg.hidden_size < 1 or cfg.hidden_size % 4 == 0, "hidden_size", "must be a multiple of 4: the 2-D sin/cos "
+         "position embedding gives a quarter of the width to each of sin x, cos x, sin y and cos y")
     need(finite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive finite number, e.g. 1e-4")
     need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
     need(cfg.w_max == 0 or (finite(cfg.w_max) and cfg.w_max > 0), "w_max", "must be 0 (constant w) or a finite "
@@ -279,6 +281,7 @@ def config_errors(cfg):
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "expected auto, nccl or gloo")
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
+    need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
     if cfg.checkpoint_blocks and cfg.jvp == "func":
         errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
                       "torch.func.jvp fails in the backward")
