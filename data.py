@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -50,6 +51,14 @@ def run_script(main, script):
         print(f"{script}: error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def file_in_the_way(folder):
+    """The file that stands where `folder`, or a folder above it, would have to be made; None if there is none."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,17 +123,52 @@ def check_labels(labels, num_classes, path):
                          f"row {i}); labels index the classes, 0 to num_classes - 1. Fix or re-create the labels")
 
 
+def _file_kind(path):
+    """What a file is, from its first bytes, in the words of an error message."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "an .npz (zip) archive"
+    if head.startswith(b"\x93NUMPY"):
+        return "a .npy array"
+    if head.startswith(b"\x80"):
+        return "a pickle"
+    return f"a file of another kind (it starts {head!r})"
+
+
 class DigitsData:
     """The 1,797 8x8 digits of UCI "Optical Recognition of Handwritten Digits" (values 0..16, labels
     0..9), as pixels in [-1, 1]: x0 = v / 8 - 1. Small enough to hold in memory on every rank."""
 
     def __init__(self, path):
+        if os.path.isdir(path):
+            raise TrainError(f"--data {path} is a folder; the digits (--res 0) are one file, data/digits.npz. "
+                             "For an image folder or latents, pass --res 256 or 512")
         if not os.path.isfile(path):
             raise TrainError(f"--data {path}: no such file. The digits ship with the project as "
                              "data/digits.npz; restore it with `git checkout data/digits.npz`")
-        d = np.load(path)
-        self.images = torch.from_numpy(d["images"].astype(np.float32) / 8.0 - 1.0)[:, None]  # (N, 1, 8, 8)
-        self.labels = d["labels"].astype(np.int64)                                          # (N,)
+        want = ("--res 0 reads the digits: an .npz archive of 'images' (N, H, H), values 0..16, and integer "
+                "'labels' (N,), as data/digits.npz; for ImageNet pass --res 256 or 512")
+        kind = _file_kind(path)
+        if kind != "an .npz (zip) archive":
+            why = " (a pickle is never loaded: unpickling can run code; save the arrays with numpy.savez)"
+            raise TrainError(f"--data {path} is {kind}, not an .npz archive{why if kind == 'a pickle' else ''}. {want}")
+        try:
+            with np.load(path) as d:           # allow_pickle=False: arrays of Python objects are refused
+                if not {"images", "labels"} <= set(d.files):
+                    names = ", ".join(d.files[:4]) + (", ..." if len(d.files) > 4 else "")
+                    raise TrainError(f"--data {path} holds {names or 'nothing'}, not 'images' and 'labels'. {want}")
+                images, labels = d["images"], d["labels"]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise TrainError(f"--data {path} is not a readable .npz archive ({e}). {want}") from None
+        if (images.ndim != 3 or images.shape[1] != images.shape[2] or not len(images) or images.dtype.kind not in "iuf"
+                or labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
+            raise TrainError(f"--data {path} holds images {images.dtype} {images.shape} and labels {labels.dtype} "
+                             f"{labels.shape}. {want}")
+        self.images = torch.from_numpy(images.astype(np.float32) / 8.0 - 1.0)[:, None]      # (N, 1, 8, 8)
+        self.labels = labels.astype(np.int64)                                              # (N,)
         self.num_classes = int(self.labels.max()) + 1
         check_labels(self.labels, self.num_classes, path)
         self.shape = tuple(self.images.shape[1:])
@@ -151,6 +195,11 @@ class LatentData:
         if not os.path.isfile(path):
             raise TrainError(f"--data {path}: no such latent file. Pass an image folder to encode it, or the "
                              "latents.npy (or its folder) that an earlier run wrote")
+        kind = _file_kind(path)
+        if kind != "a .npy array":
+            raise TrainError(f"--data {path} is {kind}, not a latents.npy. --res {res} reads an image folder in "
+                             "ImageNet layout (DIR/<class>/<image>.JPEG) or the latents.npy (or its folder) that an "
+                             "earlier run wrote" + ("; the digits' .npz is --res 0" if "npz" in kind else ""))
         labels_path = os.path.join(folder, "labels.npy")
         if not os.path.isfile(labels_path):
             raise TrainError(f"{path} has no labels.npy beside it: the latents and their class labels "
@@ -441,6 +490,10 @@ def open_data(cfg, rank, world, device):
         cache = cfg.latent_cache or cfg.data.rstrip("/") + f"_latents{cfg.res}"
         if not os.path.isfile(os.path.join(cache, "meta.json")):
             scan_image_folder(cfg.data)           # a bad folder is reported before the VAE is loaded
+            blocker = file_in_the_way(cache)
+            if blocker:
+                raise TrainError(f"the latent cache {cache}: {blocker} is a file, so the latents of {cfg.data} "
+                                 "cannot be written there: choose another folder with --latent_cache")
             if int(os.environ.get("LOCAL_WORLD_SIZE", world)) != world:
                 raise TrainError(f"{cfg.data} is not encoded yet ({cache} is missing or unfinished). Encode it "
                                  "on one machine first (train.py --res ... --data DIR --steps 0, with torchrun on "

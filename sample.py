@@ -55,7 +55,7 @@ import data
 import fid
 import train
 import tvm
-from data import SampleError, run_script
+from data import SampleError, file_in_the_way, run_script
 # The loader's names stay reachable as sample.X (load_official, official_config, ...): callers and tests use them.
 from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,  # noqa: F401
                       dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
@@ -174,7 +174,7 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="SD-VAE for latent models: a Hub name or a local folder "
                    "(default: the one in the checkpoint's config), or 'random': the SD-VAE's architecture "
                    "with random weights (for timing; the images are noise)")
-    p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid")
+    p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid; 0: no PNG, only the .npz")
     p.add_argument("--save_converted", metavar="OUT.pt", default=None,
                    help="write an official .pkl as a checkpoint of ours (weights and config) and exit")
     p.add_argument("--save-converted", dest="save_converted", default=argparse.SUPPRESS,
@@ -187,6 +187,14 @@ def parse_args(argv=None):
     if args.benchmark:
         if not args.out:
             p.error("--benchmark needs --out DIR: its results and the compile caches are written there, nowhere else")
+        blocker = file_in_the_way(args.out)
+        if blocker:
+            p.error(f"--out {args.out}: {blocker} is a file; --benchmark writes into the folder --out: choose another")
+        if args.bench_n < 1:
+            p.error(f"--bench_n {args.bench_n}: need at least 1 sample")
+        if not all(b.strip().isdigit() and int(b) > 0 for b in args.bench_batches.split(",")):
+            p.error(f"--bench_batches {args.bench_batches!r}: expected positive integers separated by commas, "
+                    "e.g. 64,256")
         return args
     if not args.ckpt:
         p.error("--ckpt is required (a train.py ckpt.pt or an official .pkl), unless --benchmark")
@@ -198,9 +206,16 @@ def parse_args(argv=None):
         p.error(f"--batch_size {args.batch_size}: need at least 1")
     if args.seed < 0:
         p.error(f"--seed {args.seed}: need a seed >= 0")
-    if args.cfg is not None and not args.cfg > 0:
-        p.error(f"--cfg {args.cfg}: the guidance weight must be positive (the network sees beta = 1/w); "
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg > 0):
+        p.error(f"--cfg {args.cfg}: the guidance weight must be positive and finite (the network sees beta = 1/w); "
                 "w = 1 is no guidance")
+    if args.grid < 0:
+        p.error(f"--grid {args.grid}: the number of samples in the PNG grid must be 0 (no PNG) or more")
+    for name in ("out", "save_converted"):
+        path = getattr(args, name)
+        blocker = path and file_in_the_way(os.path.dirname(os.path.abspath(path)))
+        if blocker:
+            p.error(f"--{name} {path}: {blocker} is a file, so nothing can be written under it: choose another --{name}")
     return args
 
 
@@ -225,6 +240,9 @@ def main(argv=None):
         return train.run_benchmark("sample", argv)
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
     torch.backends.cudnn.allow_tf32 = False
+    if os.path.isdir(args.ckpt):
+        raise SampleError(f"--ckpt {args.ckpt} is a folder: give the checkpoint in it, e.g. "
+                          f"{os.path.join(args.ckpt, 'ckpt.pt')}, which a train.py run writes in its --out folder")
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "
@@ -310,16 +328,19 @@ def main(argv=None):
 
 def save_outputs(out, images, labels, grid):
     """Write <out>.npz in the ADM layout (arr_0: uint8 (N, H, W, 3); arr_1: the class labels (N,), as ADM's
-    class-conditional samples carry them) and <out>.png (grid); -> the .npz path."""
+    class-conditional samples carry them) and <out>.png (a grid of the first `grid`; none if grid is 0)
+    -> the .npz path."""
     from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # All or nothing: a full disk leaves the previous file (if any) intact, never a truncated one.
     fid.save_images_npz(out + ".npz", images, labels)
     images = fid._check_images(images)
-    tmp = f"{out}.{os.getpid()}.tmp.png"
-    Image.fromarray(image_grid(images, grid)).save(tmp)
-    os.replace(tmp, out + ".png")
-    print(f"wrote {out}.npz ({len(images)} images, {images.shape[1]}x{images.shape[2]}, labels) and {out}.png")
+    if grid:
+        tmp = f"{out}.{os.getpid()}.tmp.png"
+        Image.fromarray(image_grid(images, grid)).save(tmp)
+        os.replace(tmp, out + ".png")
+    print(f"wrote {out}.npz ({len(images)} images, {images.shape[1]}x{images.shape[2]}, labels)"
+          + (f" and {out}.png" if grid else ""))
     return out + ".npz"
 
 

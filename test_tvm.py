@@ -46,7 +46,7 @@ import sample
 import train
 import tvm
 from data import (DigitsData, EpochSampler, LatentData, RandomVAE, encode_image_folder,
-                  make_batch, to_uint8_images)
+                  make_batch, run_script, to_uint8_images)
 
 # Tiny tensors: one thread is as fast as two, and immune to the spin-wait slow-down that several
 # intra-op threads suffer on a busy 2-core machine (measured here: 25x slower per step).
@@ -1897,6 +1897,124 @@ def test_unreadable_image_advice_is_true_and_hidden_folders_are_not_classes(tmp_
         encode()
 
 
+# ------------------------------------------------------------------------------------------------
+# Refusals on the command line (issue 21): a bad option or file stops `python train.py` / `python
+# sample.py` with one line, "<script>: error: ...", and exit status 2, never a traceback. Each test
+# failed (a traceback, or exit 0) before its fix.
+# ------------------------------------------------------------------------------------------------
+
+def refused(script, argv, monkeypatch, capsys):
+    """`python <script> argv` in this process (run_script around main, as the script's __main__ runs it)
+    -> its last line on stderr; asserts exit status 2 and a line that starts '<script>: error: '. Any
+    other exception propagates, failing the test with its traceback."""
+    argv = [str(a) for a in argv]
+    monkeypatch.setattr(sys, "argv", [script, *argv])       # argparse names the script from argv[0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_script({"train.py": train.main, "sample.py": sample.main}[script], script)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2, (e.value.code, err)
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"{script}: error: "), err
+    return err.splitlines()[-1]
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_train_refuses_an_out_that_is_or_lies_under_a_file(tmp_path, monkeypatch, capsys):
+    (tmp_path / "some_file").write_text("not a folder")
+    for out, found in ((tmp_path / "some_file", "is a file"), (tmp_path / "some_file" / "run", "is a file")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", out], monkeypatch, capsys)
+        assert f"--out {out}: {tmp_path / 'some_file'} {found}" in line and "choose another --out" in line, line
+    assert files_under(tmp_path) == ["some_file"]
+
+
+def test_train_refuses_data_that_is_not_what_its_res_reads(tmp_path, monkeypatch, capsys):
+    """--res 0 reads the digits' .npz, --res 256 a latents.npy or a folder: a pickle (under either name), a
+    .npy, a text file, an .npz without the arrays or with other shapes each get one line saying what was
+    found and what is expected. No pickle is ever unpickled (np.load(allow_pickle=False))."""
+    import pickle
+    arrays = dict(images=np.zeros((4, 8, 8)), labels=np.zeros(4, np.int64))
+    for name in ("pickle.npz", "digits.pkl"):
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump(arrays, f)
+    np.save(tmp_path / "one.npy", arrays["images"])
+    (tmp_path / "text.npz").write_text("images, labels\n")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "other.npz", x=arrays["images"])
+    np.savez(tmp_path / "flat.npz", images=np.zeros((4, 3)), labels=np.zeros(4, np.int64))
+    np.savez(tmp_path / "objects.npz", images=np.array([None] * 4), labels=np.zeros(4, np.int64))
+    digits = "--res 0 reads the digits: an .npz archive of 'images'"
+    for name, found in (("pickle.npz", "is a pickle"), ("digits.pkl", "is a pickle"), ("one.npy", "is a .npy array"),
+                        ("text.npz", "is a file of another kind"), ("empty.npz", "is an empty file"),
+                        ("other.npz", "holds x, not 'images' and 'labels'"),
+                        ("flat.npz", "holds images float64 (4, 3) and labels int64 (4,)"),
+                        ("objects.npz", "is not a readable .npz archive (Object arrays")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run",
+                                           "--data", tmp_path / name], monkeypatch, capsys)
+        assert f"--data {tmp_path / name} {found}" in line and digits in line, line
+    for data, found in ((tmp_path, "is a folder; the digits (--res 0) are one file"),
+                        (tmp_path / "digits.pkl", "save the arrays with numpy.savez")):
+        assert found in refused("train.py", TINY + ["--out", tmp_path / "run", "--data", data], monkeypatch, capsys)
+    latents = "--res 256 reads an image folder"
+    np.save(tmp_path / "labels.npy", np.zeros(4, np.int64))       # beside them: the check is not about labels
+    for name, found in (("pickle.npz", "is a pickle"), ("flat.npz", "is an .npz (zip) archive"),
+                        ("text.npz", "is a file of another kind")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", "--res", 256,
+                                           "--data", tmp_path / name], monkeypatch, capsys)
+        assert f"--data {tmp_path / name} {found}" in line and "not a latents.npy" in line and latents in line, line
+    assert "run" not in os.listdir(tmp_path) or files_under(tmp_path / "run") == [".lock"]
+
+
+def test_train_refuses_a_latent_cache_under_a_file_before_loading_the_vae(tmp_path, monkeypatch, capsys):
+    """The latents of an image folder could not be written under a file: os.makedirs raised after the VAE
+    was loaded (here, without diffusers, the VAE's message came instead). --steps 0: encoding only."""
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=1)
+    (tmp_path / "some_file").write_text("not a folder")
+    monkeypatch.setattr("data.load_vae", lambda *a: pytest.fail("loaded the VAE before refusing"))
+    cache = tmp_path / "some_file" / "latents"
+    line = refused("train.py", TINY + ["--res", 256, "--data", tmp_path / "imgs", "--latent_cache", cache,
+                                       "--steps", 0, "--out", tmp_path / "run"], monkeypatch, capsys)
+    assert f"the latent cache {cache}: {tmp_path / 'some_file'} is a file" in line and "--latent_cache" in line, line
+    assert files_under(tmp_path) == ["imgs/class0/0.png", "some_file"]
+
+
+def test_train_refuses_a_seed_its_generators_cannot_hold(tmp_path, monkeypatch, capsys):
+    """torch's CPU generator keeps the low 32 bits of a seed: --seed 2^32 ran seed 0's batches again (exit
+    status 0); 2^64 overflowed in torch.manual_seed (a traceback). Both are refused before anything is written."""
+    for seed in (2 ** 32, 2 ** 64):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", "--seed", seed],
+                       monkeypatch, capsys)
+        assert f"--seed {seed}: must lie in 0..4294967295" in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_refuses_an_unknown_attention_and_a_width_the_position_embedding_cannot_split(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """--attention bogus raised use_backend's ValueError; --hidden_size 30 (not a multiple of 4) a shape
+    error in the first forward. Both are now refused with the other options, before anything is written."""
+    for argv, message in ((["--attention", "bogus"], "--attention 'bogus': expected auto, triton or reference"),
+                          (["--hidden_size", 30, "--num_heads", 3], "--hidden_size 30: must be a multiple of 4")):
+        line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "run", *argv],
+                       monkeypatch, capsys)
+        assert message in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_refuses_too_few_fid_samples_before_training(tmp_path, monkeypatch, capsys):
+    """The end-of-run FID needs two samples on each side and its generated samples balanced over the
+    classes: --fid_real 1 and --fid_samples 5 (fewer than the 10 digit classes, hence 0 samples) raised a
+    traceback after the whole run. Now they are refused before the first step."""
+    base = TINY + ["--steps", 1, "--batch_size", 4, "--fid", "true", "--out", tmp_path / "run"]
+    line = refused("train.py", base + ["--fid_real", 1], monkeypatch, capsys)
+    assert "--fid_real 1: must be at least 2" in line, line
+    assert os.listdir(tmp_path) == []
+    line = refused("train.py", base + ["--fid_real", 2, "--fid_samples", 5], monkeypatch, capsys)
+    assert "--fid_samples 5: the FID's samples are balanced over the 10 classes: give at least 10" in line, line
+    assert files_under(tmp_path / "run") == [".lock"]
+
+
 
 # ================================================================================================
 # sample.py
@@ -2054,6 +2172,59 @@ def test_bad_input_gives_clear_errors(ckpt, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(train.TrainError, match="not a readable checkpoint"):
         run_sample(str(tmp_path / "junk.pt"), tmp_path / "x")
+
+
+def test_sample_refuses_bad_options_before_sampling(ckpt, tmp_path, monkeypatch, capsys):
+    """Every option is checked before the checkpoint is read: a refusal writes nothing. --cfg inf gave
+    all-black images with exit status 0 (w = inf: beta = 0); --grid -1 and an --out under a file failed
+    after sampling, with a traceback."""
+    (tmp_path / "some_file").write_text("not a folder")
+    monkeypatch.setattr(sample, "load_any", lambda *a, **k: pytest.fail("read the checkpoint before refusing"))
+    blocked = f"{tmp_path / 'some_file'} is a file"
+    for argv, message in ((["--cfg", "inf"], "--cfg inf: the guidance weight must be positive and finite"),
+                          (["--cfg", "nan"], "--cfg nan: the guidance weight must be positive and finite"),
+                          (["--cfg", "0"], "--cfg 0.0: the guidance weight must be positive and finite"),
+                          (["--grid", "-1"], "--grid -1: the number of samples in the PNG grid must be 0 (no PNG) or"),
+                          (["--n", "-5"], "--n -5: need at least 1 sample"),
+                          (["--batch_size", "0"], "--batch_size 0: need at least 1"),
+                          (["--seed", "-1"], "--seed -1: need a seed >= 0"),
+                          (["--out", tmp_path / "some_file" / "x"], f"--out {tmp_path / 'some_file' / 'x'}: {blocked}"),
+                          (["--out", tmp_path / "some_file" / "a" / "x"], blocked)):
+        line = refused("sample.py", ["--ckpt", ckpt, "--out", tmp_path / "samples", *argv], monkeypatch, capsys)
+        assert message in line, (argv, line)
+    for argv, message in ((["--out", tmp_path / "some_file"], f"--out {tmp_path / 'some_file'}: {blocked}"),
+                          (["--out", tmp_path / "b", "--bench_n", "0"], "--bench_n 0: need at least 1 sample"),
+                          (["--out", tmp_path / "b", "--bench_batches", "64,x"], "--bench_batches '64,x': expected "
+                                                                                 "positive integers")):
+        line = refused("sample.py", ["--benchmark", *argv], monkeypatch, capsys)
+        assert message in line, (argv, line)
+    assert files_under(tmp_path) == ["some_file"]
+
+
+def test_sample_cfg_inf_is_refused_by_the_script(ckpt, tmp_path):
+    """The same through `python sample.py`: one line on stderr, exit status 2, no .npz."""
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--cfg", "inf",
+                          "--n", "2", "--device", "cpu", "--out", str(tmp_path / "s")], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("sample.py: error: --cfg inf: "), run.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_grid_0_writes_the_npz_and_no_png(ckpt, tmp_path):
+    path = run_sample(ckpt, tmp_path / "s", "--n", 3, "--grid", 0)
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"] and load(path).shape == (3, 8, 8, 3)
+
+
+def test_sample_refuses_a_ckpt_folder_and_a_save_converted_under_a_file(ckpt, tmp_path, monkeypatch, capsys):
+    """--ckpt naming a run folder was called "no such file"; --save_converted under a file raised
+    NotADirectoryError after the official file (gigabytes) was read. Both now say what they found."""
+    (tmp_path / "some_file").write_text("not a folder")
+    line = refused("sample.py", ["--ckpt", os.path.dirname(ckpt)], monkeypatch, capsys)
+    assert f"--ckpt {os.path.dirname(ckpt)} is a folder: give the checkpoint in it, e.g. {ckpt}" in line, line
+    line = refused("sample.py", ["--ckpt", ckpt, "--save_converted", tmp_path / "some_file" / "x.pt"], monkeypatch, capsys)
+    assert f"--save_converted {tmp_path / 'some_file' / 'x.pt'}: {tmp_path / 'some_file'} is a file" in line, line
+    assert files_under(tmp_path) == ["some_file"]
 
 
 def test_latent_model_without_vae_says_what_to_do(tmp_path):

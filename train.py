@@ -65,8 +65,8 @@ from tqdm import tqdm
 import attention_jvp
 import fid
 import tvm
-from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, load_vae, make_batch, open_data,
-                  run_script, to_uint8_images)
+from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
+                  make_batch, open_data, run_script, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -249,15 +249,20 @@ def config_errors(cfg):
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)   # noqa: E731
     for k in ("batch_size", "depth", "hidden_size", "num_heads", "log_every", "ckpt_every"):
         need(getattr(cfg, k) >= 1, k, "must be a positive integer")
-    for k in ("micro_batch", "sample_every", "workers", "seed"):
+    for k in ("micro_batch", "sample_every", "workers"):
         need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
-    for k in ("fid_samples", "fid_real"):
-        need(getattr(cfg, k) >= 1 or not cfg.fid, k, "must be positive (or pass --fid false)")
+    need(0 <= cfg.seed < 2 ** 32, "seed", f"must lie in 0..{2 ** 32 - 1}: torch's CPU generator keeps only the low "
+         "32 bits of a seed, so a larger one repeats the initial weights and batches of seed mod 2^32 (or overflows)")
+    for k in ("fid_samples", "fid_real"):   # a covariance needs two samples (fid.fid_from_features)
+        need(getattr(cfg, k) >= 2 or not cfg.fid, k, "must be at least 2: FID compares two covariances (or pass "
+             "--fid false)")
     need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
          "must be at least 1 (0 only encodes an image folder, which the digits do not need)")
     if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
         need(cfg.hidden_size % cfg.num_heads == 0, "num_heads",
              f"must divide --hidden_size {cfg.hidden_size} (each head gets hidden_size / num_heads channels)")
+    need(cfg.hidden_size < 1 or cfg.hidden_size % 4 == 0, "hidden_size", "must be a multiple of 4: the 2-D sin/cos "
+         "position embedding gives a quarter of the width to each of sin x, cos x, sin y and cos y")
     need(finite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive finite number, e.g. 1e-4")
     need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
     need(cfg.w_max == 0 or (finite(cfg.w_max) and cfg.w_max > 0), "w_max", "must be 0 (constant w) or a finite "
@@ -276,6 +281,7 @@ def config_errors(cfg):
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "expected auto, nccl or gloo")
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
+    need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
     if cfg.checkpoint_blocks and cfg.jvp == "func":
         errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
                       "torch.func.jvp fails in the backward")
@@ -719,7 +725,13 @@ def lock_run_folder(out):
     the process ends, however it ends). -> the open lock file; keep it open. A second run on the same
     --out is refused, naming the holder's pid: two runs would overwrite each other's checkpoints and logs.
     Under DDP only rank 0 writes, so only rank 0 locks. flock may be a no-op on some network file systems."""
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        blocker = file_in_the_way(out)
+        raise TrainError(f"--out {out}: " + (f"{blocker} is a file, so the run folder (ckpt.pt, log.jsonl, the "
+                         "sample grids) cannot be made there" if blocker else f"cannot make the run folder "
+                         f"({e.strerror})") + ": choose another --out") from None
     if fcntl is None:   # not a POSIX system: no lock
         return None
     f = open(os.path.join(out, ".lock"), "a+")
@@ -812,6 +824,9 @@ def _train(cfg, rank, world, device):
     data = open_data(cfg, rank, world, device)
     cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
     cfg.num_classes = data.num_classes
+    if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
+        raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
+                         f"classes: give at least {cfg.num_classes}, or pass --fid false")
     vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
     net, ema, target, model, opt = _build(cfg, world, device, dtype)
 
