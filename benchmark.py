@@ -30,10 +30,10 @@ import data
 import fid
 import sample
 import tvm
+from config import HERE, MODELS, TrainConfig, build_net, parse_config, prepare_net, resolve
 from data import SampleError, TrainError, run_script
 from sample import sample_latents
-from train import (HERE, MODELS, CudaGraphStep, TrainConfig, _fields, build_net, make_optimizer, make_step,
-                   parse_config, prepare_net, resolve, setup_distributed, train_step)
+from train import CudaGraphStep, _fields, make_optimizer, make_step, setup_distributed, train_step
 
 
 # ------------------------------------------------------------------------------------------------

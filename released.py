@@ -19,8 +19,9 @@ from collections import OrderedDict
 import torch
 
 import tvm
+from config import TrainConfig
 from data import LATENT_STATS, SampleError
-from train import TrainConfig, load_model_from_checkpoint, save_checkpoint
+from train import load_model_from_checkpoint, save_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""
+The configuration of a training run: one dataclass, TrainConfig, whose every field is a command-line
+option of train.py; the presets of each resolution (Table 6 of the paper for 256 and 512 px, the
+embedded digits demo for 0); the checks that refuse a bad value in one sentence; and the network a
+configuration builds. train.py runs it; benchmark.py, sample.py and released.py read it too.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+
+import tvm
+from data import TrainError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: one dataclass; every field is a command-line option; None = take the --res preset
+# ------------------------------------------------------------------------------------------------
+
+def _opt(default, help):
+    """A config field with its --help text."""
+    return dataclasses.field(default=default, metadata=dict(help=help))
+
+
+@dataclass
+class TrainConfig:
+    # data
+    res: int = _opt(0, "0: the embedded 8x8 digits (pixels); 256 or 512: ImageNet as SD-VAE latents")
+    data: str = _opt(None, "res 0: digits.npz; else an image folder (ImageNet layout) or a latents.npy")
+    latent_cache: str = _opt("", "where an image folder is encoded to; '' = beside it, <data>_latents<res>")
+    out: str = _opt(None, "run folder: ckpt.pt, ckpt.prev.pt, log.jsonl, samples_*.png; one run at a time")
+    # network (tvm.DIT_CONFIGS name, or "tiny"); depth/hidden_size/num_heads: 0 = the named model's
+    model: str = _opt(None, "network: a tvm.DIT_CONFIGS name (XL/2-18h, B/2, ...) or tiny")
+    depth: int = _opt(0, "transformer blocks; 0 = the --model's")
+    hidden_size: int = _opt(0, "width; 0 = the --model's")
+    num_heads: int = _opt(0, "attention heads, must divide hidden_size; 0 = the --model's")
+    # the TVM loss (Eq. 15)
+    w: float = _opt(None, "guidance weight, constant (Table 4a): 2.0 at 256, 2.5 at 512; > 0")
+    w_max: float = _opt(0.0, "> w: random guidance, beta = 1/w ~ U(1/w_max, 1/w); 0 = constant w")
+    label_dropout: float = _opt(0.1, "probability of dropping the class label (the unconditional branch), in [0, 1]")
+    scale_param: bool = _opt(None, "scaled parameterisation f = (s-t) w F; Table 6: off for the 512 w=2.5 run")
+    time_spectral_init: bool = _opt(None, "spectral init of the t / gap / w embedders; Table 6: yes for im256 "
+                                          "w=2 and im512 w=2.25, N(0, 0.02) for im256 w=1.75 and im512 w=2.5")
+    detach_jvp: bool = _opt(False, "cheaper, biased variant of Sec. 7.4: no gradient through the JVP")
+    jvp: str = _opt("auto", "d/ds F by: auto (manual for the DiT) | func (torch.func.jvp) | manual "
+                            "(tvm.DiT.forward_jvp, the tangent carried by hand; equal in float64)")
+    target_ema: float = _opt(0.99, "theta*: EMA rate of the teacher in the loss (Table 4b), in [0, 1]")
+    ema: float = _opt(None, "theta**: EMA rate of the evaluated and sampled weights, in [0, 1]; 0.9999 in the paper")
+    # optimisation (Table 6): AdamW, constant lr, no warm-up
+    steps: int = _opt(None, "training steps (a resumed run continues to this many); 0 with an image folder: "
+                            "only encode it")
+    batch_size: int = _opt(None, "global batch: all GPUs and all accumulation rounds together")
+    micro_batch: int = _opt(0, "samples per forward on one GPU; 0 = its whole share (no accumulation)")
+    lr: float = _opt(None, "AdamW learning rate, constant; applied on --resume too")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2; not 0.999: the terminal loss fluctuates with it (Fig. 5)")
+    weight_decay: float = _opt(0.0, "AdamW decoupled weight decay")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon, > 0")
+    grad_clip: float = _opt(None, "max global gradient norm, 0 = off; the official 512 configs use 1.0")
+    precision: str = _opt("auto", "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32 | fp64")
+    # bookkeeping
+    seed: int = _opt(0, "seed of the initial weights and of every step's batch")
+    device: str = _opt("auto", "auto | cpu | cuda")
+    dist_backend: str = _opt("auto", "under torchrun: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo; with gloo, "
+                                     "more processes than GPUs share them (a check of DDP on one GPU)")
+    log_every: int = _opt(None, "write a log.jsonl row every N steps")
+    sample_every: int = _opt(None, "sample grid every N steps (and at the end); 0 = never")
+    ckpt_every: int = _opt(None, "checkpoint every N steps (and at the end)")
+    ckpt_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed since the last save; "
+                                     "0 = off. Ctrl-C or SIGTERM saves too")
+    resume: bool = _opt(False, "continue from <out>/ckpt.pt")
+    fid: bool = _opt(True, "digits only: FID of 1- and 4-step samples at the end (fid.py)")
+    fid_samples: int = _opt(250, "generated samples per step count for that FID ...")
+    fid_real: int = _opt(500, "... against this many real digits (a fixed random subset)")
+    vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
+    workers: int = _opt(8, "image-decoding processes while encoding latents")
+    attention: str = _opt("auto", "auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend")
+    compile: bool = _opt(None, "torch.compile each DiT block (tvm.DiT.compile_blocks); on at 256 and 512 (measured "
+                               "1.7x faster on an H100, README), off for the CPU demo. Needs --jvp manual/auto")
+    checkpoint_blocks: bool = _opt(False, "recompute block activations in the backward: ~1/3 of the memory, ~1.5x "
+                                          "the time (measured, README); needs --jvp manual/auto")
+    cuda_graph: bool = _opt(None, "replay the whole step as one CUDA graph (CudaGraphStep); default: on for one "
+                                  "process on a GPU, off otherwise (DDP's all-reduce is not captured)")
+    benchmark: bool = _opt(False, "time the TVM and flow-matching steps on random latents, then exit")
+    bench_check: bool = _opt(True, "before timing, check every path's loss and gradient (check_step_paths)")
+    bench_cases: str = _opt("", "e.g. 'XL/2-18h:256:32,B/2:256:32' (model:px:batch); '' = BENCH_CASES")
+    bench_memory_gib: float = _opt(0.0, "cap the GPU memory the benchmark may use (e.g. 80 on a 141 GB H200); 0 = all")
+    bench_profile: bool = _opt(False, "after timing each step, print its kernel time by kind (torch.profiler, one eager step)")
+    # filled in from the data, not by hand
+    input_size: int = 0
+    in_channels: int = 0
+    num_classes: int = 0
+
+
+TINY = dict(hidden_size=64, depth=4, num_heads=4, patch_size=2)   # the digits model, 0.37M parameters
+MODELS = dict(tvm.DIT_CONFIGS, tiny=TINY)
+
+PRESETS = {
+    # The embedded demo, sized for ~10 minutes on 2 CPU cores (~0.4 s per step, then ~2 min of FID).
+    # Eval EMA 0.99, not the paper's 0.9999: over 1,000 steps a slow EMA still carries the early
+    # weights (0.999 gives visibly noisy digits).
+    0: dict(model="tiny", compile=False, w=1.5, scale_param=True, time_spectral_init=True, ema=0.99, steps=1000, batch_size=128, lr=1e-3,
+            grad_clip=0.0, log_every=25, sample_every=500, ckpt_every=500),
+    # Table 6. Gradient clipping at 1.0 is in the official 512 configs only, not in the paper.
+    256: dict(model="XL/2-18h", compile=True, w=2.0, scale_param=True, time_spectral_init=True, ema=0.9999, steps=300_000, batch_size=2048,
+              lr=1e-4, grad_clip=0.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
+    512: dict(model="XL/2-18h", compile=True, w=2.5, scale_param=False, time_spectral_init=False, ema=0.9999, steps=300_000, batch_size=2048,
+              lr=1e-4, grad_clip=1.0, log_every=100, sample_every=10_000, ckpt_every=2_000),
+}
+
+# Fields that define the network and its data; a checkpoint can only continue a run that agrees on them.
+# scale_param too: it changes what the stored F means (w F or F).
+STRUCTURAL = ("res", "model", "depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes",
+              "scale_param")
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+# What --help (and an error) opens with: three commands to copy; the docstring below them says more.
+USAGE = """python train.py                                       (the embedded digits: CPU, about 10 minutes)
+       python train.py --res 256 --data /path/to/imagenet/train     (ImageNet 256 px, one GPU)
+       torchrun --standalone --nproc_per_node=8 train.py --res 256 --data /path/to/imagenet/train   (8 GPUs)"""
+
+
+def parse_config(argv=None):
+    """Command line -> TrainConfig with the --res preset filled in and every value checked."""
+    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    derived = ("input_size", "in_channels", "num_classes")
+    types = {bool: _parse_bool, int: int, float: float, str: str}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in derived:
+            continue
+        default = "from the --res preset" if f.default is None else repr(f.default)
+        text = f"{f.metadata['help']} (default: {default})".replace("%", "%%")
+        if f.type is bool:  # "--resume" alone means true
+            p.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=None, help=text)
+        else:
+            p.add_argument(f"--{f.name}", type=types[f.type], default=None, help=text)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    return resolve(TrainConfig(**given))
+
+
+def resolve(cfg):
+    """Fill in the --res preset, then check every value once: all problems are reported together."""
+    if cfg.res not in PRESETS:
+        raise TrainError(f"--res {cfg.res} is not supported: use 0 (the embedded digits), 256 or 512 "
+                         "(LATENT_STATS, the per-channel SD-VAE latent statistics, exist for these two only)")
+    if cfg.benchmark and cfg.compile is None:   # the benchmark times the ImageNet recipes' step
+        cfg.compile = PRESETS[256]["compile"]
+    for k, v in PRESETS[cfg.res].items():
+        if getattr(cfg, k) is None:
+            setattr(cfg, k, v)
+    if cfg.data is None:
+        if cfg.res != 0:
+            raise TrainError(f"--res {cfg.res} needs --data: an image folder in ImageNet layout "
+                             "(DIR/<class>/<image>.JPEG) or a latents.npy written by an earlier run")
+        cfg.data = os.path.join(HERE, "data", "digits.npz")
+    if cfg.out is None:
+        cfg.out = os.path.join("runs", "digits" if cfg.res == 0 else f"in{cfg.res}")
+    if cfg.model not in MODELS:
+        raise TrainError(f"--model {cfg.model!r} is unknown; choose one of {sorted(MODELS)}")
+    for k in ("depth", "hidden_size", "num_heads"):   # explicit in the config, hence in checkpoints
+        setattr(cfg, k, getattr(cfg, k) or MODELS[cfg.model][k])
+    errors = config_errors(cfg)
+    if len(errors) == 1:
+        raise TrainError(errors[0])
+    if errors:
+        raise TrainError(f"{len(errors)} problems with the options:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def config_errors(cfg):
+    """-> one sentence per bad value of a resolved config (empty if all are good)."""
+    errors = []
+
+    def need(ok, name, rule):
+        if not ok:
+            errors.append(f"--{name} {getattr(cfg, name)!r}: {rule}")
+
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)   # noqa: E731
+    for k in ("batch_size", "depth", "hidden_size", "num_heads", "log_every", "ckpt_every"):
+        need(getattr(cfg, k) >= 1, k, "must be a positive integer")
+    for k in ("micro_batch", "sample_every", "workers"):
+        need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
+    need(0 <= cfg.seed < 2 ** 32, "seed", f"must lie in 0..{2 ** 32 - 1}: torch's CPU generator keeps only the low "
+         "32 bits of a seed, so a larger one repeats the initial weights and batches of seed mod 2^32 (or overflows)")
+    for k in ("fid_samples", "fid_real"):   # a covariance needs two samples (fid.fid_from_features)
+        need(getattr(cfg, k) >= 2 or not cfg.fid, k, "must be at least 2: FID compares two covariances (or pass "
+             "--fid false)")
+    need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
+         "must be at least 1 (0 only encodes an image folder, which the digits do not need)")
+    if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
+        need(cfg.hidden_size % cfg.num_heads == 0, "num_heads",
+             f"must divide --hidden_size {cfg.hidden_size} (each head gets hidden_size / num_heads channels)")
+    need(cfg.hidden_size < 1 or cfg.hidden_size % 4 == 0, "hidden_size", "must be a multiple of 4: the 2-D sin/cos "
+         "position embedding gives a quarter of the width to each of sin x, cos x, sin y and cos y")
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive finite number, e.g. 1e-4")
+    need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
+    need(cfg.w_max == 0 or (finite(cfg.w_max) and cfg.w_max > 0), "w_max", "must be 0 (constant w) or a finite "
+         "number above --w")
+    for k in ("ema", "target_ema", "label_dropout"):
+        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
+    for k in ("beta1", "beta2"):
+        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) < 1, k, "must lie in [0, 1)")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or a positive finite number")
+    need(finite(cfg.adam_eps) and cfg.adam_eps > 0, "adam_eps", "must be a positive finite number: with 0 a "
+         "parameter whose gradient is 0 gets the update 0/0 = NaN")
+    need(finite(cfg.grad_clip) and cfg.grad_clip >= 0, "grad_clip", "must be 0 (off) or a positive finite norm")
+    need(finite(cfg.ckpt_minutes) and cfg.ckpt_minutes >= 0, "ckpt_minutes", "must be 0 (off) or a positive "
+         "finite number of minutes")
+    need(cfg.device in ("auto", "cpu", "cuda"), "device", "expected auto, cpu or cuda")
+    need(cfg.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "expected auto, nccl or gloo")
+    need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
+    need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
+    need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
+    if cfg.checkpoint_blocks and cfg.jvp == "func":
+        errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
+                      "torch.func.jvp fails in the backward")
+    if cfg.compile and cfg.jvp == "func":
+        errors.append("--compile needs --jvp manual (or auto): torch.compile cannot trace torch.func.jvp "
+                      "through the attention kernel's custom forward-mode rule. With --jvp func, pass "
+                      "--compile false")
+    return errors
+
+
+def prepare_net(net, cfg):
+    """Apply the speed options that change how the network runs, not what it computes."""
+    net.checkpoint_blocks = cfg.checkpoint_blocks
+    if cfg.compile:
+        net.compile_blocks()
+    return net
+
+
+def model_kwargs(cfg):
+    """The DiT's size: the named preset with any of depth / hidden_size / num_heads overridden."""
+    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    kw = dict(MODELS[cfg["model"]])
+    kw.update({k: cfg[k] for k in ("depth", "hidden_size", "num_heads") if cfg[k]})
+    if cfg.get("time_spectral_init") is not None:     # absent from older checkpoints: tvm.DiT's default
+        kw["time_spectral_init"] = cfg["time_spectral_init"]
+    return kw
+
+
+def build_net(cfg):
+    cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    return tvm.build_dit(model_kwargs(cfg), cfg["input_size"], cfg["in_channels"], cfg["num_classes"])
