@@ -3597,6 +3597,35 @@ def test_step_clips_the_gradient_to_grad_clip_inside_adamw():
                                        rtol=1e-7 if clip else 1e-12, atol=1e-18)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.999, 1.001, 2.0])
+def test_step_clipping_equals_clip_grad_norm_on_both_sides_of_the_threshold(ratio):
+    """grad_clip = ratio x the gradient norm: below the threshold (ratio > 1) the gradient must pass unscaled,
+    above it be scaled down to norm grad_clip. AdamW's moments after the step equal those of torch's own
+    AdamW (float64) on the gradient of the same loss clipped by torch.nn.utils.clip_grad_norm_. The fused
+    kernel takes the clipping scale in float32: exp_avg within 2^-24 relative, exp_avg_sq (squared) 2 x that;
+    where the clip does not bind the scale is exactly 1."""
+    net, ema, target, opt, cfg = tiny_setup()
+    g = torch.Generator().manual_seed(1)
+    inputs = tvm.sample_loss_inputs(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64),
+                                    torch.randint(0, 10, (16,), generator=g), 10, generator=g)
+    probe = train.copy.deepcopy(net)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    tvm.tvm_loss(probe, target, inputs)[0].backward()
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    cfg.grad_clip = ratio * norm
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    reference = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, foreach=False)
+    reference.step()
+    stats = train.train_step(tvm.TVMLoss(net), net, ema, target, opt, [inputs], cfg)
+    assert stats["grad_norm"] == pytest.approx(norm, rel=1e-12) and not stats["skipped"]
+    exact = ratio > 1
+    for p, q in zip([p for p in net.parameters() if p.requires_grad], params, strict=True):
+        for key, rtol in (("exp_avg", 2 ** -24), ("exp_avg_sq", 2 ** -23)):
+            torch.testing.assert_close(opt.state[p][key], reference.state[q][key],
+                                       rtol=1e-15 if exact else rtol, atol=0, msg=key)
+
+
 def test_residual_stream_is_stored_token_by_token():
     """Every block receives its tokens (and, under forward_jvp, their tangent) as a contiguous
     (B, N, hidden) tensor: the patch convolution's transposed output is copied once in embed_patches.
