@@ -1418,6 +1418,38 @@ def make_image_folder(root, classes=2, per_class=3, size=(40, 30)):
             Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
 
 
+def _adm_center_crop_arr(pil_image, image_size):
+    """ADM's center_crop_arr (guided-diffusion, image_datasets.py), transcribed for this test: while the short
+    side is at least twice image_size, halve both sides with a box filter; then resize so that the short side
+    is image_size, bicubic; then crop image_size x image_size at row (h - image_size) // 2, column
+    (w - image_size) // 2."""
+    from PIL import Image
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y, crop_x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+
+
+# (width, height) at res 16: landscape and portrait, odd and even, 0, 1 or 2 halvings, up- and down-scaling,
+# an odd margin (where (h - res) // 2 and a rounded half differ), and sizes that the resize leaves alone.
+@pytest.mark.parametrize("size", [(37, 20), (20, 37), (33, 17), (17, 33), (48, 80), (80, 48), (64, 101),
+                                  (150, 97), (25, 16), (16, 25), (40, 40)], ids=lambda wh: f"{wh[0]}x{wh[1]}")
+def test_center_crop_is_adms_center_crop_arr(size):
+    from PIL import Image
+    res = 16
+    pixels = np.random.default_rng(size[0] * 1000 + size[1]).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    got = train.center_crop(img, res)
+    assert got.shape == (res, res, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, _adm_center_crop_arr(img, res))
+    if min(size) == res:   # no resize at all: the middle of the original pixels
+        top, left = (size[1] - res) // 2, (size[0] - res) // 2
+        np.testing.assert_array_equal(got, pixels[top:top + res, left:left + res])
+
+
 def fake_encoder(x):
     """Stands in for VAE.encode_moments: (n, 3, 256, 256) -> (n, 8, 32, 32) mean and std."""
     mean = torch.nn.functional.avg_pool2d(x, 8)
