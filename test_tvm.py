@@ -1656,6 +1656,24 @@ def test_a_run_of_skipped_steps_stops_the_run(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "ckpt.pt").exists()
 
 
+def test_a_run_that_skipped_too_many_steps_does_not_end_done(tmp_path, capsys, monkeypatch):
+    """--lr 1e10: the first step's update makes every later loss non-finite, so 5 of 6 steps are skipped (never
+    MAX_SKIPPED in a row). The run must not end "done" (exit 0) but with an error that says how many were
+    skipped, the last checkpoint kept. One skipped step in 10 (the stated share, 10%) still ends done."""
+    with pytest.raises(train.TrainError, match=r"5 of the 6 steps of this run had a non-finite loss or gradient.*"
+                                               r"more than 10%.*ckpt\.pt \(step 6\) is kept; 1 of this run's steps"):
+        run_train(tmp_path / "r", "--steps", 6, "--batch_size", 4, "--lr", "1e10")
+    assert "done:" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 6
+    assert json.loads(open(tmp_path / "r" / "log.jsonl").readlines()[-1])["event"] == "stopped: too many steps skipped"
+    calls, load = [], train.DigitsData.load       # one NaN batch, at step 3 of 10: within the share
+    monkeypatch.setattr(train.DigitsData, "load",
+                        lambda self, idx: calls.append(1) or load(self, idx) * (np.nan if len(calls) == 3 else 1.0))
+    run_train(tmp_path / "one", "--steps", 10, "--batch_size", 4)
+    assert "done:" in capsys.readouterr().out
+    assert sum(json.loads(line).get("event", "").startswith("skipped") for line in open(tmp_path / "one" / "log.jsonl")) == 1
+
+
 def test_previous_checkpoint_is_kept_and_offered(tmp_path):
     run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--ckpt_every", 2)
     assert torch.load(tmp_path / "r" / "ckpt.prev.pt", weights_only=True)["step"] == 2

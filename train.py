@@ -1106,6 +1106,11 @@ def main(argv=None):
 # A run stops after this many steps in a row were skipped (non-finite loss or gradient): by then the
 # weights or the data are broken, and skipping on would end the run "done" having learnt nothing.
 MAX_SKIPPED = 20
+# A run that skipped more than this share of the steps it ran (non-finite loss or gradient) ends with an
+# error, not "done": a healthy run skips none or a rare few, so a tenth is far above that, and a run that
+# skipped more did markedly fewer updates than it reports (`--lr 1e10 --steps 6` skipped 5 and ended "done").
+# Half would let a run that lost every third step pass. The last checkpoint, written before, is kept.
+MAX_SKIPPED_SHARE = 0.1
 
 
 class Stopped(Exception):
@@ -1331,6 +1336,7 @@ def _train(cfg, rank, world, device):
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     acc, t_last, n_last = [], time.time(), step
     skipped_in_a_row, t_saved = 0, time.time()
+    skipped, first_step = 0, step                        # over the steps this process runs
     with StopOnSignal() as stop:
         while step < cfg.steps:
             batch = make_batch(data, sampler, cfg, step, rank, world, device, dtype)
@@ -1351,6 +1357,7 @@ def _train(cfg, rank, world, device):
                 raise TrainError(msg)
             if stats["skipped"]:
                 skipped_in_a_row += 1
+                skipped += 1
                 if master:
                     tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
                     log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
@@ -1402,6 +1409,16 @@ def _train(cfg, rank, world, device):
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
     bar.close()
+
+    if skipped > MAX_SKIPPED_SHARE * (step - first_step):
+        if master:
+            log.write(json.dumps(dict(step=step, event="stopped: too many steps skipped", skipped=skipped)) + "\n")
+            log.close()
+        raise TrainError(f"{skipped} of the {step - first_step} steps of this run had a non-finite loss or gradient "
+                         f"and were skipped (more than {MAX_SKIPPED_SHARE:.0%}): the run did not train as asked, so it "
+                         f"does not end as done. {ckpt_path} (step {step}) is kept; {step - first_step - skipped} of this run's "
+                         f"steps updated it. Check the data for NaN or infinite values; if it is clean, start again (another "
+                         f"--out) with a smaller --lr (now {cfg.lr:g}) or with --grad_clip 1.0")
 
     if master and cfg.res == 0 and cfg.fid:
         report_fid(ema, cfg, data, device, log)
