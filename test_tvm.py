@@ -27,8 +27,11 @@ import json
 import math
 import re
 import socket
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -1216,6 +1219,59 @@ def run_train(out, *args):
     return train.main(TINY + ["--out", str(out), *map(str, args)])
 
 
+def _descendants(pid):
+    """The pids of every process below `pid` (from /proc; none where there is no /proc)."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def run_processes(commands, timeout, envs=None, **kwargs):
+    """Start the commands together and wait for all of them. -> one CompletedProcess each, its stdout holding
+    stdout and stderr. A command still running `timeout` seconds after the start is killed with every
+    process below it (torchrun's workers run in sessions of their own), and the test fails at once with all
+    the output: a hang costs minutes, not CI's 90. Output goes to files, so no pipe can fill up and block."""
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              env=env, **kwargs)
+             for cmd, log, env in zip(commands, logs, envs or [None] * len(commands))]
+    deadline, hung = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            hung.append(p)
+    for p in hung:
+        for pid in [p.pid] + _descendants(p.pid):   # parents first: nothing left to start new ones
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if hung:
+        pytest.fail(f"still running after {timeout} s, killed: {[p.args for p in hung]}\n"
+                    + "\n".join(f"--- output of {p.args}:\n{out[-6000:]}" for p, out in zip(procs, outputs)))
+    return [subprocess.CompletedProcess(p.args, p.returncode, out) for p, out in zip(procs, outputs)]
+
+
 def states_equal(a, b, atol=0.0):
     """Compare two checkpoints' model, EMAs and optimiser, exactly (atol=0) or to atol."""
     for key in ("model", "ema", "target"):
@@ -1385,24 +1441,82 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     states_equal(a, b, atol=1e-12)
 
 
+def test_run_processes_fails_on_a_hang_with_the_output_and_kills_what_hangs(tmp_path):
+    """A hung torchrun, in small: a parent waiting on a child that runs in a session of its own (as torchrun's
+    workers do). run_processes must fail at its timeout with what both printed, and leave neither running."""
+    child = "import time; print('child up', flush=True); time.sleep(600)"
+    parent = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              "stdout=subprocess.PIPE, text=True, start_new_session=True); "
+              "print(p.stdout.readline().strip(), 'as', p.pid, flush=True); time.sleep(600)")
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"still running after 5 s, killed") as failed:
+        run_processes([[sys.executable, "-c", parent]], timeout=5)
+    assert time.monotonic() - start < 60
+    pid = int(re.search(r"child up as (\d+)", str(failed.value)).group(1))
+    time.sleep(1)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"   # killed, not yet reaped
+    except FileNotFoundError:
+        pass
+
+
+# train.py run as __main__, with torch.distributed.destroy_process_group wrapped so that each call first
+# prints how many DDP modules still exist (gc.get_objects() also sees those that only await collection).
+DESTROY_PROBE = """
+import gc, runpy, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {root!r})
+destroy = dist.destroy_process_group
+def probed(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    print(f"destroy_process_group with {{alive}} DDP module(s) alive", flush=True)
+    destroy(*args, **kwargs)
+dist.destroy_process_group = probed
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def torchrun_probed(tmp_path, *args):
+    """The command that runs train.py *args in 2 CPU processes under torchrun, through DESTROY_PROBE."""
+    probe = tmp_path / "destroy_probe.py"
+    probe.write_text(DESTROY_PROBE.format(root=ROOT, train=os.path.join(ROOT, "train.py")))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe), *args]
+
+
 def test_ddp_two_processes_gloo_match_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo), each with half the global batch in 2 micro-batches, gives the same
     parameters after 3 AdamW steps as one process with the whole batch (float64, so any difference is a
-    bug, not rounding). Without DDP's gradient all-reduce the ranks would drift apart by ~lr per step."""
+    bug, not rounding). Without DDP's gradient all-reduce the ranks would drift apart by ~lr per step.
+    Each rank destroys its process group once, after the DDP module is gone: a DDP module that outlived
+    destroy_process_group hung this test once in ~20 runs (its Reducer's destructor joining gloo's threads)."""
     args = TINY + ["--steps", "3", "--batch_size", "16", "--precision", "fp64"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True, cwd=ROOT)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "train.py"), *args, "--micro_batch", "4", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)   # a hang fails, not CI
-    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = run_processes(
+        [[sys.executable, os.path.join(ROOT, "train.py"), *args, "--out", str(tmp_path / "one")],
+         torchrun_probed(tmp_path, *args, "--micro_batch", "4", "--out", str(tmp_path / "two"))],
+        timeout=300, envs=[env, env], cwd=ROOT)
+    assert one.returncode == 0 and two.returncode == 0, one.stdout[-3000:] + two.stdout[-3000:]
+    assert re.findall(r"destroy_process_group with (\d+) DDP", two.stdout) == ["0", "0"], two.stdout[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     states_equal(a, b, atol=1e-12)
     init = train.build_net(a["config"]).double().state_dict()
     assert max((a["model"][k] - init[k]).abs().max() for k in init) > 1e-3   # far above the tolerance
+
+
+def test_ddp_run_that_fails_destroys_the_group_after_the_model(tmp_path):
+    """The same order when every rank ends with an error (here: --lr 1e10 skips 1 of the 2 steps, too many):
+    the traceback keeps the DDP module alive unless its frames are cleared. Each rank reports the error and
+    destroys its group once, with no DDP module left."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    (run,) = run_processes([torchrun_probed(tmp_path, *TINY, "--steps", "2", "--batch_size", "8", "--lr", "1e10",
+                                            "--out", str(tmp_path / "r"))], timeout=300, envs=[env], cwd=ROOT)
+    assert run.returncode != 0 and run.stdout.count("train.py: error: 1 of the 2 steps") == 2, run.stdout[-3000:]
+    assert re.findall(r"destroy_process_group with (\d+) DDP", run.stdout) == ["0", "0"], run.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1578,8 +1692,9 @@ def test_ddp_two_gpus_bf16_agree_with_one(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="0,1", TRITON_INTERPRET="0")
     for name, launcher, extra in [("one", [], []), ("two", ["-m", "torch.distributed.run", "--standalone",
                                   "--nproc_per_node=2"], []), ("seed", [], ["--seed", "1"])]:
-        subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args, *extra,
-                        "--out", str(tmp_path / name)], check=True, env=env, capture_output=True, cwd=ROOT)
+        (run,) = run_processes([[sys.executable, *launcher, os.path.join(ROOT, "train.py"), *args, *extra,
+                                 "--out", str(tmp_path / name)]], timeout=600, envs=[env], cwd=ROOT)
+        assert run.returncode == 0, run.stdout[-3000:]
     ck = {k: torch.load(tmp_path / k / "ckpt.pt", weights_only=True, map_location="cpu") for k in ("one", "two", "seed")}
     torch.manual_seed(0)
     init = train.build_net(ck["one"]["config"]).state_dict()
@@ -2085,17 +2200,13 @@ def test_split_over_processes_matches_one_process(ckpt, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   TRITON_INTERPRET="0")
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--out", str(tmp_path / "two"),
-             "--steps", "2", "--num_samples", "5", "--batch_size", "2", "--seed", "3", "--device", "cpu"],
-            env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    envs = [dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+            for rank in range(2)]
+    command = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--out", str(tmp_path / "two"),
+               "--steps", "2", "--num_samples", "5", "--batch_size", "2", "--seed", "3", "--device", "cpu"]
+    runs = run_processes([command, command], timeout=300, envs=envs, cwd=HERE)
+    assert all(r.returncode == 0 for r in runs), [r.stdout[-3000:] for r in runs]
     np.testing.assert_array_equal(load(tmp_path / "two.npz"), one)
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])              # labels reassembled in order too

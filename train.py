@@ -30,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -1133,7 +1135,28 @@ def main(argv=None):
     if cfg.benchmark:
         return benchmark(cfg, parse_bench_cases(cfg.bench_cases), check=cfg.bench_check)
     with attention_jvp.use_backend(cfg.attention):
-        return train(cfg)
+        try:
+            return train(cfg)
+        except BaseException as e:
+            if dist.is_initialized():
+                # The traceback keeps train's and _train's frames, and in them the DDP module, alive: clear
+                # their variables (the traceback still shows every line) so that leave_process_group can free it.
+                traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            leave_process_group()
+
+
+def leave_process_group():
+    """Destroy the process group, if there is one, as the last thing the process does with it (PyTorch's
+    docs: once per process, near the end of main), after everything that holds it is gone: the DDP module
+    (its Reducer holds the group), and with it the optimizer and the step function. When the DDP module
+    outlived destroy_process_group, its Reducer's destructor ran gloo's (~ProcessGroupGloo joins its
+    threads) later, at exit, and that hung about once in 20 runs of the two-process test. gc.collect():
+    what only reference cycles still hold is freed now, not at some later collection."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 # A run stops after this many steps in a row were skipped (non-finite loss or gradient): by then the
@@ -1239,8 +1262,7 @@ def train(cfg):
             print(f"--steps 0: the latents of {cfg.data} are ready ({len(data):,} images); nothing trained, "
                   f"nothing written to {cfg.out}")
         if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+            dist.barrier()     # main's leave_process_group then destroys the group
         return cfg
 
     # One run per folder: rank 0 locks it, and every rank learns whether that worked.
@@ -1461,9 +1483,9 @@ def _train(cfg, rank, world, device):
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
     if world > 1:
         # All ranks leave together: rank 0 may still be writing the last checkpoint; tearing gloo down on
-        # one rank while the other is still inside it hung a CPU test once (torch 2.13).
+        # one rank while the other is still inside it hung a CPU test once (torch 2.13). The group itself is
+        # destroyed by main's leave_process_group, once this function's variables (the DDP module) are gone.
         dist.barrier()
-        dist.destroy_process_group()
     return cfg
 
 
