@@ -248,7 +248,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     A = _psd_sqrt(sigma2) @ _psd_sqrt(sigma1)
     tr_covmean = np.linalg.svd(A, compute_uv=False).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
+    # A squared distance: tr_covmean <= (tr Sigma_1 + tr Sigma_2) / 2, so the sum is >= 0 but for round-off,
+    # which can leave it just below 0 (a set against itself: -5e-11, printed "FID -0.0000"); max(0.0, .)
+    # also turns -0.0 into 0.0. Likewise in fid_from_features.
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean))
 
 
 def fid_from_features(a, b):
@@ -271,7 +274,7 @@ def fid_from_features(a, b):
     Q = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)                  # (N2, D)
     diff = a.mean(axis=0) - b.mean(axis=0)
     tr_covmean = np.linalg.svd(P @ Q.T, compute_uv=False).sum()     # (N1, N2) -> min(N1, N2) values
-    return float(diff @ diff + (P * P).sum() + (Q * Q).sum() - 2.0 * tr_covmean)
+    return max(0.0, float(diff @ diff + (P * P).sum() + (Q * Q).sum() - 2.0 * tr_covmean))   # >= 0 but for round-off
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,6 +618,11 @@ def main(argv=None):
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
               + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
               + ")")
+        if args.sources[0] == args.sources[1] or _same_file(*args.sources):
+            print(f"note: both SOURCEs are {args.sources[0]}: a set against itself has FID 0 (up to round-off). "
+                  f"Compare generated samples with a reference set")
+        elif np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2):
+            print("note: the two SOURCEs have identical statistics (the same images?), so FID is 0 up to round-off")
     except (RuntimeError, ValueError, TypeError, OSError, ImportError) as e:   # OSError: a full disk, say
         sys.exit(f"fid.py: error: {e}")
     finally:
