@@ -472,7 +472,7 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
                        steps=cfg.steps, device=device, command=" ".join(sys.argv)), f, indent=1)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps, one seed: checks the pipeline in ~1 min")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 2500; quick 300)")
@@ -484,7 +484,8 @@ def main():
     ap.add_argument("--fid-samples", dest="fid_samples", type=int, default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    fid.limit_cpu_threads(args.device if args.digits else "cpu")   # the 2-D runs are on the CPU
     if args.digits:
         os.makedirs(args.out, exist_ok=True)
         digits(args.out, n_fid=args.fid_samples or (20 if args.quick else None),

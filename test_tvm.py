@@ -40,6 +40,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
 import benchmark
+import evidence
 import fid
 import sample
 import train
@@ -1816,7 +1817,45 @@ def test_cpu_thread_count_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for load, want in ((0.0, 2), (0.4, 2), (1.0, 1), (1.7, 1), (6.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
-        assert train.cpu_threads() == want, load
+        assert fid.cpu_threads() == want, load
+
+
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _entry_points(tmp_path, monkeypatch):
+    """Each CPU entry point's main with cheap arguments: it stops early (an error, or its work replaced by
+    a no-op) but after the point where it sets its threads."""
+    monkeypatch.setattr(train, "train", lambda cfg: cfg)
+    monkeypatch.setattr(evidence, "digits", lambda *a, **k: None)
+    missing = str(tmp_path / "missing.npz")
+    return {"train.py": lambda: train.main(["--device", "cpu", "--out", str(tmp_path / "run")]),
+            "sample.py": lambda: sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"]),
+            "fid.py": lambda: fid.main([missing, "digits", "--device", "cpu"]),
+            "benchmark.py": lambda: benchmark.main(["step", "--device", "cpu", "--bench_cases", "no:such:case"]),
+            "evidence.py": lambda: evidence.main(["--digits", "--device", "cpu", "--out", str(tmp_path / "ev")])}
+
+
+@pytest.mark.parametrize("omp", [None, "5"])
+def test_every_cpu_entry_point_applies_the_thread_rule(tmp_path, monkeypatch, threads_restored, omp):
+    """train, sample, fid, benchmark and evidence all take their CPU threads from fid.cpu_threads() (replaced
+    here by a sentinel, 3) unless OMP_NUM_THREADS is set, which they obey (the threads stay as they were)."""
+    monkeypatch.setattr(fid, "cpu_threads", lambda: 3)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    for name, run in _entry_points(tmp_path, monkeypatch).items():
+        torch.set_num_threads(7)
+        try:
+            run()
+        except (SystemExit, train.TrainError, sample.SampleError):
+            pass
+        assert torch.get_num_threads() == (3 if omp is None else 7), name
 
 
 def test_error_bad_latent_and_label_files(tmp_path):

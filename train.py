@@ -33,7 +33,7 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 #   released.py      imports  train, data, tvm                                reads the official .pkl files
 #   train.py         imports  data, fid, tvm, attention_jvp                   configuration, step, loop, checkpoints
 #   data.py          imports  tvm                                             data sets, latent cache, SD-VAE, errors
-#   fid.py           imports  nothing of the project                          FID
+#   fid.py           imports  nothing of the project                          FID; the CPU thread rule
 #   tvm.py           imports  attention_jvp                                   the method and the network
 #   attention_jvp.py imports  nothing of the project                          the attention kernel and its reference
 # train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
@@ -670,6 +670,7 @@ def run_benchmark(kind, argv=None):
 def main(argv=None):
     """-> the resolved config of the finished run; with --benchmark, the benchmark's exit status."""
     cfg = parse_config(argv)
+    fid.limit_cpu_threads(cfg.device)
     if cfg.benchmark:
         return run_benchmark("step", argv)
     with attention_jvp.use_backend(cfg.attention):
@@ -742,17 +743,6 @@ def lock_run_folder(out):
     return f
 
 
-def cpu_threads():
-    """Intra-op threads for a CPU run when OMP_NUM_THREADS is not set: the cores this process may use
-    that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
-    is every core, and its threads spin-wait for each other: on a 2-core machine with other work
-    running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
-    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up")."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
 def _log_step(line):
     """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
     try:
@@ -765,8 +755,6 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     check_batch(cfg, world)
     master = rank == 0
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))   # only ever fewer
 
     if cfg.steps == 0:   # only encode the image folder (config_errors allows 0 only for --res 256/512)
         data = open_data(cfg, rank, world, device)
