@@ -1820,6 +1820,21 @@ def test_cpu_thread_count_leaves_busy_cores_alone(monkeypatch):
         assert fid.cpu_threads() == want, load
 
 
+def test_evidence_digits_defaults_are_what_evidence_digits_json_was_made_with(tmp_path, monkeypatch, capsys):
+    """`python evidence.py --digits` must reproduce evidence/digits.md: its default sample count and training
+    steps are the n_fid and steps that evidence/digits.json records, and --help states them."""
+    with open(os.path.join(HERE, "evidence", "digits.json")) as f:
+        made_with = json.load(f)
+    calls = []
+    monkeypatch.setattr(evidence, "digits", lambda out, **kw: calls.append(kw))
+    evidence.main(["--digits", "--device", "cpu", "--out", str(tmp_path)])
+    assert calls[0]["n_fid"] == made_with["n_fid"] and calls[0]["steps"] == made_with["steps"]
+    with pytest.raises(SystemExit):
+        evidence.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"(default {made_with['n_fid']}," in shown and f"--digits {made_with['steps']}," in shown
+
+
 @pytest.fixture
 def threads_restored():
     before = torch.get_num_threads()
