@@ -180,8 +180,8 @@ def test_loss_equals_transcription_of_eq15(scale_param):
 
 
 def test_scaled_parameterisation_identities():
-    """paper-notes §10.3: with [w] = w the terminal term (1/w^2)||w a - w b||^2 equals ||a - b||^2 with
-    a = F + (s - t) dF/ds and b = F_target (w-invariant), and the FM term equals
+    """Sec. 4 "Scaled parameterization", Eq. 15: with [w] = w the terminal term (1/w^2)||w a - w b||^2
+    equals ||a - b||^2 with a = F + (s - t) dF/ds and b = F_target (w-invariant), and the FM term equals
     ||F - v - ((1 - w)/w) F_uncond||^2."""
     net, target = tiny_dit(2), tiny_dit(3)
     inp = random_inputs(B=5, seed=7, w=2.5)
@@ -385,8 +385,9 @@ def test_checkpoint_blocks_under_func_jvp_is_refused():
 
 
 def test_network_starts_as_identity_blocks():
-    """paper-notes §10.9: at init every modulation chunk is exactly 0, so each block is the identity
-    and F = 0; the QK-norm scale is 1 and every spectrally initialised weight has spectral norm 1."""
+    """Sec. 4, App. B.2 (adaLN-Zero, official training/dit.py): at init every modulation chunk is exactly 0,
+    so each block is the identity and F = 0; the QK-norm scale is 1 and every spectrally initialised weight
+    has spectral norm 1."""
     torch.manual_seed(0)
     net = tvm.build_dit(dict(hidden_size=64, depth=2, num_heads=4, patch_size=2), 8, 1, 10)
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
@@ -400,7 +401,7 @@ def test_network_starts_as_identity_blocks():
 
 def test_parameter_count_xl2_18h():
     """DiT-XL/2-18h at 256 px (32x32x4 latents), 1000 classes: 678,363,408 parameters in the official
-    code, fixed positional embedding included (paper-notes §4.7)."""
+    code (training/dit.py), fixed positional embedding included; Table 1 rounds it to 678M."""
     with torch.device("meta"):
         net = tvm.build_dit("XL/2-18h", input_size=32, in_channels=4, num_classes=1000)
     assert sum(p.numel() for p in net.parameters()) == 678_363_408
@@ -409,8 +410,8 @@ def test_parameter_count_xl2_18h():
 
 class ExactGaussianFlow(torch.nn.Module):
     """F set to the exact displacement of 1-D Gaussian data N(mu0, sigma0^2) with prior N(0, 1)
-    (paper-notes §3): m_t = (1 - t) mu0, sigma_t^2 = (1 - t)^2 sigma0^2 + t^2, and the flow map
-    psi(x, t, s) = m_s + (sigma_s / sigma_t)(x - m_t). F = (psi - x) / ((s - t) [w])."""
+    (the closed forms of the Theorem 1 section below): m_t = (1 - t) mu0, sigma_t^2 = (1 - t)^2 sigma0^2
+    + t^2, and the flow map psi(x, t, s) = m_s + (sigma_s / sigma_t)(x - m_t). F = (psi - x) / ((s - t) [w])."""
 
     def __init__(self, mu0, sigma0, scale_param):
         super().__init__()
@@ -796,7 +797,7 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference(jvp):
 #
 # Everything below is float64 numpy; the only integrals are over time, done by quadrature.
 #
-# The set-up (paper-notes §3). Data p0 = N(mu0, sigma0^2), prior p1 = N(0, 1), x_t = (1 - t) x0 + t x1.
+# The set-up (Sec. 3, Eq. 10; App. A.4). Data p0 = N(mu0, sigma0^2), prior p1 = N(0, 1), x_t = (1 - t) x0 + t x1.
 #
 #     p_t        = N(m_t, sigma_t^2),  m_t = (1 - t) mu0,  sigma_t^2 = (1 - t)^2 sigma0^2 + t^2
 #     u(x, s)    = E[x1 - x0 | x_s = x] = -mu0 + (sigma_s' / sigma_s) (x - m_s)        (Gaussian regression:
@@ -835,7 +836,7 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference(jvp):
 #
 #     printed : LHS <= int_0^t lambda(s) delta(s) ds                               Eq. 10 as printed (C absorbed)
 #     repaired: LHS <= 3t int_0^t exp(3 int_0^s L(r)^2 (t - r) dr) delta(s) ds      the printed proof with its two
-#               slips fixed (paper-notes §3): |a+b+c|^2 <= 3(|a|^2+|b|^2+|c|^2) in Eq. 42, and
+#               slips fixed (our reading of App. A.4): |a+b+c|^2 <= 3(|a|^2+|b|^2+|c|^2) in Eq. 42, and
 #               |u_theta(x_hat) - u_theta(psi)|^2 <= L^2 |e(s)|^2 <= L^2 (t - s) int_s^t |e'|^2 in Eq. 43
 #     direct  : LHS <= 2 Lambda(t) int_0^t lambda(s) delta(s) ds                   derived here (below); keeps the
 #               paper's weight lambda, and differs from the printed bound only by the factor 2 Lambda(t)
@@ -1833,6 +1834,50 @@ def test_evidence_digits_defaults_are_what_evidence_digits_json_was_made_with(tm
         evidence.main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert f"(default {made_with['n_fid']}," in shown and f"--digits {made_with['steps']}," in shown
+
+
+# Every reference in the code points to the paper (section, equation, table), the official code (a file of
+# lumalabs/tvm) or a file of this repository, never to a file outside it. The spellings searched for are
+# split in two here, so that this file does not match them itself.
+OUTSIDE = ("paper-" "notes", "anchors" ".md", "\u00a7")
+# Files of other repositories that the code names; every other *.py it names must be in this repository.
+OTHER_REPOSITORIES = {
+    "evaluator.py": "ADM's evaluation script (openai/guided-diffusion)",
+    "generate_images.py": "the official code's sampler (lumalabs/tvm)",
+    "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
+    "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
+}
+REPO_FILE = re.compile(r"(?<![\w/.-])((?:notes|evidence|data)/[\w.-]*\w|[\w/-]*\w\.py\b)")
+
+
+def unresolved_references(root):
+    """[(file, line number, what)] for each reference in the .py files under root that points outside the
+    repository, or names a repository file (notes/..., evidence/..., data/..., *.py) that does not exist."""
+    bad = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d != "runs")
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    bad += [(path, i, word) for word in OUTSIDE if word in line]
+                    bad += [(path, i, ref) for ref in REPO_FILE.findall(line)
+                            if ref not in OTHER_REPOSITORIES and not os.path.exists(os.path.join(root, ref))]
+    return bad
+
+
+def test_references_in_the_code_resolve(tmp_path):
+    assert unresolved_references(HERE) == []
+    # The check can fail: in a folder holding fid.py and data/digits.npz, a file that names them and, on its
+    # second line, three references that do not resolve.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits.npz").write_bytes(b"")
+    (tmp_path / "fid.py").write_text("")
+    planted = [OUTSIDE[0], "notes/" + "nowhere.md", "nowhere" + ".py"]   # split, as OUTSIDE is
+    (tmp_path / ("x" + ".py")).write_text("# data/digits.npz, fid.py and the official training/loss.py\n"
+                                          "# see " + ", ".join(planted) + "\n")
+    found = [(line, what) for _, line, what in unresolved_references(tmp_path)]
+    assert found == [(2, what) for what in planted], found
 
 
 @pytest.fixture
@@ -3525,8 +3570,9 @@ def test_sample_py_uses_the_ema_weights_and_the_given_cfg(tmp_path):
 
 def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_path):
     """LatentData: x0 = (mean + std_post eps - m_c) / s_c per channel, with IMM's statistics typed in
-    here from paper-notes §7 (not read from train.py), the posterior sample drawn with the given eps;
-    to_uint8_images hands the VAE exactly the latent z back (m_c + s_c x0)."""
+    here from the official configs/im256_w2.yaml and configs/im512_w2p5.yaml (raw_mean, raw_std; not read
+    from train.py), the posterior sample drawn with the given eps; to_uint8_images hands the VAE exactly the
+    latent z back (m_c + s_c x0)."""
     m = {256: [0.865, -0.278, 0.216, 0.374], 512: [1.56, -0.695, 0.483, 0.729]}
     s = {256: [4.855, 5.319, 3.937, 3.987], 512: [5.27, 5.91, 4.21, 4.31]}
     for res in (256, 512):
