@@ -15,9 +15,12 @@ Usage (a SOURCE is a folder of images, an ADM-layout .npz with arr_0 = N x H x W
     python fid.py samples.npz runs/digits_stats.npz --device cuda
     python fid.py --self_check                                      # quick checks, no images needed
 
-Every FID is printed with the two set sizes. The features of a dataset SOURCE ("digits") are cached after the
-first call in ~/.cache/tvm-fid (or $XDG_CACHE_HOME/tvm-fid, or --cache_dir), keyed by the sha1 of the images
-and of the weights. --save_stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
+Every FID is printed with the two set sizes; before computing the features of a set, fid.py says how many
+images that is and roughly how long it will take, and each progress bar names its set. The digits' features
+ship with the repository (data/digits_inception.npz), so "digits" costs nothing; a dataset's features
+computed here (another dataset, or other weights) are cached after the first call in ~/.cache/tvm-fid
+(or $XDG_CACHE_HOME/tvm-fid, or --cache_dir), keyed by the sha1 of the images and of the weights.
+--save_stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
 needs, but not what its evaluator.py script needs from a reference batch (arr_0 for precision/recall,
 mu_s/sigma_s for sFID): see save_stats(). Every .npz is written atomically (temporary file, fsync, rename).
 
@@ -43,8 +46,9 @@ centres, range [-1, 1]) nor clean-fid's default mode="clean" (PIL bicubic with a
 from those are close but not equal. We chose it because both ImageNet numbers a reader compares against,
 ADM's reference batch and the paper's own pipeline, use it.
 
-Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: ~0.15 s per
-image on 2 CPU cores (1,000 images in ~2.5 minutes), far less on a GPU.
+Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: 0.3-0.9 s per
+image on one thread of this project's 2-core CPU, the low end on an idle machine, the high end on a busy
+one (1,000 images: 5-15 minutes; see CPU_SECONDS_PER_IMAGE); far less on a GPU.
 
 Statistics follow ADM and pytorch-fid: the mean and the unbiased covariance (np.cov, ddof = 1) in float64.
 The matrix square root is taken without scipy, in float64, in a way that stays stable when Sigma is
@@ -211,6 +215,7 @@ def _check_images(images):
 @torch.inference_mode()
 def inception_features(images, batch_size=64, device="cpu", progress=False):
     """uint8 (N, H, W, 3) -> (N, 2048) float64 pool_3 features, in the convention of the docstring.
+    progress: False, True, or the name of the set, which then labels the progress bar.
 
     Deterministic on the CPU. On CUDA we switch TF32 off for the convolutions (PyTorch turns it on for
     cuDNN by default), so GPU features match CPU ones to float32 accuracy.
@@ -221,7 +226,8 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     starts = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
-        starts = tqdm(starts, desc="inception features", unit="batch")
+        desc = "inception features" + (f": {progress}" if isinstance(progress, str) else "")
+        starts = tqdm(starts, desc=desc, unit="batch")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in starts:
             x = torch.from_numpy(images[i:i + batch_size]).to(device)              # (b, H, W, 3) uint8
@@ -231,6 +237,40 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
             x = (x - 128.0) / 128.0                                                 # [-1, 0.9921875]
             feats[i:i + len(x)] = net(x).double().cpu().numpy()                     # (b, 2048)
     return feats
+
+
+# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range, on this project's 2-core AMD
+# EPYC machine (torch 2.13). Low: 3,797 images in about 9.5 min with 2 threads on the nearly idle machine (load
+# average ~2.3; evidence.py --digits, README), 0.15 s per image. High: 1 thread with other work running, 0.53 and
+# 0.86 s per image over 64 digits (load average 6.0-6.7), 0.74 over all 1,797 (22 min, load average 5.8-8.8).
+# With 2 threads at that load, 0.71-0.73 s per image: no faster than 1, which is why cpu_threads() picks 1 there.
+CPU_SECONDS_PER_IMAGE = (0.3, 0.9)
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 \
+        else f"{seconds / 3600:.1f} h"
+
+
+def estimate(n, device="cpu"):
+    """How long the Inception features of n images take, in words: a range on a CPU (CPU_SECONDS_PER_IMAGE
+    over the threads in use); no estimate on other devices, where nothing was measured for the detector."""
+    if not str(device).startswith("cpu"):
+        return f"on {device}, no measured cost to estimate from"
+    threads = torch.get_num_threads()
+    lo, hi = (n * c / threads for c in CPU_SECONDS_PER_IMAGE)
+    return (f"roughly {_duration(lo)} to {_duration(hi)} on {threads} CPU thread{'s' * (threads > 1)} "
+            f"({CPU_SECONDS_PER_IMAGE[0]:g}-{CPU_SECONDS_PER_IMAGE[1]:g} s per image per thread, as measured "
+            f"on a 2-core machine)")
+
+
+def _features_of(images, name, batch_size, device, progress):
+    """inception_features of a named set; with progress, a line first (on stderr, like the bar) saying what
+    it computes and roughly how long, then a progress bar named after the set."""
+    if progress:
+        print(f"fid.py: Inception features of {len(images):,} images ({name}): {estimate(len(images), device)}",
+              file=sys.stderr, flush=True)
+    return inception_features(images, batch_size, device, progress=name if progress else False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,13 +492,48 @@ def default_cache_dir():
                         "tvm-fid")
 
 
+# The Inception features of all 1,797 digits, computed once (22 min on 1 thread of the machine of
+# CPU_SECONDS_PER_IMAGE, with other work running) and shipped, so that neither `fid.py X digits` nor train.py's end-of-run FID computes
+# them: float16 (N, 2048) "features" (7 MB; within 2^-11 of each float32 value, relative) and the "key" of
+# dataset_features' cache, the sha1 of the images then of the weights: a file that does not match is ignored.
+SHIPPED_NAME = "data/digits_inception.npz"
+SHIPPED_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), *SHIPPED_NAME.split("/"))
+
+
+def features_key(images):
+    """What features are keyed by: the sha1 of the uint8 images, then the sha1 of the detector's weights."""
+    return hashlib.sha1(np.asarray(images).tobytes()).hexdigest() + weights_key()
+
+
+def shipped_features(images):
+    """The features of SHIPPED_FEATURES as float64 (N, 2048) if `images` are the ones they were computed from
+    (with these weights), else None (also when the file is missing or damaged: the caller then computes)."""
+    if not os.path.isfile(SHIPPED_FEATURES):
+        return None
+    try:
+        arrays, _ = _read_npz(SHIPPED_FEATURES, lambda files: [k for k in ("key", "features") if k in files])
+    except ValueError as e:
+        print(f"fid.py: not using the shipped features: {e}", file=sys.stderr)
+        return None
+    if "key" in arrays and str(arrays["key"]) == features_key(images) and "features" in arrays:
+        return arrays["features"].astype(np.float64)
+    return None
+
+
 def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=False):
-    """(N, 2048) Inception features of a project dataset, kept in `cache` (an .npz) when given: the 1,797
-    digits cost ~4.5 minutes on 2 CPU cores (12 on a loaded machine) and never change. The cache records
-    the sha1 of the images and of the weights, and is recomputed if either differs or if the file is
-    damaged. It is written atomically; if it cannot be written, the features are still returned."""
+    """(N, 2048) Inception features of a project dataset: the shipped ones (SHIPPED_FEATURES) when they
+    match, else those kept in `cache` (an .npz) when given, else computed (the 1,797 digits: 22 min on 1 thread
+    of a busy 2-core machine) and kept there. The cache records the sha1 of the images and of
+    the weights, and is recomputed if either differs or if the file is damaged. It is written atomically; if
+    it cannot be written, the features are still returned."""
     images = dataset_images(name)
-    key = hashlib.sha1(images.tobytes()).hexdigest() + weights_key()
+    key = features_key(images)
+    shipped = shipped_features(images)
+    if shipped is not None:
+        if progress:
+            print(f"fid.py: the Inception features of {name!r} are shipped in {SHIPPED_NAME}; nothing to compute "
+                  f"for them", file=sys.stderr)
+        return shipped
     if cache and os.path.isfile(cache):
         try:
             arrays, _ = _read_npz(cache, lambda files: [k for k in ("key", "features") if k in files])
@@ -466,7 +541,7 @@ def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=Fal
                 return arrays["features"].astype(np.float64)
         except ValueError as e:
             print(f"fid.py: recomputing the features of {name!r}, the cache is unusable: {e}", file=sys.stderr)
-    feats = inception_features(images, batch_size, device, progress)
+    feats = _features_of(images, f"{name} (reference)", batch_size, device, progress)
     if cache:
         try:   # float32 loses nothing: the network computes in float32
             _atomic_savez(cache, features=feats.astype(np.float32), key=np.array(key))
@@ -527,7 +602,7 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
                          f"a statistics .npz mu and sigma")
     images = _check_images(arrays["arr_0"])
     _need_two(len(images), path)
-    return _stats(inception_features(images, batch_size, device, progress), path)
+    return _stats(_features_of(images, path, batch_size, device, progress), path)
 
 
 def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
@@ -537,7 +612,7 @@ def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=
     if os.path.isdir(source):
         images = load_images_folder(source)
         _need_two(len(images), source)
-        return _stats(inception_features(images, batch_size, device, progress), source)
+        return _stats(_features_of(images, source, batch_size, device, progress), source)
     if source.endswith(".npz"):
         return npz_stats(source, batch_size, device, progress)
     if os.path.sep not in source and not os.path.exists(source):
@@ -590,7 +665,7 @@ def main(argv=None):
         description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
         epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits\n"
                "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset\n"
-               "name such as 'digits', whose features are cached in --cache_dir after the first call.")
+               "name such as 'digits', whose features ship with the repository (data/digits_inception.npz).")
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="two sources to compare, or one with --save_stats")
     p.add_argument("--save_stats", metavar="OUT.npz",
                    help="compute the statistics of one SOURCE and write OUT.npz (atomically) with mu (2048,) and "
@@ -602,8 +677,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache_dir", default=None,
-                   help="where a dataset SOURCE's Inception features are cached (keyed by the sha1 of its images "
-                        "and of the weights); default $XDG_CACHE_HOME/tvm-fid or ~/.cache/tvm-fid; '' for none")
+                   help="where a dataset SOURCE's Inception features are cached when they are not the shipped "
+                        "ones (keyed by the sha1 of its images and of the weights); default $XDG_CACHE_HOME/tvm-fid "
+                        "or ~/.cache/tvm-fid; '' for none")
     p.add_argument("--self_check", action="store_true", help="run a few quick checks and exit")
     p.add_argument("--standin", action="store_true",
                    help="a fixed random network in place of Inception, to check the pipeline where the weights "

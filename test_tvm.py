@@ -23,6 +23,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import copy
 import dataclasses
 import errno
+import io
 import json
 import math
 import re
@@ -3035,8 +3036,10 @@ def test_fid_nan_statistics_are_refused_by_the_functions_too(tmp_path):
 
 def test_fid_dataset_features_are_cached_across_calls(tmp_path, monkeypatch, capsys):
     """`fid.py X digits` computes the digits' features once, then reads them from the cache (default
-    $XDG_CACHE_HOME/tvm-fid); a damaged cache is recomputed; --cache-dir '' turns it off."""
+    $XDG_CACHE_HOME/tvm-fid); a damaged cache is recomputed; --cache-dir '' turns it off. (The shipped
+    features are put out of reach: the cache is what the digits fall back on without them.)"""
     calls = fake_detector(monkeypatch)
+    monkeypatch.setattr(fid, "SHIPPED_FEATURES", str(tmp_path / "not_shipped.npz"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     first = fid.stats_from_source("digits")
     second = fid.stats_from_source("digits")
@@ -3052,6 +3055,78 @@ def test_fid_dataset_features_are_cached_across_calls(tmp_path, monkeypatch, cap
     assert calls == [1797, 1797]
     fid.main(["--save-stats", str(tmp_path / "s.npz"), "digits", "--cache-dir", ""])
     assert calls == [1797, 1797, 1797]
+
+
+# ------------------------------------------------------------------------------------------------
+# The digits' features, shipped in data/digits_inception.npz; what fid.py and train.py's end-of-run FID say
+# before computing features, and the names on their progress bars
+# ------------------------------------------------------------------------------------------------
+
+def test_shipped_digits_features_match_a_fresh_computation():
+    """data/digits_inception.npz is keyed to the digits of fid.dataset_images and to these weights, and 16
+    digits (spread over the set) computed afresh agree with it to float16 rounding: half a float16 step,
+    at most 2^-11 of the value, plus 1e-4 of the largest value for float32 differences between batch sizes
+    and CPUs, as in test_inception_features_shape_dtype_determinism (the shipped ones were computed 64 at a
+    time; here 16 at a time the excess was 4e-9 of the largest value, and the batch-size difference 2e-7)."""
+    images = fid.dataset_images("digits")
+    shipped = fid.shipped_features(images)
+    assert shipped is not None and shipped.shape == (1797, 2048)
+    pick = np.linspace(0, 1796, 16).astype(int)
+    fresh = fid.inception_features(images[pick], batch_size=16)
+    err = np.abs(fresh - shipped[pick]) - 2.0 ** -11 * np.abs(fresh)
+    assert err.max() <= 1e-4 * np.abs(fresh).max(), err.max() / np.abs(fresh).max()
+
+
+class CountingDetector:
+    """In place of the Inception network: (B, 3, 299, 299) -> (B, 2048) fixed random features; counts images."""
+
+    def __init__(self):
+        self.images, self.g = 0, torch.Generator().manual_seed(0)
+
+    def __call__(self, x):
+        self.images += len(x)
+        return torch.randn(len(x), 2048, generator=self.g)
+
+
+def test_fid_py_digits_uses_the_shipped_features_and_names_what_it_computes(tmp_path, monkeypatch, capsys):
+    """fid.py runs the network on a set of samples, not on the digits (their features are shipped); before
+    it computes, it says how many images and roughly how long, and its progress bar names the set. Digits
+    without shipped features are computed under the name "digits (reference)". (--save_stats: the same
+    sources as an FID, without the 2048-d matrix square roots.)"""
+    net = CountingDetector()
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
+    samples = str(tmp_path / "samples.npz")
+    fid.save_images_npz(samples, np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8))
+    for source in (samples, "digits"):
+        fid.main(["--save_stats", str(tmp_path / "stats.npz"), source, "--device", "cpu", "--cache_dir", ""])
+    out, err = capsys.readouterr()
+    assert net.images == 5 and "of 5 images in" in out and "of 1797 images in digits" in out
+    assert f"Inception features of 5 images ({samples}): roughly" in err
+    assert f"inception features: {samples}" in err and "are shipped in data/digits_inception.npz" in err
+
+    monkeypatch.setattr(fid, "dataset_images", lambda name: np.zeros((3, 8, 8, 3), np.uint8))   # another key
+    fid.main(["--save_stats", str(tmp_path / "stats.npz"), "digits", "--device", "cpu", "--cache_dir", ""])
+    err = capsys.readouterr().err
+    assert net.images == 5 + 3 and "inception features: digits (reference)" in err
+
+
+def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_path, monkeypatch, capsys):
+    """train.py's report_fid takes the real digits' features from the shipped file (the network sees only
+    the 1- and 4-step samples, and nothing is written in the run folder), prints one line before the FID
+    that says what it computes and roughly how long, and names each progress bar after its set."""
+    net = CountingDetector()
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, out=str(tmp_path),
+                                          fid_samples=20, fid_real=30))
+    data = DigitsData(cfg.data)
+    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    torch.manual_seed(0)
+    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"), io.StringIO())
+    assert net.images == 2 * 20 and result["real"] == 30 and os.listdir(tmp_path) == []
+    out, err = capsys.readouterr()
+    said = out.index("against 30 real digits (features shipped in")
+    assert said < out.index("Inception features of 40 images, roughly") < out.index("FID of 20 samples")
+    assert "inception features: 1-step samples" in err and "inception features: 4-step samples" in err
 
 
 def test_fid_prints_both_set_sizes(tmp_path, monkeypatch, capsys):

@@ -1024,25 +1024,35 @@ def _save_flags(stop, cfg, t_saved, world, device):
 @torch.no_grad()
 def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
-    noise) against cfg.fid_real real digits, with fid.py's offline Inception. Small sets, because the
-    Inception network costs ~0.2 s per image on one CPU core: good to compare 1 and 4 steps and runs of
-    one setting, but FID grows as sets shrink, so for a number to report use sample.py and fid.py with
-    more samples. The real features are cached in the run folder. Skipped, with a message, if fid.py's
-    weights are not installed."""
+    noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
+    sets, because the Inception network costs 0.2-1 s per image on one CPU thread: good to compare 1 and 4
+    steps and runs of one setting, but FID grows as sets shrink, so for a number to report use sample.py
+    and fid.py with more samples. The real digits' features are those shipped with fid.py
+    (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
+    once and kept in the run folder (fid_real_features_<fid_real>.npy). Skipped, with a message, if
+    fid.py's weights are not installed."""
     try:
         fid.load_inception("cpu")
     except (ImportError, RuntimeError) as e:
         print(f"FID skipped ({e}). --fid false turns this step off.")
         return None
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
+    real_images = to_uint8_images(data.images, {"res": 0})                  # (N, 8, 8, 3) uint8
     real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
-    if os.path.isfile(real_path):
-        real = np.load(real_path)
+    real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
+    if real is not None:
+        real = real[pick.numpy()]
+    elif os.path.isfile(real_path):
+        real, where = np.load(real_path), f"features kept in {real_path}"
     else:
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
-        real = fid.inception_features(to_uint8_images(data.images[pick], {"res": 0}), device=device,
-                                      progress=True)
-        np.save(real_path, real)
+        where = "features computed now"
     n = cfg.fid_samples // cfg.num_classes * cfg.num_classes
+    todo = n * len(steps) + (cfg.fid_real if real is None else 0)
+    print(f"FID of {' and '.join(f'{k}-step' for k in steps)} samples ({n} each, EMA model, w={cfg.w:g}) against "
+          f"{len(pick)} real digits ({where}): Inception features of {todo} images, {fid.estimate(todo, device)}")
+    if real is None:
+        real = fid.inception_features(real_images[pick.numpy()], device=device, progress="real digits")
+        np.save(real_path, real)
     g = torch.Generator().manual_seed(cfg.seed + 777)
     x1 = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
     y = torch.arange(cfg.num_classes).repeat(n // cfg.num_classes).to(device)
@@ -1051,13 +1061,12 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     for k in steps:
         x0 = torch.cat([tvm.sample(ema, x1[i:i + 256].to(device, dtype), y[i:i + 256], cfg.w, k, cfg.scale_param)
                         for i in range(0, n, 256)])
-        feats = fid.inception_features(to_uint8_images(x0, {"res": 0}), device=device, progress=True)
+        feats = fid.inception_features(to_uint8_images(x0, {"res": 0}), device=device, progress=f"{k}-step samples")
         result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
     print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
         f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
     log.write(json.dumps(result) + "\n")
     return result
-
 
 if __name__ == "__main__":
     try:
