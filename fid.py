@@ -46,9 +46,10 @@ centres, range [-1, 1]) nor clean-fid's default mode="clean" (PIL bicubic with a
 from those are close but not equal. We chose it because both ImageNet numbers a reader compares against,
 ADM's reference batch and the paper's own pipeline, use it.
 
-Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: 0.3-0.9 s per
+Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: 0.23-0.86 s per
 image on one thread of this project's 2-core CPU, the low end on an idle machine, the high end on a busy
-one (1,000 images: 5-15 minutes; see CPU_SECONDS_PER_IMAGE); far less on a GPU.
+one (1,000 images: 4-14 minutes; 2 minutes with both cores idle; see CPU_SECONDS_PER_IMAGE); far less on
+a GPU.
 
 Statistics follow ADM and pytorch-fid: the mean and the unbiased covariance (np.cov, ddof = 1) in float64.
 The matrix square root is taken without scipy, in float64, in a way that stays stable when Sigma is
@@ -239,12 +240,12 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     return feats
 
 
-# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range, on this project's 2-core AMD
-# EPYC machine (torch 2.13). Low: 3,797 images in about 9.5 min with 2 threads on the nearly idle machine (load
-# average ~2.3; evidence.py --digits, README), 0.15 s per image. High: 1 thread with other work running, 0.53 and
-# 0.86 s per image over 64 digits (load average 6.0-6.7), 0.74 over all 1,797 (22 min, load average 5.8-8.8).
-# With 2 threads at that load, 0.71-0.73 s per image: no faster than 1, which is why cpu_threads() picks 1 there.
-CPU_SECONDS_PER_IMAGE = (0.3, 0.9)
+# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range: the extremes measured on this
+# project's 2-core AMD EPYC machine (torch 2.13, 64 digits at a time). Nearly idle (load average 1.4, this
+# process included): 0.23 s per image with 1 thread, 0.125 with 2. With other work running: 0.53 and 0.86 s
+# with 1 thread (load average 6.0-6.7), 0.74 over all 1,797 digits (22 min, load average 5.8-8.8); with 2
+# threads at that load 0.71-0.73 s, no faster than 1, which is why cpu_threads() gives 1 there.
+CPU_SECONDS_PER_IMAGE = (0.23, 0.86)
 
 
 def _duration(seconds):

@@ -1025,9 +1025,9 @@ def _save_flags(stop, cfg, t_saved, world, device):
 def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
     noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
-    sets, because the Inception network costs 0.2-1 s per image on one CPU thread: good to compare 1 and 4
-    steps and runs of one setting, but FID grows as sets shrink, so for a number to report use sample.py
-    and fid.py with more samples. The real digits' features are those shipped with fid.py
+    sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
+    CPU_SECONDS_PER_IMAGE): good to compare 1 and 4 steps and runs of one setting, but FID grows as sets
+    shrink, so for a number to report use sample.py and fid.py with more samples. The real digits' features are those shipped with fid.py
     (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
     once and kept in the run folder (fid_real_features_<fid_real>.npy). Skipped, with a message, if
     fid.py's weights are not installed."""
