@@ -606,21 +606,33 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
     return _stats(_features_of(images, path, batch_size, device, progress), path)
 
 
-def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
-    """(mu, sigma, n) of any SOURCE (see the module docstring); n, the number of images, is None for a
-    statistics file that does not record it. cache_dir: where a dataset's features are cached
-    (default_cache_dir() if None; "" for no cache)."""
+def source_features(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
+    """(N, 2048) Inception features of a SOURCE of images (a folder, an image .npz, a dataset name), or None
+    for a .npz that holds no images (statistics; npz_stats reads it or says what is wrong with it).
+    cache_dir: where a dataset's features are cached (default_cache_dir() if None; "" for no cache)."""
     if os.path.isdir(source):
         images = load_images_folder(source)
-        _need_two(len(images), source)
-        return _stats(_features_of(images, source, batch_size, device, progress), source)
-    if source.endswith(".npz"):
-        return npz_stats(source, batch_size, device, progress)
-    if os.path.sep not in source and not os.path.exists(source):
+    elif source.endswith(".npz"):
+        arrays, _ = _read_npz(source, lambda files: [] if "mu" in files or "sigma" in files else
+                              [k for k in files if k == "arr_0"])
+        if "arr_0" not in arrays:
+            return None
+        images = _check_images(arrays["arr_0"])
+    elif os.path.sep not in source and not os.path.exists(source):
         cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
-        return _stats(dataset_features(source, cache, batch_size, device, progress), source)
-    raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
+        return dataset_features(source, cache, batch_size, device, progress)
+    else:
+        raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
+    _need_two(len(images), source)
+    return _features_of(images, source, batch_size, device, progress)
+
+
+def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
+    """(mu, sigma, n) of any SOURCE (see the module docstring); n, the number of images, is None for a
+    statistics file that does not record it. cache_dir: as in source_features."""
+    features = source_features(source, batch_size, device, progress, cache_dir)
+    return _stats(features, source) if features is not None else npz_stats(source, batch_size, device, progress)
 
 
 def stats_from_source(source, batch_size=64, device="cpu", progress=False):
@@ -715,8 +727,14 @@ def main(argv=None):
             return
         if len(args.sources) != 2:
             p.error("give two SOURCEs to compare (or one SOURCE with --save_stats, or --self_check)")
-        (mu1, sigma1, n1), (mu2, sigma2, n2) = (stats(s) for s in args.sources)
-        print(f"FID {frechet_distance(mu1, sigma1, mu2, sigma2):.4f} "
+        feats = [source_features(s, args.batch_size, args.device, True, args.cache_dir) for s in args.sources]
+        (mu1, sigma1, n1), (mu2, sigma2, n2) = (_stats(f, s) if f is not None else npz_stats(s)   # None: statistics
+                                                for f, s in zip(feats, args.sources))
+        # Two sets of images: the distance from their features, exactly, without the 2048 x 2048 square roots of
+        # frechet_distance (on a busy 2-core CPU: 17 s with 1 BLAS thread, 71 s with numpy's default 2; here 0.1 s).
+        fd = (fid_from_features(*feats) if all(f is not None for f in feats)
+              else frechet_distance(mu1, sigma1, mu2, sigma2))
+        print(f"FID {fd:.4f} "
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
               + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
               + ")")

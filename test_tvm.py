@@ -3110,6 +3110,21 @@ def test_fid_py_digits_uses_the_shipped_features_and_names_what_it_computes(tmp_
     assert net.images == 5 + 3 and "inception features: digits (reference)" in err
 
 
+def test_fid_py_of_two_image_sets_takes_the_sample_space_path(tmp_path, monkeypatch, capsys):
+    """`fid.py A B` with images on both sides computes the distance from the features (fid_from_features,
+    exact, held to the covariance path by test_fid_from_features_sample_space_path_matches_covariance_path),
+    never the 2048 x 2048 square roots of frechet_distance, which take a minute on a busy CPU."""
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8) for n in (5, 7))
+    fid.save_images_npz(str(tmp_path / "a.npz"), a)
+    fid.save_images_npz(str(tmp_path / "b.npz"), b)
+    want = fid.fid_from_features(fid.inception_features(a), fid.inception_features(b))
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: pytest.fail("the 2048-d path ran"))
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    assert capsys.readouterr().out.startswith(f"FID {want:.4f} (5 images in")
+
+
 def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_path, monkeypatch, capsys):
     """train.py's report_fid takes the real digits' features from the shipped file (the network sees only
     the 1- and 4-step samples, and nothing is written in the run folder), prints one line before the FID
