@@ -750,7 +750,8 @@ def _rel_err(a, b, floor=1.0):
 
 
 def _rel_fro(a, b, floor=1.0):
-    """||a - b|| / ||b|| (Frobenius), floored like _rel_err; the metric of anchors.md's bf16 table."""
+    """||a - b|| / ||b|| (Frobenius), floored like _rel_err; the metric of the kernel's error tables
+    (README, notes/kernel.md)."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(floor * b.numel() ** 0.5)).item()
 

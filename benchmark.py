@@ -581,9 +581,11 @@ def main(argv=None):
     kind, options = (argv[0], argv[1:]) if argv else ("", [])
     if kind == "step":
         cfg = parse_config(["--benchmark", *options])
+        fid.limit_cpu_threads(cfg.device)
         return benchmark(cfg, parse_bench_cases(cfg.bench_cases), check=cfg.bench_check)
     if kind == "sample":
         args = sample.parse_args(["--benchmark", *options])
+        fid.limit_cpu_threads(args.device)
         torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
         torch.backends.cudnn.allow_tf32 = False
         return sampling_benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n)

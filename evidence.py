@@ -56,6 +56,11 @@ OUT = "evidence"
 N_EVAL = 4000           # points per side for the sliced W2
 N_PROJ = 500            # directions of the sliced W2
 N_TRAIN = 50_000        # fixed training set per task; the held-out set is drawn with another seed
+# --digits: the settings evidence/digits.json records (its n_fid and steps), so that `python evidence.py
+# --digits` reproduces evidence/digits.md; train.py's own digits defaults have since moved (250 FID samples,
+# 1,000 steps).
+DIGITS_FID_SAMPLES = 500
+DIGITS_STEPS = 1500
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +387,7 @@ def tables(results, floors, n_seeds):
 
 def train_digits(method, steps=None, device="cpu"):
     """train.py's digits run (its --res 0 preset: tiny DiT, w = 1.5, scaled param., batch 128, 1,000 steps;
-    the committed evidence/digits.md used --steps 1500, the preset when it was measured),
+    --digits runs DIGITS_STEPS = 1,500, the preset when evidence/digits.md was measured),
     with the full TVM loss or with the flow-matching term only. The loop is train.py's main() without
     checkpoints and logs, built from its pieces so that both methods share everything else.
     Returns (eval-EMA network, config, seconds)."""
@@ -406,11 +411,11 @@ def train_digits(method, steps=None, device="cpu"):
 
 def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
     """FID (fid.py, against all 1,797 real digits) of TVM with 1 and 4 jumps and of flow matching with 1
-    and 50 Euler steps, n_fid samples each (default: train.py's fid_samples) with balanced labels, plus a
+    and 50 Euler steps, n_fid samples each (default DIGITS_FID_SAMPLES) with balanced labels, plus a
     grid of each (digits.png)."""
     from PIL import Image
     t_start = time.time()
-    n_fid = n_fid or TrainConfig().fid_samples
+    n_fid = n_fid or DIGITS_FID_SAMPLES
     real = fid.dataset_images("digits")[:n_real]                                  # (1797, 8, 8, 3) uint8
     real_labels = DigitsData(parse_config([]).data).labels[:n_real]
     feats_real = fid.inception_features(real, device=device)
@@ -473,23 +478,26 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
                        steps=cfg.steps, device=device, command=" ".join(sys.argv)), f, indent=1)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps, one seed: checks the pipeline in ~1 min")
-    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 2500; quick 300)")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 2500; quick 300; "
+                    f"--digits {DIGITS_STEPS}, as evidence/digits.json records)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 3; quick 1)")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes, one thread each")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--digits", action="store_true", help="run only the digits comparison (FID; slow on a CPU)")
-    ap.add_argument("--fid_samples", type=int, default=None, help="digits: samples per sampler (default: train.py's fid_samples, 500)")
+    ap.add_argument("--fid_samples", type=int, default=None, help=f"digits: samples per sampler (default {DIGITS_FID_SAMPLES}, as "
+                    "evidence/digits.json records; quick 20)")
     ap.add_argument("--fid-samples", dest="fid_samples", type=int, default=argparse.SUPPRESS,
                     help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    fid.limit_cpu_threads(args.device if args.digits else "cpu")   # the 2-D runs are on the CPU
     if args.digits:
         os.makedirs(args.out, exist_ok=True)
-        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else None),
-               steps=args.steps or (20 if args.quick else None), device=args.device,
+        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else DIGITS_FID_SAMPLES),
+               steps=args.steps or (20 if args.quick else DIGITS_STEPS), device=args.device,
                n_real=40 if args.quick else None)
         return
     steps = args.steps or (300 if args.quick else 2500)

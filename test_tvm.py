@@ -23,6 +23,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import copy
 import dataclasses
 import errno
+import io
 import json
 import math
 import re
@@ -43,6 +44,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
 import benchmark
+import evidence
 import fid
 import released
 import sample
@@ -183,8 +185,8 @@ def test_loss_equals_transcription_of_eq15(scale_param):
 
 
 def test_scaled_parameterisation_identities():
-    """paper-notes §10.3: with [w] = w the terminal term (1/w^2)||w a - w b||^2 equals ||a - b||^2 with
-    a = F + (s - t) dF/ds and b = F_target (w-invariant), and the FM term equals
+    """Sec. 4 "Scaled parameterization", Eq. 15: with [w] = w the terminal term (1/w^2)||w a - w b||^2
+    equals ||a - b||^2 with a = F + (s - t) dF/ds and b = F_target (w-invariant), and the FM term equals
     ||F - v - ((1 - w)/w) F_uncond||^2."""
     net, target = tiny_dit(2), tiny_dit(3)
     inp = random_inputs(B=5, seed=7, w=2.5)
@@ -388,8 +390,9 @@ def test_checkpoint_blocks_under_func_jvp_is_refused():
 
 
 def test_network_starts_as_identity_blocks():
-    """paper-notes §10.9: at init every modulation chunk is exactly 0, so each block is the identity
-    and F = 0; the QK-norm scale is 1 and every spectrally initialised weight has spectral norm 1."""
+    """Sec. 4, App. B.2 (adaLN-Zero, official training/dit.py): at init every modulation chunk is exactly 0,
+    so each block is the identity and F = 0; the QK-norm scale is 1 and every spectrally initialised weight
+    has spectral norm 1."""
     torch.manual_seed(0)
     net = tvm.build_dit(dict(hidden_size=64, depth=2, num_heads=4, patch_size=2), 8, 1, 10)
     x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
@@ -403,7 +406,7 @@ def test_network_starts_as_identity_blocks():
 
 def test_parameter_count_xl2_18h():
     """DiT-XL/2-18h at 256 px (32x32x4 latents), 1000 classes: 678,363,408 parameters in the official
-    code, fixed positional embedding included (paper-notes §4.7)."""
+    code (training/dit.py), fixed positional embedding included; Table 1 rounds it to 678M."""
     with torch.device("meta"):
         net = tvm.build_dit("XL/2-18h", input_size=32, in_channels=4, num_classes=1000)
     assert sum(p.numel() for p in net.parameters()) == 678_363_408
@@ -412,8 +415,8 @@ def test_parameter_count_xl2_18h():
 
 class ExactGaussianFlow(torch.nn.Module):
     """F set to the exact displacement of 1-D Gaussian data N(mu0, sigma0^2) with prior N(0, 1)
-    (paper-notes §3): m_t = (1 - t) mu0, sigma_t^2 = (1 - t)^2 sigma0^2 + t^2, and the flow map
-    psi(x, t, s) = m_s + (sigma_s / sigma_t)(x - m_t). F = (psi - x) / ((s - t) [w])."""
+    (the closed forms of the Theorem 1 section below): m_t = (1 - t) mu0, sigma_t^2 = (1 - t)^2 sigma0^2
+    + t^2, and the flow map psi(x, t, s) = m_s + (sigma_s / sigma_t)(x - m_t). F = (psi - x) / ((s - t) [w])."""
 
     def __init__(self, mu0, sigma0, scale_param):
         super().__init__()
@@ -799,7 +802,7 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference(jvp):
 #
 # Everything below is float64 numpy; the only integrals are over time, done by quadrature.
 #
-# The set-up (paper-notes §3). Data p0 = N(mu0, sigma0^2), prior p1 = N(0, 1), x_t = (1 - t) x0 + t x1.
+# The set-up (Sec. 3, Eq. 10; App. A.4). Data p0 = N(mu0, sigma0^2), prior p1 = N(0, 1), x_t = (1 - t) x0 + t x1.
 #
 #     p_t        = N(m_t, sigma_t^2),  m_t = (1 - t) mu0,  sigma_t^2 = (1 - t)^2 sigma0^2 + t^2
 #     u(x, s)    = E[x1 - x0 | x_s = x] = -mu0 + (sigma_s' / sigma_s) (x - m_s)        (Gaussian regression:
@@ -838,7 +841,7 @@ def test_kernel_tvm_loss_gradients_through_a_tiny_dit_match_the_reference(jvp):
 #
 #     printed : LHS <= int_0^t lambda(s) delta(s) ds                               Eq. 10 as printed (C absorbed)
 #     repaired: LHS <= 3t int_0^t exp(3 int_0^s L(r)^2 (t - r) dr) delta(s) ds      the printed proof with its two
-#               slips fixed (paper-notes §3): |a+b+c|^2 <= 3(|a|^2+|b|^2+|c|^2) in Eq. 42, and
+#               slips fixed (our reading of App. A.4): |a+b+c|^2 <= 3(|a|^2+|b|^2+|c|^2) in Eq. 42, and
 #               |u_theta(x_hat) - u_theta(psi)|^2 <= L^2 |e(s)|^2 <= L^2 (t - s) int_s^t |e'|^2 in Eq. 43
 #     direct  : LHS <= 2 Lambda(t) int_0^t lambda(s) delta(s) ds                   derived here (below); keeps the
 #               paper's weight lambda, and differs from the printed bound only by the factor 2 Lambda(t)
@@ -2043,7 +2046,104 @@ def test_cpu_thread_count_leaves_busy_cores_alone(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     for load, want in ((0.0, 2), (0.4, 2), (1.0, 1), (1.7, 1), (6.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
-        assert train.cpu_threads() == want, load
+        assert fid.cpu_threads() == want, load
+
+
+def test_evidence_digits_defaults_are_what_evidence_digits_json_was_made_with(tmp_path, monkeypatch, capsys):
+    """`python evidence.py --digits` must reproduce evidence/digits.md: its default sample count and training
+    steps are the n_fid and steps that evidence/digits.json records, and --help states them."""
+    with open(os.path.join(HERE, "evidence", "digits.json")) as f:
+        made_with = json.load(f)
+    calls = []
+    monkeypatch.setattr(evidence, "digits", lambda out, **kw: calls.append(kw))
+    evidence.main(["--digits", "--device", "cpu", "--out", str(tmp_path)])
+    assert calls[0]["n_fid"] == made_with["n_fid"] and calls[0]["steps"] == made_with["steps"]
+    with pytest.raises(SystemExit):
+        evidence.main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"(default {made_with['n_fid']}," in shown and f"--digits {made_with['steps']}," in shown
+
+
+# Every reference in the code points to the paper (section, equation, table), the official code (a file of
+# lumalabs/tvm) or a file of this repository, never to a file outside it. The spellings searched for are
+# split in two here, so that this file does not match them itself.
+OUTSIDE = ("paper-" "notes", "anchors" ".md", "\u00a7")
+# Files of other repositories that the code names; every other *.py it names must be in this repository.
+OTHER_REPOSITORIES = {
+    "evaluator.py": "ADM's evaluation script (openai/guided-diffusion)",
+    "generate_images.py": "the official code's sampler (lumalabs/tvm)",
+    "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
+    "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
+}
+REPO_FILE = re.compile(r"(?<![\w/.-])((?:notes|evidence|data)/[\w.-]*\w|[\w/-]*\w\.py\b)")
+
+
+def unresolved_references(root):
+    """[(file, line number, what)] for each reference in the .py files under root that points outside the
+    repository, or names a repository file (notes/..., evidence/..., data/..., *.py) that does not exist."""
+    bad = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")) and d != "runs")
+        for name in sorted(n for n in names if n.endswith(".py")):
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    bad += [(path, i, word) for word in OUTSIDE if word in line]
+                    bad += [(path, i, ref) for ref in REPO_FILE.findall(line)
+                            if ref not in OTHER_REPOSITORIES and not os.path.exists(os.path.join(root, ref))]
+    return bad
+
+
+def test_references_in_the_code_resolve(tmp_path):
+    assert unresolved_references(HERE) == []
+    # The check can fail: in a folder holding fid.py and data/digits.npz, a file that names them and, on its
+    # second line, three references that do not resolve.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "digits.npz").write_bytes(b"")
+    (tmp_path / "fid.py").write_text("")
+    planted = [OUTSIDE[0], "notes/" + "nowhere.md", "nowhere" + ".py"]   # split, as OUTSIDE is
+    (tmp_path / ("x" + ".py")).write_text("# data/digits.npz, fid.py and the official training/loss.py\n"
+                                          "# see " + ", ".join(planted) + "\n")
+    found = [(line, what) for _, line, what in unresolved_references(tmp_path)]
+    assert found == [(2, what) for what in planted], found
+
+
+@pytest.fixture
+def threads_restored():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _entry_points(tmp_path, monkeypatch):
+    """Each CPU entry point's main with cheap arguments: it stops early (an error, or its work replaced by
+    a no-op) but after the point where it sets its threads."""
+    monkeypatch.setattr(train, "train", lambda cfg: cfg)
+    monkeypatch.setattr(evidence, "digits", lambda *a, **k: None)
+    missing = str(tmp_path / "missing.npz")
+    return {"train.py": lambda: train.main(["--device", "cpu", "--out", str(tmp_path / "run")]),
+            "sample.py": lambda: sample.main(["--ckpt", str(tmp_path / "missing.pt"), "--device", "cpu"]),
+            "fid.py": lambda: fid.main([missing, "digits", "--device", "cpu"]),
+            "benchmark.py": lambda: benchmark.main(["step", "--device", "cpu", "--bench_cases", "no:such:case"]),
+            "evidence.py": lambda: evidence.main(["--digits", "--device", "cpu", "--out", str(tmp_path / "ev")])}
+
+
+@pytest.mark.parametrize("omp", [None, "5"])
+def test_every_cpu_entry_point_applies_the_thread_rule(tmp_path, monkeypatch, threads_restored, omp):
+    """train, sample, fid, benchmark and evidence all take their CPU threads from fid.cpu_threads() (replaced
+    here by a sentinel, 3) unless OMP_NUM_THREADS is set, which they obey (the threads stay as they were)."""
+    monkeypatch.setattr(fid, "cpu_threads", lambda: 3)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    for name, run in _entry_points(tmp_path, monkeypatch).items():
+        torch.set_num_threads(7)
+        try:
+            run()
+        except (SystemExit, train.TrainError, sample.SampleError):
+            pass
+        assert torch.get_num_threads() == (3 if omp is None else 7), name
 
 
 def test_error_bad_latent_and_label_files(tmp_path):
@@ -3330,8 +3430,10 @@ def test_fid_nan_statistics_are_refused_by_the_functions_too(tmp_path):
 
 def test_fid_dataset_features_are_cached_across_calls(tmp_path, monkeypatch, capsys):
     """`fid.py X digits` computes the digits' features once, then reads them from the cache (default
-    $XDG_CACHE_HOME/tvm-fid); a damaged cache is recomputed; --cache-dir '' turns it off."""
+    $XDG_CACHE_HOME/tvm-fid); a damaged cache is recomputed; --cache-dir '' turns it off. (The shipped
+    features are put out of reach: the cache is what the digits fall back on without them.)"""
     calls = fake_detector(monkeypatch)
+    monkeypatch.setattr(fid, "SHIPPED_FEATURES", str(tmp_path / "not_shipped.npz"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     first = fid.stats_from_source("digits")
     second = fid.stats_from_source("digits")
@@ -3347,6 +3449,93 @@ def test_fid_dataset_features_are_cached_across_calls(tmp_path, monkeypatch, cap
     assert calls == [1797, 1797]
     fid.main(["--save-stats", str(tmp_path / "s.npz"), "digits", "--cache-dir", ""])
     assert calls == [1797, 1797, 1797]
+
+
+# ------------------------------------------------------------------------------------------------
+# The digits' features, shipped in data/digits_inception.npz; what fid.py and train.py's end-of-run FID say
+# before computing features, and the names on their progress bars
+# ------------------------------------------------------------------------------------------------
+
+def test_shipped_digits_features_match_a_fresh_computation():
+    """data/digits_inception.npz is keyed to the digits of fid.dataset_images and to these weights, and 16
+    digits (spread over the set) computed afresh agree with it to float16 rounding: half a float16 step,
+    at most 2^-11 of the value, plus 1e-4 of the largest value for float32 differences between batch sizes
+    and CPUs, as in test_inception_features_shape_dtype_determinism (the shipped ones were computed 64 at a
+    time; here 16 at a time the excess was 4e-9 of the largest value, and the batch-size difference 2e-7)."""
+    images = fid.dataset_images("digits")
+    shipped = fid.shipped_features(images)
+    assert shipped is not None and shipped.shape == (1797, 2048)
+    pick = np.linspace(0, 1796, 16).astype(int)
+    fresh = fid.inception_features(images[pick], batch_size=16)
+    err = np.abs(fresh - shipped[pick]) - 2.0 ** -11 * np.abs(fresh)
+    assert err.max() <= 1e-4 * np.abs(fresh).max(), err.max() / np.abs(fresh).max()
+
+
+class CountingDetector:
+    """In place of the Inception network: (B, 3, 299, 299) -> (B, 2048) fixed random features; counts images."""
+
+    def __init__(self):
+        self.images, self.g = 0, torch.Generator().manual_seed(0)
+
+    def __call__(self, x):
+        self.images += len(x)
+        return torch.randn(len(x), 2048, generator=self.g)
+
+
+def test_fid_py_digits_uses_the_shipped_features_and_names_what_it_computes(tmp_path, monkeypatch, capsys):
+    """fid.py runs the network on a set of samples, not on the digits (their features are shipped); before
+    it computes, it says how many images and roughly how long, and its progress bar names the set. Digits
+    without shipped features are computed under the name "digits (reference)". (--save_stats: the same
+    sources as an FID, without the 2048-d matrix square roots.)"""
+    net = CountingDetector()
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
+    samples = str(tmp_path / "samples.npz")
+    fid.save_images_npz(samples, np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8))
+    for source in (samples, "digits"):
+        fid.main(["--save_stats", str(tmp_path / "stats.npz"), source, "--device", "cpu", "--cache_dir", ""])
+    out, err = capsys.readouterr()
+    assert net.images == 5 and "of 5 images in" in out and "of 1797 images in digits" in out
+    assert f"Inception features of 5 images ({samples}): roughly" in err
+    assert f"inception features: {samples}" in err and "are shipped in data/digits_inception.npz" in err
+
+    monkeypatch.setattr(fid, "dataset_images", lambda name: np.zeros((3, 8, 8, 3), np.uint8))   # another key
+    fid.main(["--save_stats", str(tmp_path / "stats.npz"), "digits", "--device", "cpu", "--cache_dir", ""])
+    err = capsys.readouterr().err
+    assert net.images == 5 + 3 and "inception features: digits (reference)" in err
+
+
+def test_fid_py_of_two_image_sets_takes_the_sample_space_path(tmp_path, monkeypatch, capsys):
+    """`fid.py A B` with images on both sides computes the distance from the features (fid_from_features,
+    exact, held to the covariance path by test_fid_from_features_sample_space_path_matches_covariance_path),
+    never the 2048 x 2048 square roots of frechet_distance, which take a minute on a busy CPU."""
+    fake_detector(monkeypatch)
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8) for n in (5, 7))
+    fid.save_images_npz(str(tmp_path / "a.npz"), a)
+    fid.save_images_npz(str(tmp_path / "b.npz"), b)
+    want = fid.fid_from_features(fid.inception_features(a), fid.inception_features(b))
+    monkeypatch.setattr(fid, "frechet_distance", lambda *args: pytest.fail("the 2048-d path ran"))
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    assert capsys.readouterr().out.startswith(f"FID {want:.4f} (5 images in")
+
+
+def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_path, monkeypatch, capsys):
+    """train.py's report_fid takes the real digits' features from the shipped file (the network sees only
+    the 1- and 4-step samples, and nothing is written in the run folder), prints one line before the FID
+    that says what it computes and roughly how long, and names each progress bar after its set."""
+    net = CountingDetector()
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, out=str(tmp_path),
+                                          fid_samples=20, fid_real=30))
+    data = DigitsData(cfg.data)
+    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    torch.manual_seed(0)
+    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"), io.StringIO())
+    assert net.images == 2 * 20 and result["real"] == 30 and os.listdir(tmp_path) == []
+    out, err = capsys.readouterr()
+    said = out.index("against 30 real digits (features shipped in")
+    assert said < out.index("Inception features of 40 images, roughly") < out.index("FID of 20 samples")
+    assert "inception features: 1-step samples" in err and "inception features: 4-step samples" in err
 
 
 def test_fid_prints_both_set_sizes(tmp_path, monkeypatch, capsys):
@@ -3886,8 +4075,9 @@ def test_sample_py_uses_the_ema_weights_and_the_given_cfg(tmp_path):
 
 def test_latents_are_normalised_with_the_papers_statistics_and_decoded_back(tmp_path):
     """LatentData: x0 = (mean + std_post eps - m_c) / s_c per channel, with IMM's statistics typed in
-    here from paper-notes §7 (not read from train.py), the posterior sample drawn with the given eps;
-    to_uint8_images hands the VAE exactly the latent z back (m_c + s_c x0)."""
+    here from the official configs/im256_w2.yaml and configs/im512_w2p5.yaml (raw_mean, raw_std; not read
+    from train.py), the posterior sample drawn with the given eps; to_uint8_images hands the VAE exactly the
+    latent z back (m_c + s_c x0)."""
     m = {256: [0.865, -0.278, 0.216, 0.374], 512: [1.56, -0.695, 0.483, 0.729]}
     s = {256: [4.855, 5.319, 3.937, 3.987], 512: [5.27, 5.91, 4.21, 4.31]}
     for res in (256, 512):

@@ -34,7 +34,7 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 #   train.py         imports  config, data, fid, tvm, attention_jvp                 the step, the loop, checkpoints
 #   config.py        imports  data, tvm                                             options, presets, checks, network
 #   data.py          imports  tvm                                                   data sets, latent cache, SD-VAE, errors
-#   fid.py           imports  nothing of the project                                FID
+#   fid.py           imports  nothing of the project                                FID; the CPU thread rule
 #   tvm.py           imports  attention_jvp                                         the method and the network
 #   attention_jvp.py imports  nothing of the project                                the attention kernel and its reference
 # train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
@@ -475,6 +475,7 @@ def run_benchmark(kind, argv=None):
 def main(argv=None):
     """-> the resolved config of the finished run; with --benchmark, the benchmark's exit status."""
     cfg = parse_config(argv)
+    fid.limit_cpu_threads(cfg.device)
     if cfg.benchmark:
         return run_benchmark("step", argv)
     with attention_jvp.use_backend(cfg.attention):
@@ -579,17 +580,6 @@ def lock_run_folder(out):
     return f
 
 
-def cpu_threads():
-    """Intra-op threads for a CPU run when OMP_NUM_THREADS is not set: the cores this process may use
-    that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
-    is every core, and its threads spin-wait for each other: on a 2-core machine with other work
-    running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
-    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up")."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
 def _log_step(line):
     """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
     try:
@@ -602,8 +592,6 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     check_batch(cfg, world)
     master = rank == 0
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))   # only ever fewer
 
     if cfg.steps == 0:   # only encode the image folder (config_errors allows 0 only for --res 256/512)
         data = open_data(cfg, rank, world, device)
@@ -886,25 +874,35 @@ def _save_flags(stop, cfg, t_saved, world, device):
 @torch.no_grad()
 def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
-    noise) against cfg.fid_real real digits, with fid.py's offline Inception. Small sets, because the
-    Inception network costs ~0.2 s per image on one CPU core: good to compare 1 and 4 steps and runs of
-    one setting, but FID grows as sets shrink, so for a number to report use sample.py and fid.py with
-    more samples. The real features are cached in the run folder. Skipped, with a message, if fid.py's
-    weights are not installed."""
+    noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
+    sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
+    CPU_SECONDS_PER_IMAGE): good to compare 1 and 4 steps and runs of one setting, but FID grows as sets
+    shrink, so for a number to report use sample.py and fid.py with more samples. The real digits' features are those shipped with fid.py
+    (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
+    once and kept in the run folder (fid_real_features_<fid_real>.npy). Skipped, with a message, if
+    fid.py's weights are not installed."""
     try:
         fid.load_inception("cpu")
     except (ImportError, RuntimeError) as e:
         print(f"FID skipped ({e}). --fid false turns this step off.")
         return None
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
+    real_images = to_uint8_images(data.images, {"res": 0})                  # (N, 8, 8, 3) uint8
     real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
-    if os.path.isfile(real_path):
-        real = np.load(real_path)
+    real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
+    if real is not None:
+        real = real[pick.numpy()]
+    elif os.path.isfile(real_path):
+        real, where = np.load(real_path), f"features kept in {real_path}"
     else:
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
-        real = fid.inception_features(to_uint8_images(data.images[pick], {"res": 0}), device=device,
-                                      progress=True)
-        np.save(real_path, real)
+        where = "features computed now"
     n = cfg.fid_samples // cfg.num_classes * cfg.num_classes
+    todo = n * len(steps) + (cfg.fid_real if real is None else 0)
+    print(f"FID of {' and '.join(f'{k}-step' for k in steps)} samples ({n} each, EMA model, w={cfg.w:g}) against "
+          f"{len(pick)} real digits ({where}): Inception features of {todo} images, {fid.estimate(todo, device)}")
+    if real is None:
+        real = fid.inception_features(real_images[pick.numpy()], device=device, progress="real digits")
+        np.save(real_path, real)
     g = torch.Generator().manual_seed(cfg.seed + 777)
     x1 = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
     y = torch.arange(cfg.num_classes).repeat(n // cfg.num_classes).to(device)
@@ -913,13 +911,12 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
     for k in steps:
         x0 = torch.cat([tvm.sample(ema, x1[i:i + 256].to(device, dtype), y[i:i + 256], cfg.w, k, cfg.scale_param)
                         for i in range(0, n, 256)])
-        feats = fid.inception_features(to_uint8_images(x0, {"res": 0}), device=device, progress=True)
+        feats = fid.inception_features(to_uint8_images(x0, {"res": 0}), device=device, progress=f"{k}-step samples")
         result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
     print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
         f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
     log.write(json.dumps(result) + "\n")
     return result
-
 
 if __name__ == "__main__":
     try:

@@ -125,8 +125,8 @@ class QKNorm(nn.Module):
 def sinusoidal_embedding(x, dim=256, max_period=10_000.0):
     """DiT's sin/cos embedding of a scalar per sample. x: (B,) -> (B, dim).
 
-    The raw value is embedded (t in [0, 1], no x1000 scaling), as in the official code (paper-notes
-    §9 #9); the paper does not say.
+    The raw value is embedded (t in [0, 1], no x1000 scaling), as in the official code (training/wrapper.py
+    hands t to training/dit.py's TimestepEmbedder as it is); the paper does not say.
     """
     freqs = _sinusoid_freqs(x, dim, max_period)
     args = x.to(freqs.dtype)[:, None] * freqs[None]                  # (B, dim / 2)
@@ -227,7 +227,7 @@ def modulation_jvp(c, dc, linear, n):
 
 def modulate(x, shift, scale):
     # Official code's form x * (1 + RMSNorm-(a)) + RMSNorm-(b), not Eq. 16's RMSNorm-(x) * RMSNorm-(a)
-    # + RMSNorm-(b) (paper-notes §9 #2): we follow the code, whose released weights use it. x is already
+    # + RMSNorm-(b) (training/dit.py, modulate): we follow the code, whose released weights use it. x is already
     # RMS-normalised by the caller. addcmul: one kernel for shift + x * (1 + scale).
     return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
@@ -287,8 +287,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch_size * patch_size * out_channels)
 
     def forward(self, x, c):
-        # The official code also RMS-normalises these two modulation vectors; the paper does not
-        # mention it (paper-notes §4 "Difference 2"). We follow the code.
+        # The official code (training/dit.py, FinalLayer) also RMS-normalises these two modulation vectors;
+        # the paper (Eq. 16, App. B.2) does not mention it. We follow the code.
         shift, scale = modulation(c, self.adaLN, 2)
         B, N, C = x.shape
         return self.linear(modulate(rms_norm(x), shift, scale).reshape(B * N, C)).reshape(B, N, -1)
@@ -367,7 +367,8 @@ class DiT(nn.Module):
         N(0, 0.02); adaLN linears and the output linear zero (adaLN-Zero: every block starts as the
         identity and F starts at 0); time embedders N(0, 0.02) unless time_spectral_init, which
         Table 6 and the configs use for the im256 w=2 and im512 w=2.25 models, not for im256 w=1.75 and
-        im512 w=2.5 (the text says "except time embedding layers", paper-notes §9 #3).
+        im512 w=2.5 (time_specinit in the official configs/*.yaml; Sec. 4's text says "except time embedding
+        layers").
         """
         def spectral_(weight):
             nn.init.xavier_normal_(weight)
@@ -432,8 +433,8 @@ class DiT(nn.Module):
         return self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
 
     def forward(self, x, t, s, y, w):
-        # The network sees (t, t - s, beta = 1/w), as in the official wrapper; a JVP in s then reaches
-        # the network through the gap embedder with tangent -1 (paper-notes §2.2).
+        # The network sees (t, t - s, beta = 1/w), as in the official wrapper (training/wrapper.py); a JVP
+        # in s (Eq. 17) then reaches the network through the gap embedder with tangent -1.
         h = self.embed_patches(x)                                                   # (B, N, hidden)
         c = self.t_embedder(t) + self.gap_embedder(t - s) + self.w_embedder(1.0 / w) + self.y_embedder(y)
         for block in self.blocks:
@@ -562,7 +563,7 @@ def _logit(p):
 
 
 def sample_times(n, generator=None, device=None, mu_gap=-0.8, sigma_gap=1.0, mu_s=-0.4, sigma_s=1.0):
-    """The "gap*" time sampler (Sec. 7.3, Table 6; official loss.py sample_ts). Returns (t, s, s_prime).
+    """The "gap*" time sampler (Sec. 7.3, Table 6; official training/loss.py, sample_ts). Returns (t, s, s_prime).
 
         gap = sigmoid(N(mu_gap, sigma_gap^2))
         s   = sigmoid(z), z ~ N(mu_s, sigma_s^2) truncated to z <= logit(1 - gap)  (so s <= 1 - gap)
@@ -603,7 +604,7 @@ def sample_loss_inputs(x0, y, num_classes, w=2.0, w_range=None, label_dropout=0.
 
     Guidance: constant w (the paper's best, Table 4a; all released configs) unless w_range=(w_min,
     w_max). Random w follows the paper, beta = 1/w ~ U(1/w_max, 1/w_min) (App. F.1), since beta is
-    what the network sees; the official code instead draws w ~ U(w_min, w_max) (paper-notes §9 #1).
+    what the network sees; the official code instead draws w ~ U(w_min, w_max) (training/loss.py).
     Label dropout: y -> null with probability label_dropout, and w forced to 1 there (Sec. 4).
     """
     B, device = x0.shape[0], x0.device
