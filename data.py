@@ -12,6 +12,7 @@ Encode an image folder once, without training (before a multi-node run, say; tra
 $ python train.py --res 256 --data /path/to/imagenet/train --steps 0
 """
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -579,3 +581,45 @@ class RandomVAE(VAE):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vae = AutoencoderKL.from_config(SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample grids: what train.py shows of a run as it goes
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(net, cfg, device, vae=None, per_class=8, steps=(1, 4), amp=nullcontext()):
+    """uint8 image: one row per class (all classes up to 10; else 8 spread over the classes), per_class
+    samples with 1 step on the left and with 4 steps on the right. Fixed noise, so grids of one run are
+    comparable step to step."""
+    cfg_d = dataclasses.asdict(cfg)
+    K = cfg.num_classes
+    classes = list(range(K)) if K <= 10 else [int(c) for c in np.linspace(0, K - 1, 8)]
+    if K == 1000:
+        classes = [207, 360, 387, 974, 88, 979, 417, 279]   # DiT's sample classes
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    x1 = torch.randn((len(classes) * per_class, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
+    y = torch.tensor(classes).repeat_interleave(per_class).to(device)
+    dtype = next(net.parameters()).dtype
+    blocks = []
+    for n in steps:
+        with amp:
+            x0 = tvm.sample(net, x1.to(device, dtype), y, cfg.w, n, scale_param=cfg.scale_param)
+        img = to_uint8_images(x0, cfg_d, vae)                                   # (N, H, W, 3)
+        if cfg.res == 0:  # 8x8 digits: enlarge 4x (nearest) to be visible
+            img = img.repeat(4, axis=1).repeat(4, axis=2)
+        blocks.append(img)
+    H, pad = blocks[0].shape[1], 2
+    grid = np.full((len(classes) * (H + pad) + pad, len(steps) * (per_class * (H + pad) + 3 * pad), 3),
+                   128, np.uint8)
+    for b, img in enumerate(blocks):
+        x_off = b * (per_class * (H + pad) + 3 * pad) + pad
+        for i in range(len(img)):
+            r, c = divmod(i, per_class)
+            grid[pad + r * (H + pad):pad + r * (H + pad) + H, x_off + c * (H + pad):x_off + c * (H + pad) + H] = img[i]
+    return grid
+
+
+def save_png(arr, path):
+    from PIL import Image
+    _write_atomically(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))

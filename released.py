@@ -205,6 +205,7 @@ _OPCODES = _VALUE_OPCODES | {
     "TUPLE3", "TUPLE", "EMPTY_LIST", "APPEND", "APPENDS", "EMPTY_DICT", "SETITEM", "SETITEMS", "EMPTY_SET",
     "ADDITEMS", "FROZENSET", "GLOBAL", "STACK_GLOBAL", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD", "BINPUT",
     "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET", "BINPERSID"}
+_CONTAINER_OPCODES = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "FROZENSET"}
 
 
 # Storage records (pickle.dump writes each storage as a legacy torch.save of it: _Reader.load_storage).
@@ -304,36 +305,8 @@ class _Reader:
                 stack.append(tuple(pop_mark()))
             elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
                 stack.append({"EMPTY_LIST": list, "EMPTY_DICT": dict, "EMPTY_SET": set}[name]())
-            elif name in ("APPEND", "APPENDS"):
-                items = [stack.pop()] if name == "APPEND" else pop_mark()
-                if not isinstance(stack[-1], (list, StandIn)):
-                    raise OfficialCheckpointError(f"refused {name} to {_show(stack[-1])}: only lists and stand-ins "
-                                                  "are appended to")
-                stack[-1].extend(items)
-            elif name in ("SETITEM", "SETITEMS"):
-                if name == "SETITEM":
-                    value, key = stack.pop(), stack.pop()
-                    items = [key, value]
-                else:
-                    items = pop_mark()
-                target = stack[-1]
-                if type(target) not in (dict, OrderedDict) and not isinstance(target, StandIn):
-                    raise OfficialCheckpointError(f"refused {name} on {_show(target)}: only dicts and stand-ins "
-                                                  "take items")
-                if not isinstance(target, StandIn):
-                    _check_keys(items[::2])
-                for i in range(0, len(items) - 1, 2):
-                    target[items[i]] = items[i + 1]
-            elif name == "ADDITEMS":
-                items = pop_mark()
-                if type(stack[-1]) is not set:
-                    raise OfficialCheckpointError(f"refused ADDITEMS to {_show(stack[-1])}: only sets take members")
-                _check_keys(items)
-                stack[-1].update(items)
-            elif name == "FROZENSET":
-                items = pop_mark()
-                _check_keys(items)
-                stack.append(frozenset(items))
+            elif name in _CONTAINER_OPCODES:
+                self.fill(name, stack, pop_mark)
             elif name in ("GLOBAL", "STACK_GLOBAL"):
                 if name == "GLOBAL":
                     module, qualname = arg.split(" ", 1)
@@ -370,6 +343,40 @@ class _Reader:
                 stack.append(memo[arg])
             elif name == "BINPERSID":     # a storage record's persistent id is the record we want: it stays
                 pass                      # on the stack as it is ('storage', dtype, key, location, numel, view)
+
+    def fill(self, name, stack, pop_mark):
+        """The opcodes that put items into the container on top of the stack (lists, dicts, sets, and the
+        stand-ins that stand for them), or make a frozenset: each checked as run() checks every opcode."""
+        if name in ("APPEND", "APPENDS"):
+            items = [stack.pop()] if name == "APPEND" else pop_mark()
+            if not isinstance(stack[-1], (list, StandIn)):
+                raise OfficialCheckpointError(f"refused {name} to {_show(stack[-1])}: only lists and stand-ins "
+                                              "are appended to")
+            stack[-1].extend(items)
+        elif name in ("SETITEM", "SETITEMS"):
+            if name == "SETITEM":
+                value, key = stack.pop(), stack.pop()
+                items = [key, value]
+            else:
+                items = pop_mark()
+            target = stack[-1]
+            if type(target) not in (dict, OrderedDict) and not isinstance(target, StandIn):
+                raise OfficialCheckpointError(f"refused {name} on {_show(target)}: only dicts and stand-ins "
+                                              "take items")
+            if not isinstance(target, StandIn):
+                _check_keys(items[::2])
+            for i in range(0, len(items) - 1, 2):
+                target[items[i]] = items[i + 1]
+        elif name == "ADDITEMS":
+            items = pop_mark()
+            if type(stack[-1]) is not set:
+                raise OfficialCheckpointError(f"refused ADDITEMS to {_show(stack[-1])}: only sets take members")
+            _check_keys(items)
+            stack[-1].update(items)
+        elif name == "FROZENSET":
+            items = pop_mark()
+            _check_keys(items)
+            stack.append(frozenset(items))
 
     def find_global(self, module, name):
         """The object a global name of the file becomes: an admitted one, a dtype or a stand-in class."""

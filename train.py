@@ -40,7 +40,6 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 # train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
 # benchmark.py imports them.
 
-import argparse
 import copy
 import dataclasses
 import gc
@@ -58,7 +57,6 @@ import time
 import traceback
 import zipfile
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -72,7 +70,7 @@ import tvm
 from config import (MODELS, PRESETS, STRUCTURAL, TINY, TrainConfig, build_net, config_errors, model_kwargs,  # noqa: F401
                     parse_config, prepare_net, resolve)
 from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
-                  make_batch, open_data, run_script, to_uint8_images)
+                  make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -370,48 +368,6 @@ def make_step(model, net, ema, target, opt, cfg, amp=nullcontext(), graph=False,
 
 def _fields(inp):
     return [getattr(inp, f.name) for f in dataclasses.fields(inp)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Sample grids
-# ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample_grid(net, cfg, device, vae=None, per_class=8, steps=(1, 4), amp=nullcontext()):
-    """uint8 image: one row per class (all classes up to 10; else 8 spread over the classes), per_class
-    samples with 1 step on the left and with 4 steps on the right. Fixed noise, so grids of one run are
-    comparable step to step."""
-    cfg_d = dataclasses.asdict(cfg)
-    K = cfg.num_classes
-    classes = list(range(K)) if K <= 10 else [int(c) for c in np.linspace(0, K - 1, 8)]
-    if K == 1000:
-        classes = [207, 360, 387, 974, 88, 979, 417, 279]   # DiT's sample classes
-    g = torch.Generator().manual_seed(cfg.seed + 12345)
-    x1 = torch.randn((len(classes) * per_class, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
-    y = torch.tensor(classes).repeat_interleave(per_class).to(device)
-    dtype = next(net.parameters()).dtype
-    blocks = []
-    for n in steps:
-        with amp:
-            x0 = tvm.sample(net, x1.to(device, dtype), y, cfg.w, n, scale_param=cfg.scale_param)
-        img = to_uint8_images(x0, cfg_d, vae)                                   # (N, H, W, 3)
-        if cfg.res == 0:  # 8x8 digits: enlarge 4x (nearest) to be visible
-            img = img.repeat(4, axis=1).repeat(4, axis=2)
-        blocks.append(img)
-    H, pad = blocks[0].shape[1], 2
-    grid = np.full((len(classes) * (H + pad) + pad, len(steps) * (per_class * (H + pad) + 3 * pad), 3),
-                   128, np.uint8)
-    for b, img in enumerate(blocks):
-        x_off = b * (per_class * (H + pad) + 3 * pad) + pad
-        for i in range(len(img)):
-            r, c = divmod(i, per_class)
-            grid[pad + r * (H + pad):pad + r * (H + pad) + H, x_off + c * (H + pad):x_off + c * (H + pad) + H] = img[i]
-    return grid
-
-
-def save_png(arr, path):
-    from PIL import Image
-    _write_atomically(path, lambda f: Image.fromarray(arr).save(f, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -714,17 +670,24 @@ def _train(cfg, rank, world, device):
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
     bar.close()
-    if skipped > MAX_SKIPPED_SHARE * (step - first_step):
-        if master:
-            log.write(json.dumps(dict(step=step, event="stopped: too many steps skipped", skipped=skipped)) + "\n")
-            log.close()
-        raise TrainError(f"{skipped} of the {step - first_step} steps of this run had a non-finite loss or gradient "
-                         f"and were skipped (more than {MAX_SKIPPED_SHARE:.0%}): the run did not train as asked, so it "
-                         f"does not end as done. {ckpt_path} (step {step}) is kept; {step - first_step - skipped} of this run's "
-                         f"steps updated it. Check the data for NaN or infinite values; if it is clean, start again (another "
-                         f"--out) with a smaller --lr (now {cfg.lr:g}) or with --grad_clip 1.0")
+    _stop_if_mostly_skipped(skipped, step - first_step, step, cfg, ckpt_path, log)
     _finish(cfg, ema, data, device, log, ckpt_path, log_path, world)
     return cfg
+
+
+def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
+    """A run that skipped more than MAX_SKIPPED_SHARE of the `ran` steps of this process does not end as done
+    (rank 0: log is its open log)."""
+    if skipped <= MAX_SKIPPED_SHARE * ran:
+        return
+    if log is not None:
+        log.write(json.dumps(dict(step=step, event="stopped: too many steps skipped", skipped=skipped)) + "\n")
+        log.close()
+    raise TrainError(f"{skipped} of the {ran} steps of this run had a non-finite loss or gradient "
+                     f"and were skipped (more than {MAX_SKIPPED_SHARE:.0%}): the run did not train as asked, so it "
+                     f"does not end as done. {ckpt_path} (step {step}) is kept; {ran - skipped} of this run's "
+                     f"steps updated it. Check the data for NaN or infinite values; if it is clean, start again (another "
+                     f"--out) with a smaller --lr (now {cfg.lr:g}) or with --grad_clip 1.0")
 
 
 def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
