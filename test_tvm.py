@@ -2071,6 +2071,8 @@ OUTSIDE = ("paper-" "notes", "anchors" ".md", "\u00a7")
 # Files of other repositories that the code names; every other *.py it names must be in this repository.
 OTHER_REPOSITORIES = {
     "evaluator.py": "ADM's evaluation script (openai/guided-diffusion)",
+    "image_datasets.py": "ADM's data loading, center_crop_arr (openai/guided-diffusion)",
+    "destroy_probe.py": "a probe that a test writes into its temporary folder",
     "generate_images.py": "the official code's sampler (lumalabs/tvm)",
     "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
     "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
