@@ -2552,11 +2552,12 @@ def test_sample_refuses_a_ckpt_folder_and_a_save_converted_under_a_file(ckpt, tm
 
 
 def test_latent_model_without_vae_says_what_to_do(tmp_path):
-    """A latent (res 256) checkpoint needs the SD-VAE through diffusers and its weights, neither of which
-    this machine has: the error must name them, and come before any sampling."""
+    """A latent (res 256) checkpoint needs the SD-VAE through diffusers and its weights: without them the
+    error must name them, and come before any sampling. --vae names a local folder that does not exist,
+    so that where diffusers is installed nothing is asked of the Hugging Face Hub."""
     path = make_checkpoint(tmp_path / "latent.pt", res=256, input_size=4, in_channels=4, num_classes=10)
     with pytest.raises(train.TrainError, match="diffusers|VAE weights"):
-        run_sample(path, tmp_path / "x", "--n", 2)
+        run_sample(path, tmp_path / "x", "--n", 2, "--vae", str(tmp_path / "no_vae"))
     assert not (tmp_path / "x.npz").exists()
 
 
