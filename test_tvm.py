@@ -1942,9 +1942,14 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)   # arrives mid-step; the step still completes
         return step(*a, **k)
     monkeypatch.setattr(train, "train_step", interrupted)
-    with pytest.raises(train.Stopped, match=r"stopped by SIGINT at step 2: .*ckpt\.pt saved.*--resume"):
-        run_train(tmp_path / "r", "--steps", 100, "--batch_size", 4)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handler restored
+    # Python's own handler, whatever the launcher left (a background job or nohup starts with SIGINT ignored)
+    launcher = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(train.Stopped, match=r"stopped by SIGINT at step 2: .*ckpt\.pt saved.*--resume"):
+            run_train(tmp_path / "r", "--steps", 100, "--batch_size", 4)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler       # handler restored
+    finally:
+        signal.signal(signal.SIGINT, launcher)
     assert torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.undo()
     run_train(tmp_path / "r", "--steps", 3, "--batch_size", 4, "--resume")
