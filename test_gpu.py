@@ -357,13 +357,14 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
     assert not evil.exists()
 
     fid_py = os.path.join(ROOT, "fid.py")
-    extra = ([] if fid_weights_installed() else ["--standin"]) + SDEVICE
+    standin = [] if fid_weights_installed() else ["--standin"]
+    extra = standin + SDEVICE
     same = run([fid_py, root / "s1.npz", root / "s1.npz", *extra])
     other = run([fid_py, root / "s1.npz", root / "o_pkl.npz", *extra])     # s4 equals s1 here (F = 0)
     assert "24 images" in same and "both SOURCEs are" in same
     assert float(same.split("FID")[1].split()[0]) == 0.0
     assert float(other.split("FID")[1].split()[0]) > 0.0
-    if extra:
+    if standin:
         assert "stand-in" in other
 
 
