@@ -218,9 +218,9 @@ def print_kernel_profile(title, device, run, top=12):
 
 
 def code_version():
-    """sha1 (10 hex digits) of tvm.py, attention_jvp.py and train.py: which code a printed timing ran."""
+    """sha1 (10 hex digits) of the files the timed step runs: which code a printed timing ran."""
     h = hashlib.sha1()
-    for name in ("tvm.py", "attention_jvp.py", "train.py"):
+    for name in ("tvm.py", "attention_jvp.py", "data.py", "config.py", "train.py", "benchmark.py"):
         with open(os.path.join(HERE, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()[:10]

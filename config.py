@@ -80,10 +80,10 @@ class TrainConfig:
     vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
     workers: int = _opt(8, "image-decoding processes while encoding latents")
     attention: str = _opt("auto", "auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend")
-    compile: bool = _opt(None, "torch.compile each DiT block (tvm.DiT.compile_blocks); on at 256 and 512 (measured "
-                               "1.7x faster on an H100, README), off for the CPU demo. Needs --jvp manual/auto")
+    compile: bool = _opt(None, "torch.compile each DiT block (tvm.DiT.compile_blocks); on at 256 and 512 (timings in "
+                               "notes/step.md), off for the CPU demo. Needs --jvp manual/auto")
     checkpoint_blocks: bool = _opt(False, "recompute block activations in the backward: ~1/3 of the memory, ~1.5x "
-                                          "the time (measured, README); needs --jvp manual/auto")
+                                          "the time (measured, notes/step.md); needs --jvp manual/auto")
     cuda_graph: bool = _opt(None, "replay the whole step as one CUDA graph (CudaGraphStep); default: on for one "
                                   "process on a GPU, off otherwise (DDP's all-reduce is not captured)")
     benchmark: bool = _opt(False, "time the TVM and flow-matching steps on random latents, then exit")
@@ -128,14 +128,15 @@ def _parse_bool(text):
 
 
 # What --help (and an error) opens with: three commands to copy; the docstring below them says more.
-USAGE = """python train.py                                       (the embedded digits: CPU, about 10 minutes)
+USAGE = """python train.py                                       (the embedded digits: CPU, 6-26 minutes on 2 cores)
        python train.py --res 256 --data /path/to/imagenet/train     (ImageNet 256 px, one GPU)
        torchrun --standalone --nproc_per_node=8 train.py --res 256 --data /path/to/imagenet/train   (8 GPUs)"""
 
 
-def parse_config(argv=None):
-    """Command line -> TrainConfig with the --res preset filled in and every value checked."""
-    p = argparse.ArgumentParser(usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_config(argv=None, description=None):
+    """Command line -> TrainConfig with the --res preset filled in and every value checked. description:
+    what --help prints under the usage (train.py passes its docstring)."""
+    p = argparse.ArgumentParser(usage=USAGE, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     derived = ("input_size", "in_channels", "num_classes")
     types = {bool: _parse_bool, int: int, float: float, str: str}
     for f in dataclasses.fields(TrainConfig):

@@ -4,7 +4,8 @@ The data of train.py, and the SD-VAE around it:
   - one step's batch, a pure function of (seed, step) whatever the number of processes (make_batch);
   - an image folder in ImageNet layout, centre-cropped as ADM does, encoded once into that cache;
   - the VAE (stabilityai/sd-vae-ft-ema through diffusers) that encodes images and decodes samples, and
-    its architecture with random weights (RandomVAE) for timing without the weights.
+    its architecture with random weights (RandomVAE) for timing without the weights;
+  - the sample grids train.py writes as a run goes (sample_grid, save_png).
 Also what the files above share: the error types of the command lines and how the scripts report them
 (run_script), and the atomic file writes of the latent cache, the checkpoints and the logs.
 

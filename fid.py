@@ -47,7 +47,7 @@ from those are close but not equal. We chose it because both ImageNet numbers a 
 ADM's reference batch and the paper's own pipeline, use it.
 
 Cost: the network always runs at 299 x 299 (~6 GFLOP per image), whatever the input size: 0.23-0.86 s per
-image on one thread of this project's 2-core CPU, the low end on an idle machine, the high end on a busy
+image on one thread of a 2-core AMD EPYC CPU, the low end on an idle machine, the high end on a busy
 one (1,000 images: 4-14 minutes; 2 minutes with both cores idle; see CPU_SECONDS_PER_IMAGE); far less on
 a GPU.
 
@@ -93,7 +93,7 @@ def cpu_threads():
     that are not already busy (affinity minus the 1-minute load average), at least 1. PyTorch's default
     is every core, and its threads spin-wait for each other: on a 2-core machine with other work
     running (load average 2.6-5.5), the digits job ran 7-13x slower with 2 threads than with 1: 6-22 s
-    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2, README "Set up"); on the same
+    against 0.75-2.6 s per step (measured with OMP_NUM_THREADS=1 / 2; notes/training.md, "Threads on a CPU"); on the same
     machine sample.py's 1,000 digits in 4 steps took 103 s with PyTorch's default and 4.5 s with 1 thread."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
@@ -240,8 +240,8 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     return feats
 
 
-# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range: the extremes measured on this
-# project's 2-core AMD EPYC machine (torch 2.13, 64 digits at a time). Nearly idle (load average 1.4, this
+# Inception's cost per image on a CPU, in seconds x intra-op threads, as a range: the extremes measured on a
+# 2-core AMD EPYC CPU (torch 2.13, 64 digits at a time). Nearly idle (load average 1.4, this
 # process included): 0.23 s per image with 1 thread, 0.125 with 2. With other work running: 0.53 and 0.86 s
 # with 1 thread (load average 6.0-6.7), 0.74 over all 1,797 digits (22 min, load average 5.8-8.8); with 2
 # threads at that load 0.71-0.73 s, no faster than 1, which is why cpu_threads() gives 1 there.
@@ -490,14 +490,14 @@ def dataset_images(name):
 
 
 def default_cache_dir():
-    """Where `python fid.py ... digits` keeps the real digits' features: $XDG_CACHE_HOME/tvm-fid, else
-    ~/.cache/tvm-fid. --cache_dir changes it; --cache_dir '' turns the cache off."""
+    """Where a dataset's features that do not ship (data/digits_inception.npz) are cached: $XDG_CACHE_HOME/tvm-fid,
+    else ~/.cache/tvm-fid. --cache_dir changes it; --cache_dir '' turns the cache off."""
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
                         "tvm-fid")
 
 
-# The Inception features of all 1,797 digits, computed once (22 min on 1 thread of the machine of
-# CPU_SECONDS_PER_IMAGE, with other work running) and shipped, so that neither `fid.py X digits` nor train.py's end-of-run FID computes
+# The Inception features of all 1,797 digits, computed once (22 min on 1 thread of a busy 2-core AMD EPYC
+# CPU) and shipped, so that neither `fid.py X digits` nor train.py's end-of-run FID computes
 # them: float16 (N, 2048) "features" (7 MB; within 2^-11 of each float32 value, relative) and the "key" of
 # dataset_features' cache, the sha1 of the images then of the weights: a file that does not match is ignored.
 SHIPPED_NAME = "data/digits_inception.npz"

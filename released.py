@@ -2,7 +2,7 @@
 The released checkpoints of the official code (lumalabs/tvm: im256_w2.pkl, im256_w1p75.pkl, im512_w2p5.pkl),
 read without importing or running anything from them, and converted to tvm.DiT. This file is the one
 place where a file from outside is unpickled: load_official is the security boundary, auditable on its own.
-sample.py uses it: python sample.py --ckpt im256_w2.pkl --n 64 (README, 'Use the released models').
+sample.py uses it: python sample.py --ckpt im256_w2.pkl --n 64 (README, 'The released official models').
 Whatever the file holds, reading it takes time and memory bounded by its size (the limit table below), and
 a file that is refused gets one sentence that names the cause (sample.py: exit status 2).
 """

@@ -19,7 +19,7 @@ their recommended steps and w:
 $ python sample.py --ckpt im256_w2.pkl --n 64
 $ python sample.py --ckpt im256_w2.pkl --save_converted runs/official/im256_w2.pt    (a checkpoint of ours)
 Throughput of the evaluation path on a GPU (random weights, no data; writes only under --out):
-$ python -B sample.py --benchmark --out $OUT/bench
+$ python -B sample.py --benchmark --out runs/bench
 
 Sampling is Fig. 3 of the paper (tvm.sample): n uniform jumps from t = 1 to s = 0, each one forward pass
 of the network, whose guidance weight w (--cfg) is an input, so 1 step = 1 NFE with guidance.
@@ -247,7 +247,7 @@ def main(argv=None):
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "
-                          "released official .pkl (README, 'Use the released models')")
+                          "released official .pkl (README, 'The released official models')")
     if args.save_converted:
         if not is_official_pickle(args.ckpt):
             raise SampleError(f"--save_converted: {args.ckpt} is already a checkpoint of ours (a torch.save archive)")
@@ -267,7 +267,7 @@ def main(argv=None):
     classes = parse_classes(args.classes, config["num_classes"])
     if args.cfg is None and config["w"] is None:
         raise SampleError(f"{args.ckpt}: no recommended guidance weight for this file; give one with --cfg "
-                          "(the released files use w = 2, 1.75 and 2.5: README, 'Use the released models')")
+                          "(the released files use w = 2, 1.75 and 2.5: README, 'The released official models')")
     w = config["w"] if args.cfg is None else args.cfg
     w_hi = config.get("w_max") or config["w"]
     if rank == 0 and info is None and config["w"] is not None and not min(config["w"], w_hi) - 1e-9 <= w <= max(config["w"], w_hi) + 1e-9:

@@ -7,7 +7,7 @@ Gaussians, a transcription of the paper's equation). Run on the CPU with
 
 Sections: the method and the network (tvm.py); the kernel (attention_jvp.py); Theorem 1 in closed
 form; the training loop (train.py); sampling (sample.py); the released official checkpoints
-(sample.load_official); FID (fid.py). The Triton kernel runs here
+(released.load_official); FID (fid.py). The Triton kernel runs here
 through Triton's interpreter (TRITON_INTERPRET=1, set below before anything imports Triton). Every
 test except the kernel's (named test_kernel_*) uses the math attention, which is exact and much faster
 on a CPU; the kernel's tests hold it against float64 autograd of that math attention.
@@ -54,7 +54,7 @@ from data import (DigitsData, EpochSampler, LatentData, RandomVAE, center_crop, 
                   make_batch, run_script, to_uint8_images)
 
 # Tiny tensors: one thread is as fast as two, and immune to the spin-wait slow-down that several
-# intra-op threads suffer on a busy 2-core machine (measured here: 25x slower per step).
+# intra-op threads suffer on a busy 2-core CPU (measured on a 2-core AMD EPYC: 25x slower per step).
 torch.set_num_threads(1)
 
 
@@ -2577,16 +2577,16 @@ def test_fid_reference_digits_match_the_samples_pixel_convention():
 
 
 # ================================================================================================
-# Released official checkpoints (sample.load_official)
+# Released official checkpoints (released.load_official)
 # ================================================================================================
 #
 # The official snapshots (im256_w2.pkl, ...) are plain pickles whose network classes are "persistent":
 # pickled as calls of torch_utils.persistence._reconstruct_persistent_obj(meta), meta carrying the
-# source of their module, which the official loader executes (../shared/official-checkpoints.md). We
+# source of their module, which the official loader executes (the official code's torch_utils/persistence.py). We
 # write pickles of that layout here: the official module names exist in sys.modules during the write
 # only (fake modules), every module_src would create a file if executed, and the weights are those of
-# a small tvm.DiT put under the official names (the inverse of sample.OFFICIAL_RENAMES, written out
-# by hand). sample.load_official must give back the same F, import nothing and execute nothing.
+# a small tvm.DiT put under the official names (the inverse of released.OFFICIAL_RENAMES, written out
+# by hand). released.load_official must give back the same F, import nothing and execute nothing.
 
 import contextlib
 import copyreg
@@ -2650,7 +2650,7 @@ def official_modules(evil_src):
 
 def official_network(net, ns, label_dim, extra_rows=2, do_scale_param=True):
     """The official module tree (TVMWrapper > DiT > embedders, blocks, final layer) holding `net`'s weights
-    under the official names: the inverse of sample.OFFICIAL_RENAMES, written out here."""
+    under the official names: the inverse of released.OFFICIAL_RENAMES, written out here."""
     def persistent(name, **attrs):
         m = ns.Persistent()
         m.official_class = name
@@ -2844,7 +2844,7 @@ def test_sample_py_on_an_official_pickle_and_save_converted(tmp_path, monkeypatc
     """sample.py takes an official pickle like a checkpoint of ours (detected by content): a 256 px latent
     model (32 x 32 x 4, 1-block DiT) decoded by a stand-in VAE (the SD-VAE's weights are not here). The
     .npz holds arr_0 uint8 NHWC and arr_1 the labels, and equals what the source network gives through the
-    same pipeline. --save-converted writes a checkpoint of ours, readable with weights_only=True, with the
+    same pipeline. --save_converted writes a checkpoint of ours, readable with weights_only=True, with the
     same F and the same samples."""
     class StandInVAE:                       # raw latents -> 8x upsampled first 3 channels, about [-1, 1]
         vae = nn.Linear(1, 1)

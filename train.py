@@ -3,7 +3,7 @@ Train a Terminal Velocity Matching model (arXiv 2511.19797, Algorithm 1), from a
 ImageNet-512 on several nodes. The method itself lives in tvm.py, the data and the SD-VAE in data.py, the
 options and presets in config.py; this file is the training step, the loop, checkpoints and logs.
 
-The embedded demo: 1,797 8x8 handwritten digits (data/digits.npz), a tiny DiT, CPU, about 10 minutes:
+The embedded demo: 1,797 8x8 handwritten digits (data/digits.npz), a tiny DiT, CPU, 6-26 minutes on 2 cores:
 $ python train.py
 
 ImageNet at 256 or 512 px (one folder of images per class; encoded once into SD-VAE latents, cached
@@ -430,7 +430,7 @@ def run_benchmark(kind, argv=None):
 
 def main(argv=None):
     """-> the resolved config of the finished run; with --benchmark, the benchmark's exit status."""
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, description=__doc__)
     fid.limit_cpu_threads(cfg.device)
     if cfg.benchmark:
         return run_benchmark("step", argv)

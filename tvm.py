@@ -428,7 +428,7 @@ class DiT(nn.Module):
         their input's layout: without the copy the whole residual stream of every block (and its
         tangent, and their gradients) stays channel-major, and each RMSNorm reduces across strided
         memory (seen in the kernels Inductor generated for XL/2). Inductor copes well with that: on an
-        H200 the copy changed the XL/2 step by less than the spread between runs (README, "Toward the
+        H200 the copy changed the XL/2 step by less than the spread between runs (notes/step.md, "Toward the
         hardware limit"); it is kept for the plain layout, which any other kernel can rely on."""
         return self.x_embedder(x).flatten(2).transpose(1, 2).contiguous() + self.pos_embed
 
@@ -722,7 +722,7 @@ def ema_update(ema, net, rate, ok=None):
 
 # The flagged EMA update on a GPU, one pass: the torch lines above read both weights twice and write a
 # temporary (torch.where) before the lerp: 6 float32 accesses per parameter against 3, and the update
-# runs twice per step over the 678M parameters of XL/2 (measured on an H200: see README, "Toward the
+# runs twice per step over the 678M parameters of XL/2 (measured on an H200: see notes/step.md, "Toward the
 # hardware limit"). Same formula as torch's lerp for a weight below 0.5, e + w (n - e), in float32.
 if HAS_TRITON:
     @triton.jit
