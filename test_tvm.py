@@ -2081,6 +2081,7 @@ OTHER_REPOSITORIES = {
     "generate_images.py": "the official code's sampler (lumalabs/tvm)",
     "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
     "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
+    "torch_utils/persistence.py": "lumalabs/tvm",
 }
 REPO_FILE = re.compile(r"(?<![\w/.-])((?:notes|evidence|data)/[\w.-]*\w|[\w/-]*\w\.py\b)")
 
