@@ -331,15 +331,12 @@ def save_outputs(out, images, labels, grid):
     """Write <out>.npz in the ADM layout (arr_0: uint8 (N, H, W, 3); arr_1: the class labels (N,), as ADM's
     class-conditional samples carry them) and <out>.png (a grid of the first `grid`; none if grid is 0)
     -> the .npz path."""
-    from PIL import Image
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     # All or nothing: a full disk leaves the previous file (if any) intact, never a truncated one.
     fid.save_images_npz(out + ".npz", images, labels)
     images = fid._check_images(images)
     if grid:
-        tmp = f"{out}.{os.getpid()}.tmp.png"
-        Image.fromarray(image_grid(images, grid)).save(tmp)
-        os.replace(tmp, out + ".png")
+        data.save_png(image_grid(images, grid), out + ".png")
     print(f"wrote {out}.npz ({len(images)} images, {images.shape[1]}x{images.shape[2]}, labels)"
           + (f" and {out}.png" if grid else ""))
     return out + ".npz"
