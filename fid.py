@@ -730,7 +730,10 @@ def main(argv=None):
             return
         if len(args.sources) != 2:
             p.error("give two SOURCEs to compare (or one SOURCE with --save_stats, or --self_check)")
-        feats = [source_features(s, args.batch_size, args.device, True, args.cache_dir) for s in args.sources]
+        same = args.sources[0] == args.sources[1] or _same_file(*args.sources)
+        first = source_features(args.sources[0], args.batch_size, args.device, True, args.cache_dir)
+        feats = [first, first if same else source_features(args.sources[1], args.batch_size, args.device, True,
+                                                               args.cache_dir)]
         (mu1, sigma1, n1), (mu2, sigma2, n2) = (_stats(f, s) if f is not None else npz_stats(s)   # None: statistics
                                                 for f, s in zip(feats, args.sources))
         # Two sets of images: the distance from their features, exactly, without the 2048 x 2048 square roots of
@@ -741,7 +744,7 @@ def main(argv=None):
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
               + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
               + ")")
-        if args.sources[0] == args.sources[1] or _same_file(*args.sources):
+        if same:
             print(f"note: both SOURCEs are {args.sources[0]}: a set against itself has FID 0 (up to round-off). "
                   f"Compare generated samples with a reference set")
         elif np.array_equal(mu1, mu2) and np.array_equal(sigma1, sigma2):
