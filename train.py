@@ -232,7 +232,7 @@ def load_model_from_checkpoint(path, which="ema", device="cpu"):
     (theta*, the 0.99 EMA) or "model" (the online weights)."""
     if which not in ("ema", "target", "model"):
         raise TrainError(f"which={which!r}: expected 'ema', 'target' or 'model'")
-    state = load_checkpoint(path, device)
+    state = load_checkpoint(path, "cpu")      # load_weights copies the one set it needs onto the device
     net = build_net(state["config"]).to(device)
     load_weights(net, state[which], path, which)
     return net.eval().requires_grad_(False), state["config"]
@@ -777,14 +777,20 @@ def _start_log(cfg, net, data, world, device, precision, step, log_path):
     return log
 
 
+def _what_is_kept(ckpt_path, saved_step):
+    """For a run that stops on an error: (what of it is kept, "resume" or "start again")."""
+    if os.path.isfile(ckpt_path):
+        return f"{ckpt_path} (step {saved_step}) is kept", "resume"
+    return "no checkpoint had been written yet", "start again"
+
+
 def _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log):
     """The AdamW update made the weights non-finite: log it (rank 0, whose log is open; None elsewhere), raise."""
     fix = f"a smaller --lr (now {cfg.lr:g}), a larger --adam_eps (now {cfg.adam_eps:g}) or --grad_clip 1.0"
+    kept, again = _what_is_kept(ckpt_path, saved_step)
     msg = (f"step {step}: the AdamW update made the weights non-finite (loss {stats['loss']:.4g} and "
-           f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; " + (
-               f"{ckpt_path} (step {saved_step}) is kept. Continue from it with --resume and {fix}"
-               if os.path.isfile(ckpt_path) else
-               f"no checkpoint had been written yet. Start again with {fix}"))
+           f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; {kept}. "
+           + (f"Continue from it with --resume and {fix}" if again == "resume" else f"Start again with {fix}"))
     if log is not None:
         log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
                                   **stats)) + "\n")
@@ -801,13 +807,11 @@ def _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log):
     if skipped_in_a_row == MAX_SKIPPED:
         if log is not None:
             log.close()
-        kept = (f"{ckpt_path} (step {saved_step}) is kept" if os.path.isfile(ckpt_path) else
-                "no checkpoint had been written yet")
+        kept, again = _what_is_kept(ckpt_path, saved_step)
         raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
                          f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
-                         f"the data for NaN or infinite values; if it is clean, "
-                         + ("resume" if os.path.isfile(ckpt_path) else "start again")
-                         + " with a smaller --lr or with --grad_clip 1.0")
+                         f"the data for NaN or infinite values; if it is clean, {again} with a smaller --lr or "
+                         "with --grad_clip 1.0")
 
 
 def _write_log_row(log, acc, step, n_last, t_last, cfg, cuda):
