@@ -390,6 +390,24 @@ def test_benchmark_with_its_path_check_on_a_small_model():
 # 6. several processes
 # ------------------------------------------------------------------------------------------------
 
+def update_gap(runs, a, b):
+    """|update(a) - update(b)| / |update(a)|, where a run's update is its online weights minus the initial
+    weights of seed 0 (the runs compared here start from them; another seed's initial weights count as its
+    update, hence its ~100% gap)."""
+    import train as train_mod
+    torch.manual_seed(0)
+    init = train_mod.build_net(runs[a]["config"]).state_dict()
+    da, db = (torch.cat([(runs[k]["model"][n].float() - init[n]).flatten() for n in init]) for k in (a, b))
+    return float((da - db).norm() / da.norm())
+
+
+def torchrun_two(out, *extra):
+    """train.py in 2 processes under torchrun, with this suite's options."""
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
+         *train_args(ASSETS["cache"], out, "--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100, *extra)[1:]],
+        timeout=400)
+
+
 def test_two_processes_sharing_one_gpu_match_one_process():
     """torchrun with 2 processes on the one GPU (gloo; compiled blocks under DDP, eager step) against 1
     process: the same global batch, so the same training up to round-off in the all-reduce, which Adam's
@@ -399,16 +417,11 @@ def test_two_processes_sharing_one_gpu_match_one_process():
     common = ["--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100]
     run(train_args(ASSETS["cache"], root / "one", *common))
     run(train_args(ASSETS["cache"], root / "seed", *common, "--seed", 1))
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-         *train_args(ASSETS["cache"], root / "two", *common, "--dist_backend", "gloo")[1:]], timeout=400)
+    torchrun_two(root / "two", "--dist_backend", "gloo")
     ck = {k: load(root / k / "ckpt.pt") for k in ("one", "two", "seed")}
-    import train as train_mod
-    torch.manual_seed(0)
-    init = train_mod.build_net(ck["one"]["config"]).state_dict()
-    delta = {k: torch.cat([(ck[k]["model"][n].float() - init[n]).flatten() for n in init]) for k in ck}
-    rel = lambda a, b: float((delta[a] - delta[b]).norm() / delta[a].norm())  # noqa: E731
-    print(f"1 vs 2 processes: updates {rel('one', 'two'):.3g} apart; another seed: {rel('one', 'seed'):.3g}")
-    assert rel("one", "two") < 0.1 and rel("one", "seed") > 0.5
+    two, seed = update_gap(ck, "one", "two"), update_gap(ck, "one", "seed")
+    print(f"1 vs 2 processes: updates {two:.3g} apart; another seed: {seed:.3g}")
+    assert two < 0.1 and seed > 0.5
     loss = {k: [json.loads(line)["loss"] for line in open(root / k / "log.jsonl")] for k in ("one", "two")}
     assert np.allclose(loss["one"], loss["two"], rtol=2e-3), loss
 
@@ -417,12 +430,5 @@ def test_two_processes_sharing_one_gpu_match_one_process():
 def test_two_gpus_nccl_match_one_gpu():
     """torchrun on 2 GPUs (NCCL, compiled blocks under DDP) against the 1-process run of the test above."""
     root = ASSETS["root"]
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-         *train_args(ASSETS["cache"], root / "nccl", "--steps", 4, "--cuda_graph", "false", "--ckpt_every",
-                     100)[1:]], timeout=400)
-    a, b = load(root / "one" / "ckpt.pt"), load(root / "nccl" / "ckpt.pt")
-    import train as train_mod
-    torch.manual_seed(0)
-    init = train_mod.build_net(a["config"]).state_dict()
-    da, db = (torch.cat([(c["model"][n].float() - init[n]).flatten() for n in init]) for c in (a, b))
-    assert float((da - db).norm() / da.norm()) < 0.1
+    torchrun_two(root / "nccl")
+    assert update_gap({k: load(root / k / "ckpt.pt") for k in ("one", "nccl")}, "one", "nccl") < 0.1
