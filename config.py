@@ -77,6 +77,14 @@ class TrainConfig:
     fid: bool = _opt(True, "digits only: FID of 1- and 4-step samples at the end (fid.py)")
     fid_samples: int = _opt(250, "generated samples per step count for that FID ...")
     fid_real: int = _opt(500, "... against this many real digits (a fixed random subset)")
+    fid_every: int = _opt(0, "FID of the EMA weights (theta**) every N steps and at the end, on every process, "
+                             "against --fid_ref, logged to log.jsonl; 0 = never")
+    fid_ref: str = _opt("", "--fid_every's reference, a fid.py SOURCE: ADM's VIRTUAL_imagenet256_labeled.npz, "
+                            "a fid.py --save_stats file, an image folder or .npz, or digits")
+    fid_n: int = _opt(10_000, "--fid_every: samples per evaluation (FID-10K; FID grows as the set shrinks)")
+    fid_steps: str = _opt("1", "--fid_every: sampling steps, e.g. 1 or 1,4 (one FID each)")
+    fid_w: float = _opt(0.0, "--fid_every: guidance weight; 0 = --w")
+    fid_batch: int = _opt(64, "--fid_every: samples per forward pass on each process")
     vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
     workers: int = _opt(8, "image-decoding processes while encoding latents")
     attention: str = _opt("auto", "auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend")
@@ -199,6 +207,16 @@ def config_errors(cfg):
     for k in ("fid_samples", "fid_real"):   # a covariance needs two samples (fid.fid_from_features)
         need(getattr(cfg, k) >= 2 or not cfg.fid, k, "must be at least 2: FID compares two covariances (or pass "
              "--fid false)")
+    need(cfg.fid_every >= 0, "fid_every", "must be 0 (never) or a positive number of steps")
+    if cfg.fid_every:
+        need(bool(cfg.fid_ref), "fid_ref", "--fid_every needs the reference to compare with: ADM's "
+             "VIRTUAL_imagenet256_labeled.npz, a `fid.py --save_stats` file, an image folder, or digits")
+        need(cfg.fid_n >= 2, "fid_n", "must be at least 2: FID compares two covariances")
+        need(cfg.fid_batch >= 1, "fid_batch", "must be a positive integer")
+        need(fid_step_counts(cfg.fid_steps) is not None, "fid_steps", "expected positive integers separated by "
+             "commas, e.g. 1 or 1,4")
+        need(cfg.fid_w == 0 or (finite(cfg.fid_w) and cfg.fid_w > 0), "fid_w", "must be 0 (= --w) or a positive "
+             "finite guidance weight")
     need(cfg.steps >= 1 or (cfg.steps == 0 and cfg.res != 0), "steps",
          "must be at least 1 (0 only encodes an image folder, which the digits do not need)")
     if cfg.hidden_size >= 1 and cfg.num_heads >= 1:
@@ -233,6 +251,12 @@ def config_errors(cfg):
                       "through the attention kernel's custom forward-mode rule. With --jvp func, pass "
                       "--compile false")
     return errors
+
+
+def fid_step_counts(text):
+    """--fid_steps "1,4" -> [1, 4]; None if it is not a list of positive integers."""
+    parts = [p.strip() for p in str(text).split(",")]
+    return [int(p) for p in parts] if all(p.isdigit() and int(p) > 0 for p in parts) else None
 
 
 def prepare_net(net, cfg):

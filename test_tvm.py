@@ -4704,3 +4704,116 @@ def test_sample_py_exits_2_with_one_line_on_a_refused_official_pickle(tmp_path):
                          text=True, timeout=300)
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.count("\n") == 1 and run.stderr.startswith("sample.py: error: "), run.stderr[-3000:]
+
+
+# ================================================================================================
+# FID in one command (sample.py --fid_ref) and during training (train.py --fid_every): issue 19
+# ================================================================================================
+#
+# The streamed FID must be fid.py's number on the same samples: the features of each sample are those of
+# the .npz that sample.py would write, gathered in sample order whatever the number of processes. On a
+# CPU the detector is fid.py's stand-in (random weights, a few ms per image), set in-process with
+# fid.STANDIN and in child processes with --fid_standin; the distance code is the same for both.
+
+def _standin_real_set(tmp_path, n=20, seed=0):
+    """An image .npz of n random 8 x 8 RGB images: the 'real' reference set of these tests."""
+    images = np.random.default_rng(seed).integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+    path = str(tmp_path / "real.npz")
+    fid.save_images_npz(path, images)
+    return path
+
+
+def _features(images, monkeypatch):
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    try:
+        return fid.inception_features(images)
+    finally:
+        monkeypatch.setitem(fid.STANDIN, "on", False)
+
+
+def test_streamed_fid_is_fid_py_on_the_written_samples(ckpt, tmp_path, monkeypatch, capsys):
+    """sample.py --fid_ref, with --out: the FID in <out>.fid.json equals fid.fid_from_features on the written
+    .npz's features and the reference's (a set of images), and `fid.py --standin` prints the same number;
+    against a statistics file of the same reference, frechet_distance of the same statistics. Without --out
+    nothing is written and main returns None."""
+    real = _standin_real_set(tmp_path)
+    common = ["--ckpt", ckpt, "--n", "7", "--batch_size", "3", "--seed", "4", "--fid_standin"]
+    sample.main(common + ["--fid_ref", real, "--out", str(tmp_path / "s")])
+    record = json.load(open(tmp_path / "s.fid.json"))
+    with np.load(tmp_path / "s.npz") as f:
+        feats = _features(f["arr_0"], monkeypatch)
+    with np.load(real) as f:
+        real_feats = _features(f["arr_0"], monkeypatch)
+    assert record["fid"] == fid.fid_from_features(feats, real_feats) and record["fid"] > 0
+    assert record["n"] == 7 and record["reference_n"] == 20 and record["standin"] is True
+    assert set(record["seconds"]) == {"sample", "decode", "inception", "gather", "stats"}
+    out = capsys.readouterr().out
+    assert f"FID {record['fid']:.4f} of 7 samples" in out and "NOT an FID" in out
+
+    fid.main(["--standin", str(tmp_path / "s.npz"), real])
+    assert f"FID {record['fid']:.4f} " in capsys.readouterr().out
+
+    stats = str(tmp_path / "real_stats.npz")
+    fid.main(["--standin", "--save_stats", stats, real])
+    before = sorted(os.listdir(os.path.dirname(ckpt))), sorted(os.listdir(tmp_path))
+    assert sample.main(common + ["--fid_ref", stats]) is None
+    assert (sorted(os.listdir(os.path.dirname(ckpt))), sorted(os.listdir(tmp_path))) == before   # nothing written
+    got = float(re.search(r"FID (\S+) of 7 samples", capsys.readouterr().out).group(1))
+    expected = fid.frechet_distance(*fid.feature_stats(feats), *fid.feature_stats(real_feats))
+    assert got == pytest.approx(expected, abs=1e-4)        # printed with 4 decimals
+
+
+def test_fid_of_the_samples_against_their_own_statistics_is_zero(ckpt, tmp_path, capsys):
+    """The statistics of sample.py's .npz (fid.py --save_stats) as the reference of the same samples,
+    streamed: FID 0 up to round-off (the streamed features are the written images' features). Another
+    seed is far from 0, so the test can fail."""
+    common = ["--ckpt", ckpt, "--n", "9", "--batch_size", "4", "--fid_standin"]
+    sample.main(["--ckpt", ckpt, "--n", "9", "--batch_size", "4", "--seed", "2", "--out", str(tmp_path / "s")])
+    fid.main(["--standin", "--save_stats", str(tmp_path / "own.npz"), str(tmp_path / "s.npz")])
+    sample.main(common + ["--seed", "2", "--fid_ref", str(tmp_path / "own.npz"), "--out", str(tmp_path / "a")])
+    sample.main(common + ["--seed", "3", "--fid_ref", str(tmp_path / "own.npz"), "--out", str(tmp_path / "b")])
+    same, other = (json.load(open(tmp_path / f"{k}.fid.json"))["fid"] for k in "ab")
+    assert same < 1e-9 * other and other > 0.1, (same, other)
+
+
+def test_streamed_fid_over_two_processes_matches_one_process(ckpt, tmp_path):
+    """Two CPU processes in torchrun's environment (gloo): 7 samples in batches of 2, batches 0, 2 on rank 0
+    and 1, 3 on rank 1. The gathered features (their sha1) and the FID equal one process's, bit for bit."""
+    real = _standin_real_set(tmp_path)
+    args = ["--ckpt", ckpt, "--num_samples", "7", "--batch_size", "2", "--seed", "5", "--fid_standin",
+            "--fid_ref", real, "--device", "cpu", "--grid", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = [dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for rank in range(2)]
+    script = os.path.join(HERE, "sample.py")
+    two = [sys.executable, script, *args, "--out", str(tmp_path / "two")]
+    runs = run_processes([two, two], timeout=300, envs=envs, cwd=HERE)
+    runs += run_processes([[sys.executable, script, *args, "--out", str(tmp_path / "one")]], timeout=300,
+                          envs=[env], cwd=HERE)
+    assert all(r.returncode == 0 for r in runs), [r.stdout[-3000:] for r in runs]
+    one, two = (json.load(open(tmp_path / f"{k}.fid.json")) for k in ("one", "two"))
+    assert (two["world"], one["world"]) == (2, 1)
+    assert two["features_sha1"] == one["features_sha1"] and two["fid"] == one["fid"]
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_fid_ref_refusals(ckpt, tmp_path, monkeypatch, capsys):
+    """Bad --fid_ref use stops before sampling, in one line: a missing file, fewer than 2 samples,
+    --fid_standin alone, and statistics of one detector used with the other (the stand-in's numbers are
+    not FIDs and must never be compared with Inception's)."""
+    for bad, msg in ((["--fid_ref", str(tmp_path / "none.npz")], "no such file or folder"),
+                     (["--fid_ref", "digits", "--n", "1"], "at least 2 samples"),
+                     (["--fid_standin"], "give --fid_ref SOURCE too")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--ckpt", ckpt, *bad])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    fid.save_stats(str(tmp_path / "inception.npz"), rng.normal(size=2048), np.eye(2048))   # Inception's key
+    with pytest.raises(sample.SampleError, match=r"computed by the Inception network, and this run uses the "
+                                                 r"stand-in \(--standin\)"):
+        sample.main(["--ckpt", ckpt, "--fid_ref", str(tmp_path / "inception.npz"), "--fid_standin"])
+    assert not fid.STANDIN["on"]                                 # reset after the refusal

@@ -1,0 +1,226 @@
+"""
+From a trained network to images and to FID, at scale: what sample.py runs from the command line and
+train.py runs during training (--fid_every).
+
+  noise_and_label   sample i's noise x_1 and class label, a function of (seed, i) only
+  sample_latents    the network part: Fig. 3 of the paper (tvm.sample), n jumps from t = 1 to s = 0
+  generate          ... then decoded to uint8 images (data.to_uint8_images: the SD-VAE for latents)
+  global_batches    samples 0..N-1 cut into global batches [kB, (k+1)B); batch k runs on rank k mod world
+  Reference         the statistics FID compares against (fid.py's SOURCEs: an ADM batch, a --save_stats file,
+                    a folder, an image .npz, 'digits')
+  run               sample -> decode -> Inception features, streamed batch by batch on every process, the
+                    features gathered once (in sample order) and the FID computed on rank 0; each part timed
+
+Streaming: no image is kept unless asked (sample.py --out), so FID-50K needs neither the 10 GB .npz nor
+its write and read. The features of N samples are the same whatever the number of processes: the global
+batches do not depend on it, each batch's features depend only on its samples, and the gather puts them
+back in sample order (tested with 2 gloo processes against 1).
+"""
+
+import dataclasses
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import fid
+import tvm
+from config import fid_step_counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise and labels: a function of (seed, sample index) only
+# ------------------------------------------------------------------------------------------------
+
+def noise_and_label(seed, i, shape, classes, num_classes):
+    """x_1 ~ N(0, I) of `shape` and a label for sample i, from a generator of its own seeded with
+    (seed, i). classes None: uniform over 0..num_classes-1; else a list of chosen labels, and sample i
+    takes classes[i mod len(classes)] (the noise is the same either way).
+
+    numpy's SeedSequence hashes the pair (seed, i) into the 128-bit state of a PCG64 generator. Not
+    torch.Generator().manual_seed(...): the CPU generator keeps only the low 32 bits of its seed, so
+    seed * 2^32 + i would give every seed the same images, seed + i would make seed 1 repeat seed 0
+    shifted by one sample, and a hash down to 32 bits would give two of 50,000 samples the same noise
+    in about one run out of four (birthday bound, 1 - exp(-50000^2 / 2^33)). Nothing here touches
+    torch's random streams, so sampling during training leaves the training run's randomness as it was.
+    """
+    rng = np.random.default_rng([seed, i])
+    x1 = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))             # (C, H, W)
+    y = int(rng.integers(num_classes)) if classes is None else classes[i % len(classes)]
+    return x1, y
+
+
+@torch.no_grad()
+def sample_latents(net, config, indices, steps, w, seed, classes=None, device="cpu", amp=nullcontext()):
+    """The network part of generate(): x_0 (float64, (B, C, S, S)) and the labels (B,) of samples number
+    `indices`. amp: e.g. torch.autocast("cuda", torch.bfloat16), the precision the paper samples in."""
+    C, S = config["in_channels"], config["input_size"]
+    pairs = [noise_and_label(seed, i, (C, S, S), classes, config["num_classes"]) for i in indices]
+    x1 = torch.stack([p[0] for p in pairs]).to(device)                            # (B, C, S, S)
+    y = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=device)      # (B,)
+    dtype = next(net.parameters()).dtype
+    with amp:
+        x0 = tvm.sample(net, x1.to(dtype), y, w, steps, scale_param=config["scale_param"])  # (B, C, S, S) float64
+    return x0, y
+
+
+@torch.no_grad()
+def generate(net, config, indices, steps, w, seed, classes=None, device="cpu", vae=None, amp=nullcontext(),
+             with_labels=False):
+    """Samples number `indices` (a list of ints) -> uint8 (len(indices), H, W, 3), and their labels (numpy
+    int64) if with_labels. config: the checkpoint's config dict (train.py): shapes, res, scale_param. The
+    function to call with a network in memory."""
+    x0, y = sample_latents(net, config, indices, steps, w, seed, classes, device, amp)
+    images = data.to_uint8_images(x0, config, vae)                               # (B, H, W, 3) uint8
+    return (images, y.cpu().numpy()) if with_labels else images
+
+
+def global_batches(n, batch_size):
+    """[[0..B-1], [B..2B-1], ...] up to n: the global batches; batch k runs on rank k mod world."""
+    return [list(range(k, min(k + batch_size, n))) for k in range(0, n, batch_size)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference FID compares against
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """Inception pool_3 statistics of the reference set: mu (2048,), sigma (2048, 2048), float64; n, its
+    number of images (None if a statistics file does not record it); features (n, 2048) where the source
+    has images (then a small set's FID is computed exactly in sample space: fid.fid_from_features)."""
+    source: str
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int = None
+    features: np.ndarray = None
+
+    def describe(self):
+        return f"{self.source} ({self.n:,} images)" if self.n else f"{self.source} (statistics)"
+
+
+def load_reference(source, batch_size=64, device="cpu", progress=True, error=data.SampleError, option="--fid_ref"):
+    """A fid.py SOURCE -> Reference, and the detector loaded on `device`, so that a missing weights file or a
+    bad reference stops the run before any sampling. Statistics files are read (checked for shape,
+    finiteness and the detector they were computed with); images go through the detector. A problem is
+    raised as `error` (SampleError or TrainError: one line, exit status 2) naming `option`."""
+    try:
+        fid.load_inception(device)
+        features = fid.source_features(source, batch_size, device, progress)
+        if features is None:                               # a statistics .npz: mu and sigma
+            mu, sigma, n = fid.npz_stats(source)
+            return Reference(source, mu, sigma, n)
+        mu, sigma, n = fid._stats(features, source)
+        return Reference(source, mu, sigma, n, features)
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as e:
+        raise error(f"{option} {source}: {e}") from None
+
+
+def fid_against(features, reference):
+    """FID of (N, 2048) features against a Reference: exactly fid.py's number for the same two sets."""
+    if reference.features is not None:
+        return fid.fid_from_features(features, reference.features)
+    return fid.frechet_distance(*fid.feature_stats(features), reference.mu, reference.sigma)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample, decode, features: streamed, split over the processes, gathered once
+# ------------------------------------------------------------------------------------------------
+
+class _Clock:
+    """Seconds spent in each named part, on this process; on a GPU each part ends with a synchronize, so
+    the time of queued kernels lands in the part that queued them."""
+
+    def __init__(self, device):
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.seconds = {}
+
+    def part(self, name, fn, *args):
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def run(net, config, n, steps, w, seed, *, batch_size, device, vae=None, amp=nullcontext(), classes=None,
+        rank=0, world=1, keep_images=False, features=True, desc="sampling", leave=True):
+    """Samples 0..n-1 of `net` (global batches of batch_size, batch k on rank k mod world) -> dict:
+      images, labels   this process's samples in its batches' order (uint8 (m, H, W, 3), int64 (m,)) if
+                       keep_images, else None (nothing is kept: FID-50K streams)
+      features         all n samples' Inception features (n, 2048) float64 in sample order, on rank 0 (None on
+                       the others, and everywhere if features=False)
+      seconds          {"sample", "decode", "inception", "gather"}: this process's time in each part
+    Every process must call it (the gather is collective when world > 1)."""
+    clock = _Clock(device)
+    mine = global_batches(n, batch_size)[rank::world]
+    images, labels, feats = [], [], []
+    for idx in tqdm(mine, desc=desc, disable=rank != 0, unit="batch", dynamic_ncols=True, leave=leave):
+        x0, y = clock.part("sample", sample_latents, net, config, idx, steps, w, seed, classes, device, amp)
+        img = clock.part("decode", data.to_uint8_images, x0, config, vae)                 # (b, H, W, 3) uint8
+        if features:
+            feats.append(clock.part("inception", fid.inception_features, img, len(img), device))   # (b, 2048)
+        if keep_images:
+            images.append(img)
+            labels.append(y.cpu().numpy())
+    out = dict(images=np.concatenate(images) if images else None, labels=np.concatenate(labels) if labels else None,
+               features=None, seconds=clock.seconds)
+    if features:
+        mine_feats = np.concatenate(feats) if feats else np.empty((0, fid.FEATURE_DIM))
+        out["features"] = clock.part("gather", _gather_in_sample_order, mine_feats, n, batch_size, rank, world, device)
+    return out
+
+
+def _gather_in_sample_order(mine, n, batch_size, rank, world, device):
+    """Each process's features (its batches, in order) -> all n in sample order on rank 0 (None elsewhere).
+    One all_gather of float64 tensors padded to the longest share (NCCL needs them on the GPU; gloo on the
+    CPU): 50,000 x 2048 x 8 bytes = 0.8 GB in all, once per evaluation."""
+    if world == 1:
+        return mine
+    batches = global_batches(n, batch_size)
+    counts = [sum(len(b) for b in batches[r::world]) for r in range(world)]
+    where = device if dist.get_backend() == "nccl" else "cpu"
+    padded = torch.zeros(max(counts), mine.shape[1], dtype=torch.float64, device=where)
+    padded[:len(mine)] = torch.from_numpy(mine)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    if rank != 0:
+        return None
+    parts = [p[:c].cpu().numpy() for p, c in zip(parts, counts)]
+    full, offsets = np.empty((n, mine.shape[1])), [0] * world
+    for k, b in enumerate(batches):          # batch k is the next len(b) rows of rank k mod world's share
+        r = k % world
+        full[b[0]:b[-1] + 1] = parts[r][offsets[r]:offsets[r] + len(b)]
+        offsets[r] += len(b)
+    return full
+
+
+# ------------------------------------------------------------------------------------------------
+# FID during training (train.py --fid_every): the official code's periodic evaluation
+# ------------------------------------------------------------------------------------------------
+
+def fid_during_training(ema, cfg, reference, step, vae, device, amp, rank=0, world=1):
+    """FID of the EMA weights theta** (what the paper evaluates) for each of cfg.fid_steps, cfg.fid_n samples
+    at guidance cfg.fid_w (0: cfg.w), on every process -> the log.jsonl row on rank 0 (None on the others):
+    {"step", "event": "fid", "n", "w", "reference", "fid_<k>step" for each k, "seconds"}.
+    The noise is that of samples 0..fid_n-1 with the run's seed (noise_and_label: numpy, per sample), the
+    same at every evaluation, so the curve follows the weights, not the draw; no torch random stream is
+    touched, so the run continues exactly as without the evaluation (tested)."""
+    config, w = dataclasses.asdict(cfg), cfg.fid_w or cfg.w
+    was_training = ema.training
+    ema.eval()
+    t0 = time.perf_counter()
+    row = dict(step=step, event="fid", n=cfg.fid_n, w=w, reference=reference.source if reference else None)
+    for k in fid_step_counts(cfg.fid_steps):
+        result = run(ema, config, cfg.fid_n, k, w, cfg.seed, batch_size=cfg.fid_batch, device=device, vae=vae,
+                     amp=amp, rank=rank, world=world, desc=f"FID-{cfg.fid_n}, {k} step(s)", leave=False)
+        if rank == 0:
+            row[f"fid_{k}step"] = fid_against(result["features"], reference)
+    ema.train(was_training)
+    row["seconds"] = time.perf_counter() - t0
+    return row if rank == 0 else None
