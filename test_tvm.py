@@ -4817,3 +4817,40 @@ def test_fid_ref_refusals(ckpt, tmp_path, monkeypatch, capsys):
                                                  r"stand-in \(--standin\)"):
         sample.main(["--ckpt", ckpt, "--fid_ref", str(tmp_path / "inception.npz"), "--fid_standin"])
     assert not fid.STANDIN["on"]                                 # reset after the refusal
+
+
+def test_fid_every_logs_the_ema_fid_and_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """train.py --fid_every 2 on the digits (stand-in detector, a reference set of images): (1) the run ends with
+    the same weights, EMAs, AdamW state and RNG states as the run without evaluations, and a run stopped at
+    step 2 and resumed equals both, bit for bit (the evaluation draws no torch random number); (2) log.jsonl
+    has one FID row at steps 2 and 4 per --fid_steps entry; (3) the step-4 row is the FID of the EMA weights
+    theta** at --fid_w and the asked step counts: sample.py --fid_ref on the final checkpoint's EMA, same seed,
+    n and batches, gives it (up to the attention backend's float32 round-off)."""
+    real = _standin_real_set(tmp_path, n=30)
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    common = ["--batch_size", 8, "--ckpt_every", 100, "--seed", 3]
+    # A reference of images: the exact sample-space FID, fast (the 2048 x 2048 path is tested above).
+    evals = ["--fid_every", 2, "--fid_ref", real, "--fid_n", 10, "--fid_batch", 4,
+             "--fid_steps", "1,2", "--fid_w", 1.25]
+    run_train(tmp_path / "plain", "--steps", 4, *common)
+    run_train(tmp_path / "fid", "--steps", 4, *common, *evals)
+    run_train(tmp_path / "resumed", "--steps", 2, *common, *evals)
+    run_train(tmp_path / "resumed", "--steps", 4, "--resume", *common, *evals)
+    plain, *others = (torch.load(tmp_path / k / "ckpt.pt", weights_only=True) for k in ("plain", "fid", "resumed"))
+    for other in others:
+        states_equal(plain, other)
+        assert torch.equal(plain["rng"][0]["torch"], other["rng"][0]["torch"])   # no global draw either
+
+    rows = [json.loads(line) for line in open(tmp_path / "fid" / "log.jsonl")]
+    fids = [r for r in rows if r.get("event") == "fid"]
+    assert [r["step"] for r in fids] == [2, 4]
+    assert all(r["n"] == 10 and r["w"] == 1.25 and np.isfinite(r["fid_1step"]) and np.isfinite(r["fid_2step"])
+               for r in fids)
+    assert fids[0]["fid_1step"] != fids[1]["fid_1step"]             # the weights moved between evaluations
+
+    for k in (1, 2):
+        sample.main(["--ckpt", str(tmp_path / "fid" / "ckpt.pt"), "--n", "10", "--batch_size", "4", "--seed", "3",
+                     "--steps", str(k), "--cfg", "1.25", "--fid_ref", real, "--fid_standin",
+                     "--out", str(tmp_path / f"s{k}")])
+        got = json.load(open(tmp_path / f"s{k}.fid.json"))["fid"]
+        assert got == pytest.approx(fids[1][f"fid_{k}step"], rel=1e-5, abs=1e-7)
