@@ -1,8 +1,9 @@
 """
 The configuration of a training run: one dataclass, TrainConfig, whose every field is a command-line
 option of train.py; the presets of each resolution (Table 6 of the paper for 256 and 512 px, the
-embedded digits demo for 0); the checks that refuse a bad value in one sentence; and the network a
-configuration builds. train.py runs it; benchmark.py, sample.py and released.py read it too.
+embedded digits demo for 0); the checks that refuse a bad value in one sentence, or a checkpoint of
+another network (check_resumable); and the network a configuration builds. train.py runs it; benchmark.py,
+sample.py and released.py read it too.
 """
 
 import argparse
@@ -233,6 +234,19 @@ def config_errors(cfg):
                       "through the attention kernel's custom forward-mode rule. With --jvp func, pass "
                       "--compile false")
     return errors
+
+
+def check_resumable(saved, cfg, path):
+    """A checkpoint continues only a run with the same network and data shape; other settings (steps,
+    lr, logging, ...) may change on resume, and are reported."""
+    now = dataclasses.asdict(cfg)
+    bad = {k: (saved.get(k), now[k]) for k in STRUCTURAL if saved.get(k) != now[k]}
+    if bad:
+        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in bad.items())
+        raise TrainError(f"{path} comes from another configuration ({diff}). Resume with the checkpoint's "
+                         f"settings (its config is printed by `python -c \"import torch; print(torch.load("
+                         f"'{path}')['config'])\"`), or start a new run with another --out")
+    return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
 
 
 def prepare_net(net, cfg):

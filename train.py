@@ -67,8 +67,8 @@ from tqdm import tqdm
 import attention_jvp
 import fid
 import tvm
-from config import (MODELS, PRESETS, STRUCTURAL, TINY, TrainConfig, build_net, config_errors, model_kwargs,  # noqa: F401
-                    parse_config, prepare_net, resolve)
+from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumable, config_errors,  # noqa: F401
+                    model_kwargs, parse_config, prepare_net, resolve)
 from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
                   make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
 
@@ -404,19 +404,6 @@ def check_batch(cfg, world):
     if cfg.micro_batch and share % cfg.micro_batch:
         raise TrainError(f"--micro_batch {cfg.micro_batch} does not divide the per-process batch {share} "
                          f"(= {cfg.batch_size} / {world} processes): pick a divisor of {share}")
-
-
-def check_resumable(saved, cfg, path):
-    """A checkpoint continues only a run with the same network and data shape; other settings (steps,
-    lr, logging, ...) may change on resume, and are reported."""
-    now = dataclasses.asdict(cfg)
-    bad = {k: (saved.get(k), now[k]) for k in STRUCTURAL if saved.get(k) != now[k]}
-    if bad:
-        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in bad.items())
-        raise TrainError(f"{path} comes from another configuration ({diff}). Resume with the checkpoint's "
-                         f"settings (its config is printed by `python -c \"import torch; print(torch.load("
-                         f"'{path}')['config'])\"`), or start a new run with another --out")
-    return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
 
 
 def run_benchmark(kind, argv=None):
