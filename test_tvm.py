@@ -3539,7 +3539,7 @@ def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_pa
     data = DigitsData(cfg.data)
     cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
     torch.manual_seed(0)
-    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"), io.StringIO())
+    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"))
     assert net.images == 2 * 20 and result["real"] == 30 and os.listdir(tmp_path) == []
     out, err = capsys.readouterr()
     said = out.index("against 30 real digits (features shipped in")

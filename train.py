@@ -56,7 +56,7 @@ import threading
 import time
 import traceback
 import zipfile
-from contextlib import nullcontext
+from contextlib import ExitStack, closing, nullcontext
 
 import numpy as np
 import torch
@@ -523,12 +523,29 @@ def lock_run_folder(out):
     return f
 
 
-def _log_step(line):
-    """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return math.inf
+class RunLog:
+    """Rank 0's log.jsonl, the record of the run: row(dict) appends one JSON line. resume_step: the step a
+    resumed run continues from; its log.jsonl keeps the rows up to it (None: a new run, a new log)."""
+
+    def __init__(self, path, resume_step=None):
+        if resume_step is not None and os.path.isfile(path):
+            # Rows past the checkpoint were written by steps that are now done again: drop them.
+            _atomic_write_text(path, "".join(line for line in open(path) if self.step_of(line) <= resume_step))
+        self.file = open(path, "w" if resume_step is None else "a", buffering=1)   # 1: flushed line by line
+
+    def row(self, row):
+        self.file.write(json.dumps(row) + "\n")
+
+    def close(self):
+        self.file.close()
+
+    @staticmethod
+    def step_of(line):
+        """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            return math.inf
 
 
 def train(cfg):
@@ -558,15 +575,13 @@ def train(cfg):
         error = box[0]
     if error:
         raise TrainError(error)
-    try:
-        return _train(cfg, rank, world, device)
-    finally:
-        if lock is not None:
-            lock.close()
+    with lock or nullcontext(), ExitStack() as on_exit:   # however _train ends: its log closed, then the lock
+        return _train(cfg, rank, world, device, on_exit)
 
 
-def _train(cfg, rank, world, device):
-    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps."""
+def _train(cfg, rank, world, device, on_exit):
+    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps (on_exit
+    closes rank 0's RunLog however it ends)."""
     master = rank == 0
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -594,7 +609,8 @@ def _train(cfg, rank, world, device):
     else:
         step = 0
     saved_step = step
-    log = _start_log(cfg, net, data, world, device, precision, step, log_path) if master else None
+    log = on_exit.enter_context(closing(_start_log(cfg, net, data, world, device, precision, step, log_path))) \
+        if master else None
 
     def checkpoint():
         rngs = [None] * world
@@ -651,8 +667,7 @@ def _train(cfg, rank, world, device):
             if flags[0]:
                 signum = int(flags[0])
                 if master:
-                    log.write(json.dumps(dict(step=step, event=f"stopped by {signal.Signals(signum).name}")) + "\n")
-                    log.close()
+                    log.row(dict(step=step, event=f"stopped by {signal.Signals(signum).name}"))
                 bar.close()
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
@@ -668,8 +683,7 @@ def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
     if skipped <= MAX_SKIPPED_SHARE * ran:
         return
     if log is not None:
-        log.write(json.dumps(dict(step=step, event="stopped: too many steps skipped", skipped=skipped)) + "\n")
-        log.close()
+        log.row(dict(step=step, event="stopped: too many steps skipped", skipped=skipped))
     raise TrainError(f"{skipped} of the {ran} steps of this run had a non-finite loss or gradient "
                      f"and were skipped (more than {MAX_SKIPPED_SHARE:.0%}): the run did not train as asked, so it "
                      f"does not end as done. {ckpt_path} (step {step}) is kept; {ran - skipped} of this run's "
@@ -678,11 +692,11 @@ def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
 
 
 def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
-    """After the last step: the digits' FID, the log closed (rank 0: log is its open log), all ranks out."""
-    if log is not None and cfg.res == 0 and cfg.fid:
-        report_fid(ema, cfg, data, device, log)
+    """After the last step: the digits' FID (rank 0: log is its RunLog, closed by train), all ranks out."""
+    fid_row = report_fid(ema, cfg, data, device) if log is not None and cfg.res == 0 and cfg.fid else None
+    if fid_row is not None:    # None: fid.py's weights are not installed
+        log.row(fid_row)
     if log is not None:
-        log.close()
         print(f"done: {ckpt_path}, {log_path}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
     if world > 1:
@@ -748,20 +762,17 @@ def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
 
 
 def _start_log(cfg, net, data, world, device, precision, step, log_path):
-    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log) -> the open file."""
+    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log; a resumed one is cut
+    back to its checkpoint's step) -> its RunLog."""
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in net.parameters())
     threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} intra-op thread(s) each)"
     print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
           f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
           f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
-    if cfg.resume and os.path.isfile(log_path):
-        # Rows past the checkpoint were written by steps that are now done again: drop them.
-        _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
-    log = open(log_path, "a" if cfg.resume else "w")
     if cfg.compile:
         print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
-    return log
+    return RunLog(log_path, resume_step=step if cfg.resume else None)
 
 
 def _what_is_kept(ckpt_path, saved_step):
@@ -779,9 +790,7 @@ def _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log):
            f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; {kept}. "
            + (f"Continue from it with --resume and {fix}" if again == "resume" else f"Start again with {fix}"))
     if log is not None:
-        log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
-                                  **stats)) + "\n")
-        log.close()
+        log.row(dict(step=step, event="stopped: non-finite weights after the update", **stats))
     raise TrainError(msg)
 
 
@@ -790,10 +799,8 @@ def _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log):
     raise once MAX_SKIPPED were skipped in a row."""
     if log is not None:
         tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
-        log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
+        log.row(dict(step=step, event="skipped: non-finite loss or gradient", **stats))
     if skipped_in_a_row == MAX_SKIPPED:
-        if log is not None:
-            log.close()
         kept, again = _what_is_kept(ckpt_path, saved_step)
         raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
                          f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
@@ -807,10 +814,8 @@ def _write_log_row(log, acc, step, n_last, t_last, cfg, cuda):
         torch.cuda.synchronize()
     dt = time.time() - t_last
     row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
-    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
-                              s_per_step=dt / (step - n_last),
-                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
-    log.flush()
+    log.row(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr, s_per_step=dt / (step - n_last),
+                 img_per_s=cfg.batch_size * (step - n_last) / dt))
 
 
 def _save_flags(stop, cfg, t_saved, world, device):
@@ -826,15 +831,15 @@ def _save_flags(stop, cfg, t_saved, world, device):
 
 
 @torch.no_grad()
-def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
+def report_fid(ema, cfg, data, device, steps=(1, 4)):
     """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
     noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
     sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
     CPU_SECONDS_PER_IMAGE): good to compare 1 and 4 steps and runs of one setting, but FID grows as sets
     shrink, so for a number to report use sample.py and fid.py with more samples. The real digits' features are those shipped with fid.py
     (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
-    once and kept in the run folder (fid_real_features_<fid_real>.npy). Skipped, with a message, if
-    fid.py's weights are not installed."""
+    once and kept in the run folder (fid_real_features_<fid_real>.npy). -> the log.jsonl row (event "fid");
+    None, with a message, if fid.py's weights are not installed."""
     try:
         fid.load_inception("cpu")
     except (ImportError, RuntimeError) as e:
@@ -869,7 +874,6 @@ def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
         result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
     print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
         f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
-    log.write(json.dumps(result) + "\n")
     return result
 
 if __name__ == "__main__":
