@@ -8,6 +8,7 @@ sample.py and released.py read it too.
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     dist_backend: str = _opt("auto", "under torchrun: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo; with gloo, "
                                      "more processes than GPUs share them (a check of DDP on one GPU)")
     log_every: int = _opt(None, "write a log.jsonl row every N steps")
+    tensorboard: str = _opt("", "also copy every number of log.jsonl to TensorBoard in this folder (pip install "
+                                "tensorboard): tags train/<key> (train/loss, train/grad_norm, ...) and <event>/<key> "
+                                "(fid/fid_1step, skipped/loss); --resume continues the curves; '' = off")
     sample_every: int = _opt(None, "sample grid every N steps (and at the end); 0 = never")
     ckpt_every: int = _opt(None, "checkpoint every N steps (and at the end)")
     ckpt_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed since the last save; "
@@ -182,6 +186,15 @@ def resolve(cfg):
     return cfg
 
 
+def _importable(module):
+    """Whether `module` imports (torch.utils.tensorboard raises ImportError without the tensorboard package)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def config_errors(cfg):
     """-> one sentence per bad value of a resolved config (empty if all are good)."""
     errors = []
@@ -226,6 +239,8 @@ def config_errors(cfg):
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
     need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
+    need(not cfg.tensorboard or _importable("torch.utils.tensorboard"), "tensorboard", "needs the tensorboard "
+         "package, which is not installed here: pip install tensorboard (or leave --tensorboard out)")
     if cfg.checkpoint_blocks and cfg.jvp == "func":
         errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
                       "torch.func.jvp fails in the backward")

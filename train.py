@@ -524,20 +524,35 @@ def lock_run_folder(out):
 
 
 class RunLog:
-    """Rank 0's log.jsonl, the record of the run: row(dict) appends one JSON line. resume_step: the step a
-    resumed run continues from; its log.jsonl keeps the rows up to it (None: a new run, a new log)."""
+    """Rank 0's log.jsonl, the record of the run: row(dict) appends one JSON line and flushes it. With --tensorboard
+    DIR each number of a row (not its step, not a true/false) is copied to TensorBoard in DIR at global_step = the
+    row's step, tagged train/<key> for the rows of --log_every, else <the event's first word>/<key> (fid/fid_1step).
+    resume_step: log.jsonl keeps its rows up to it. Event files cannot be cut: purge_step makes TensorBoard hide
+    DIR's events past it (a new run: all), at once in its Python reader (--load_fast=false); its default one
+    drops a curve's later points when the resumed run writes that curve again (an event's curve may stay)."""
 
-    def __init__(self, path, resume_step=None):
+    def __init__(self, path, tensorboard="", resume_step=None):
         if resume_step is not None and os.path.isfile(path):
             # Rows past the checkpoint were written by steps that are now done again: drop them.
             _atomic_write_text(path, "".join(line for line in open(path) if self.step_of(line) <= resume_step))
-        self.file = open(path, "w" if resume_step is None else "a", buffering=1)   # 1: flushed line by line
+        self.file, self.tb = open(path, "w" if resume_step is None else "a", buffering=1), None   # 1: flushed per line
+        if tensorboard:   # an optional package, imported only when asked for (config_errors checked that it is there)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(tensorboard, purge_step=0 if resume_step is None else resume_step + 1)
 
     def row(self, row):
         self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            kind = re.match(r"\w*", row.get("event", "train")).group()      # train, fid, skipped, stopped
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{kind}/{k}", v, global_step=row["step"])
+            self.tb.flush()
 
     def close(self):
         self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
     @staticmethod
     def step_of(line):
@@ -772,7 +787,7 @@ def _start_log(cfg, net, data, world, device, precision, step, log_path):
           f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
     if cfg.compile:
         print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
-    return RunLog(log_path, resume_step=step if cfg.resume else None)
+    return RunLog(log_path, cfg.tensorboard, resume_step=step if cfg.resume else None)
 
 
 def _what_is_kept(ckpt_path, saved_step):
