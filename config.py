@@ -1,12 +1,14 @@
 """
 The configuration of a training run: one dataclass, TrainConfig, whose every field is a command-line
 option of train.py; the presets of each resolution (Table 6 of the paper for 256 and 512 px, the
-embedded digits demo for 0); the checks that refuse a bad value in one sentence; and the network a
-configuration builds. train.py runs it; benchmark.py, sample.py and released.py read it too.
+embedded digits demo for 0); the checks that refuse a bad value in one sentence, or a checkpoint of
+another network (check_resumable); and the network a configuration builds. train.py runs it; benchmark.py,
+sample.py and released.py read it too.
 """
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ class TrainConfig:
     dist_backend: str = _opt("auto", "under torchrun: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo; with gloo, "
                                      "more processes than GPUs share them (a check of DDP on one GPU)")
     log_every: int = _opt(None, "write a log.jsonl row every N steps")
+    tensorboard: str = _opt("", "also copy every number of log.jsonl to TensorBoard in this folder (pip install "
+                                "tensorboard): tags train/<key> (train/loss, train/grad_norm, ...) and <event>/<key> "
+                                "(fid/fid_1step, skipped/loss); --resume continues the curves; '' = off")
     sample_every: int = _opt(None, "sample grid every N steps (and at the end); 0 = never")
     ckpt_every: int = _opt(None, "checkpoint every N steps (and at the end)")
     ckpt_minutes: float = _opt(10.0, "also checkpoint when this many minutes have passed since the last save; "
@@ -189,6 +194,15 @@ def resolve(cfg):
     return cfg
 
 
+def _importable(module):
+    """Whether `module` imports (torch.utils.tensorboard raises ImportError without the tensorboard package)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def config_errors(cfg):
     """-> one sentence per bad value of a resolved config (empty if all are good)."""
     errors = []
@@ -243,6 +257,8 @@ def config_errors(cfg):
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
     need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
+    need(not cfg.tensorboard or _importable("torch.utils.tensorboard"), "tensorboard", "needs the tensorboard "
+         "package, which is not installed here: pip install tensorboard (or leave --tensorboard out)")
     if cfg.checkpoint_blocks and cfg.jvp == "func":
         errors.append("--checkpoint_blocks needs --jvp manual (or auto): activation checkpointing under "
                       "torch.func.jvp fails in the backward")
@@ -257,6 +273,19 @@ def fid_step_counts(text):
     """--fid_steps "1,4" -> [1, 4]; None if it is not a list of positive integers."""
     parts = [p.strip() for p in str(text).split(",")]
     return [int(p) for p in parts] if all(p.isdigit() and int(p) > 0 for p in parts) else None
+
+
+def check_resumable(saved, cfg, path):
+    """A checkpoint continues only a run with the same network and data shape; other settings (steps,
+    lr, logging, ...) may change on resume, and are reported."""
+    now = dataclasses.asdict(cfg)
+    bad = {k: (saved.get(k), now[k]) for k in STRUCTURAL if saved.get(k) != now[k]}
+    if bad:
+        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in bad.items())
+        raise TrainError(f"{path} comes from another configuration ({diff}). Resume with the checkpoint's "
+                         f"settings (its config is printed by `python -c \"import torch; print(torch.load("
+                         f"'{path}')['config'])\"`), or start a new run with another --out")
+    return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
 
 
 def prepare_net(net, cfg):

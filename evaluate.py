@@ -1,6 +1,6 @@
 """
 From a trained network to images and to FID, at scale: what sample.py runs from the command line and
-train.py runs during training (--fid_every).
+train.py runs during training (--fid_every, and the digits' end-of-run FID).
 
   noise_and_label   sample i's noise x_1 and class label, a function of (seed, i) only
   sample_latents    the network part: Fig. 3 of the paper (tvm.sample), n jumps from t = 1 to s = 0
@@ -9,7 +9,9 @@ train.py runs during training (--fid_every).
   Reference         the statistics FID compares against (fid.py's SOURCEs: an ADM batch, a --save_stats file,
                     a folder, an image .npz, 'digits')
   run               sample -> decode -> Inception features, streamed batch by batch on every process, the
-                    features gathered once (in sample order) and the FID computed on rank 0; each part timed
+                    features gathered once, in sample order, on rank 0; each part timed
+  report_fid        train.py's end-of-run FID of the digits model (1 and 4 steps, small sets)
+  fid_during_training  train.py --fid_every: run() on the EMA weights -> a log.jsonl row
 
 Streaming: no image is kept unless asked (sample.py --out), so FID-50K needs neither the 10 GB .npz nor
 its write and read. The features of N samples are the same whatever the number of processes: the global
@@ -18,6 +20,7 @@ back in sample order (tested with 2 gloo processes against 1).
 """
 
 import dataclasses
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -201,8 +204,56 @@ def _gather_in_sample_order(mine, n, batch_size, rank, world, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# FID during training (train.py --fid_every): the official code's periodic evaluation
+# FID during training: the digits' small end-of-run FID (train.py --fid), and the official code's periodic
+# evaluation (train.py --fid_every)
 # ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def report_fid(ema, cfg, data, device, steps=(1, 4)):
+    """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
+    noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
+    sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
+    CPU_SECONDS_PER_IMAGE): good to compare 1 and 4 steps and runs of one setting, but FID grows as sets
+    shrink, so for a number to report use sample.py and fid.py with more samples. The real digits' features are those shipped with fid.py
+    (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
+    once and kept in the run folder (fid_real_features_<fid_real>.npy). -> the log.jsonl row (event "fid");
+    None, with a message, if fid.py's weights are not installed."""
+    try:
+        fid.load_inception("cpu")
+    except (ImportError, RuntimeError) as e:
+        print(f"FID skipped ({e}). --fid false turns this step off.")
+        return None
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
+    real_images = data.to_uint8_images(data.images, {"res": 0})                  # (N, 8, 8, 3) uint8
+    real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
+    real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
+    if real is not None:
+        real = real[pick.numpy()]
+    elif os.path.isfile(real_path):
+        real, where = np.load(real_path), f"features kept in {real_path}"
+    else:
+        where = "features computed now"
+    n = cfg.fid_samples // cfg.num_classes * cfg.num_classes
+    todo = n * len(steps) + (cfg.fid_real if real is None else 0)
+    print(f"FID of {' and '.join(f'{k}-step' for k in steps)} samples ({n} each, EMA model, w={cfg.w:g}) against "
+          f"{len(pick)} real digits ({where}): Inception features of {todo} images, {fid.estimate(todo, device)}")
+    if real is None:
+        real = fid.inception_features(real_images[pick.numpy()], device=device, progress="real digits")
+        np.save(real_path, real)
+    g = torch.Generator().manual_seed(cfg.seed + 777)
+    x1 = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
+    y = torch.arange(cfg.num_classes).repeat(n // cfg.num_classes).to(device)
+    dtype = next(ema.parameters()).dtype
+    result = dict(event="fid", step=cfg.steps, n=n, real=len(real), w=cfg.w)
+    for k in steps:
+        x0 = torch.cat([tvm.sample(ema, x1[i:i + 256].to(device, dtype), y[i:i + 256], cfg.w, k, cfg.scale_param)
+                        for i in range(0, n, 256)])
+        feats = fid.inception_features(data.to_uint8_images(x0, {"res": 0}), device=device, progress=f"{k}-step samples")
+        result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
+    print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
+        f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
+    return result
+
 
 def fid_during_training(ema, cfg, reference, step, vae, device, amp, rank=0, world=1):
     """FID of the EMA weights theta** (what the paper evaluates) for each of cfg.fid_steps, cfg.fid_n samples

@@ -1974,6 +1974,103 @@ def test_log_is_truncated_on_resume_and_a_new_run_starts_a_new_log(tmp_path):
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1]
 
 
+def tensorboard_scalars(folder):
+    """{tag: [(step, value), ...]} as TensorBoard's Python reader (EventAccumulator) shows the event files in
+    `folder`, purges applied; a list, not a dict by step, so that a step drawn twice shows."""
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    acc.Reload()
+    curves = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: points for tag, points in curves.items() if points}
+
+
+def log_as_scalars(path):
+    """What tensorboard_scalars should find for the log.jsonl at `path`, written out by hand: each number of a
+    row (not the step, not a true/false) at the row's step, as float32 (TensorBoard stores scalars so), tagged
+    train/<key> for the rows of --log_every and by the event's first word for the others."""
+    kinds = {None: "train", "skipped: non-finite loss or gradient": "skipped", "fid": "fid",
+             "stopped: too many steps skipped": "stopped"}
+    want = {}
+    for row in map(json.loads, open(path)):
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                want.setdefault(f"{kinds[row.get('event')]}/{k}", []).append((row["step"], float(np.float32(v))))
+    return want
+
+
+def same_curves(a, b):
+    """a == b, NaN equal to NaN (a skipped step's loss)."""
+    key = lambda c: {t: [(s, "nan" if v != v else v) for s, v in p] for t, p in c.items()}   # noqa: E731
+    return key(a) == key(b)
+
+
+def test_tensorboard_gets_every_number_of_every_log_row(tmp_path, monkeypatch):
+    """--tensorboard DIR: every number of log.jsonl, training rows and events alike, is in DIR's event files at
+    the row's step with the row's value (float32), and nothing else is: here 10 steps, the 3rd skipped for a
+    NaN batch (the event "skipped: ...", with the step's statistics), and the end-of-run FID (a stand-in
+    Inception network, so that it takes seconds)."""
+    pytest.importorskip("tensorboard")
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": CountingDetector())
+    calls, load = [], DigitsData.load
+    monkeypatch.setattr(DigitsData, "load",
+                        lambda self, idx: calls.append(1) or load(self, idx) * (np.nan if len(calls) == 3 else 1.0))
+    out, tb = tmp_path / "r", tmp_path / "tb"
+    run_train(out, "--steps", 10, "--batch_size", 4, "--tensorboard", tb, "--fid", "true", "--fid_samples", 20,
+              "--fid_real", 30)
+    want, got = log_as_scalars(out / "log.jsonl"), tensorboard_scalars(tb)
+    assert {"train/loss", "train/grad_norm", "train/img_per_s", "skipped/loss", "fid/fid_1step", "fid/fid_4step"} <= set(want)
+    assert len(want["train/loss"]) == 9 and want["skipped/loss"][0][0] == 3 and want["fid/fid_1step"][0][0] == 10
+    assert same_curves(got, want), (got, want)
+
+
+def test_tensorboard_curves_go_on_from_the_checkpoint_after_resume(tmp_path, monkeypatch):
+    """A resumed run writes into the same DIR and TensorBoard shows one curve per tag, as log.jsonl is one log:
+    the events that the first run wrote past the checkpoint it is resumed from (its step 3, the skipped step
+    4 and the 'too many skipped' stop) are hidden, those up to the checkpoint are kept, and the resumed steps
+    are drawn once (the resumed run has another --lr, the log's lr column, to tell them apart). A new run in
+    the folder starts new curves, as it starts a new log. The writer is closed however a run ends."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+    closed, close = [], SummaryWriter.close
+    monkeypatch.setattr(SummaryWriter, "close", lambda self: closed.append(1) or close(self))
+    out, tb = tmp_path / "r", tmp_path / "tb"
+    calls, load = [], DigitsData.load
+    monkeypatch.setattr(DigitsData, "load",
+                        lambda self, idx: calls.append(1) or load(self, idx) * (np.nan if len(calls) == 4 else 1.0))
+    with pytest.raises(train.TrainError, match="1 of the 4 steps"):
+        run_train(out, "--steps", 4, "--batch_size", 4, "--ckpt_every", 2, "--tensorboard", tb)
+    monkeypatch.setattr(DigitsData, "load", load)
+    assert {"skipped/loss", "stopped/skipped"} <= set(tensorboard_scalars(tb)) and closed == [1]
+    (out / "ckpt.pt").write_bytes((out / "ckpt.prev.pt").read_bytes())     # back to step 2
+    run_train(out, "--steps", 5, "--batch_size", 4, "--tensorboard", tb, "--resume", "--lr", "1e-3")
+    want, got = log_as_scalars(out / "log.jsonl"), tensorboard_scalars(tb)
+    assert [step for step, _ in want["train/lr"]] == [1, 2, 3, 4, 5] and set(want) == {f"train/{k}" for k in (
+        "loss", "terminal", "fm", "grad_norm", "skipped", "lr", "s_per_step", "img_per_s")}
+    assert [lr for _, lr in got["train/lr"]] == [np.float32(3e-3)] * 2 + [np.float32(1e-3)] * 3
+    assert same_curves(got, want), (got, want)
+    os.remove(out / "ckpt.pt")                          # a new run in the folder: a new log, new curves
+    os.remove(out / "ckpt.prev.pt")
+    run_train(out, "--steps", 1, "--batch_size", 4, "--tensorboard", tb)
+    assert same_curves(tensorboard_scalars(tb), log_as_scalars(out / "log.jsonl")) and closed == [1, 1, 1]
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """--tensorboard where the tensorboard package is missing: one line that says how to get it, exit status 2,
+    nothing trained or written (a run that went on without its curves would report an option as applied
+    while ignoring it). The package's absence is simulated: None in sys.modules fails the import."""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(sys, "argv", ["train.py", *TINY, "--out", str(tmp_path / "r"), "--steps", "2",
+                                      "--batch_size", "4", "--tensorboard", str(tmp_path / "tb")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_script(train.main, "train.py")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("train.py: error: --tensorboard ") and "pip install tensorboard" in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "tb").exists()
+
+
 def test_bad_options_are_all_reported_at_once():
     bad = {"--batch_size": "0", "--micro_batch": "-16", "--log_every": "0", "--ckpt_every": "0", "--lr": "nan",
            "--w": "-1", "--depth": "-1", "--ema": "1.5", "--label_dropout": "2", "--steps": "0"}
@@ -3539,7 +3636,7 @@ def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_pa
     data = DigitsData(cfg.data)
     cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
     torch.manual_seed(0)
-    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"), io.StringIO())
+    result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"))
     assert net.images == 2 * 20 and result["real"] == 30 and os.listdir(tmp_path) == []
     out, err = capsys.readouterr()
     said = out.index("against 30 real digits (features shipped in")

@@ -28,10 +28,11 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 
 # The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
 #   benchmark.py     imports  sample, train, config, data, fid, tvm, attention_jvp   times the step and sampling
-#   sample.py        imports  released, train, data, fid, tvm                       samples, writes the ADM .npz
+#   sample.py        imports  released, train, evaluate, data, fid                  samples, writes the ADM .npz, FID
 #   evidence.py      imports  train, config, data, fid, tvm                         small-scale evidence (2-D, digits)
 #   released.py      imports  train, config, data, tvm                              reads the official .pkl files
-#   train.py         imports  config, data, fid, tvm, attention_jvp                 the step, the loop, checkpoints
+#   train.py         imports  evaluate, config, data, fid, tvm, attention_jvp       the step, the loop, checkpoints
+#   evaluate.py      imports  config, data, fid, tvm                                samples at scale; FID, streamed
 #   config.py        imports  data, tvm                                             options, presets, checks, network
 #   data.py          imports  tvm                                                   data sets, latent cache, SD-VAE, errors
 #   fid.py           imports  nothing of the project                                FID; the CPU thread rule
@@ -56,7 +57,7 @@ import threading
 import time
 import traceback
 import zipfile
-from contextlib import nullcontext
+from contextlib import ExitStack, closing, nullcontext
 
 import numpy as np
 import torch
@@ -65,10 +66,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import attention_jvp
+import evaluate
 import fid
+from evaluate import report_fid   # train.report_fid: what _finish calls (the tests replace it)
 import tvm
-from config import (MODELS, PRESETS, STRUCTURAL, TINY, TrainConfig, build_net, config_errors, model_kwargs,  # noqa: F401
-                    parse_config, prepare_net, resolve)
+from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumable, config_errors,  # noqa: F401
+                    model_kwargs, parse_config, prepare_net, resolve)
 from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
                   make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
 
@@ -406,19 +409,6 @@ def check_batch(cfg, world):
                          f"(= {cfg.batch_size} / {world} processes): pick a divisor of {share}")
 
 
-def check_resumable(saved, cfg, path):
-    """A checkpoint continues only a run with the same network and data shape; other settings (steps,
-    lr, logging, ...) may change on resume, and are reported."""
-    now = dataclasses.asdict(cfg)
-    bad = {k: (saved.get(k), now[k]) for k in STRUCTURAL if saved.get(k) != now[k]}
-    if bad:
-        diff = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in bad.items())
-        raise TrainError(f"{path} comes from another configuration ({diff}). Resume with the checkpoint's "
-                         f"settings (its config is printed by `python -c \"import torch; print(torch.load("
-                         f"'{path}')['config'])\"`), or start a new run with another --out")
-    return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
-
-
 def run_benchmark(kind, argv=None):
     """train.py --benchmark and sample.py --benchmark: `python benchmark.py step|sample` with the same options,
     in a process of its own. benchmark.py imports train.py and sample.py (it times their code), so neither
@@ -536,12 +526,44 @@ def lock_run_folder(out):
     return f
 
 
-def _log_step(line):
-    """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return math.inf
+class RunLog:
+    """Rank 0's log.jsonl, the record of the run: row(dict) appends one JSON line and flushes it. With --tensorboard
+    DIR each number of a row (not its step, not a true/false) is copied to TensorBoard in DIR at global_step = the
+    row's step, tagged train/<key> for the rows of --log_every, else <the event's first word>/<key> (fid/fid_1step).
+    resume_step: log.jsonl keeps its rows up to it. Event files cannot be cut: purge_step makes TensorBoard hide
+    DIR's events past it (a new run: all), at once in its Python reader (--load_fast=false); its default one
+    drops a curve's later points when the resumed run writes that curve again (an event's curve may stay)."""
+
+    def __init__(self, path, tensorboard="", resume_step=None):
+        if resume_step is not None and os.path.isfile(path):
+            # Rows past the checkpoint were written by steps that are now done again: drop them.
+            _atomic_write_text(path, "".join(line for line in open(path) if self.step_of(line) <= resume_step))
+        self.file, self.tb = open(path, "w" if resume_step is None else "a", buffering=1), None   # 1: flushed per line
+        if tensorboard:   # an optional package, imported only when asked for (config_errors checked that it is there)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(tensorboard, purge_step=0 if resume_step is None else resume_step + 1)
+
+    def row(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            kind = re.match(r"\w*", row.get("event", "train")).group()      # train, fid, skipped, stopped
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{kind}/{k}", v, global_step=row["step"])
+            self.tb.flush()
+
+    def close(self):
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    @staticmethod
+    def step_of(line):
+        """The step of a log.jsonl row; a half-written row (a crash mid-write) counts as past every step."""
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            return math.inf
 
 
 def train(cfg):
@@ -571,15 +593,13 @@ def train(cfg):
         error = box[0]
     if error:
         raise TrainError(error)
-    try:
-        return _train(cfg, rank, world, device)
-    finally:
-        if lock is not None:
-            lock.close()
+    with lock or nullcontext(), ExitStack() as on_exit:   # however _train ends: its log closed, then the lock
+        return _train(cfg, rank, world, device, on_exit)
 
 
-def _train(cfg, rank, world, device):
-    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps."""
+def _train(cfg, rank, world, device, on_exit):
+    """The run itself, inside the lock of its folder: the networks, a resumed state, then the steps (on_exit
+    closes rank 0's RunLog however it ends)."""
     master = rank == 0
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
@@ -595,7 +615,9 @@ def _train(cfg, rank, world, device):
     if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
         raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
                          f"classes: give at least {cfg.num_classes}, or pass --fid false")
-    vae = load_vae(device, cfg.vae) if cfg.res and cfg.sample_every and master else None   # fail early
+    vae = load_vae(device, cfg.vae) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
+    reference = (evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError)   # before training: fail early
+                 if cfg.fid_every and master else None)
     net, ema, target, model, opt = _build(cfg, world, device, dtype)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -607,7 +629,8 @@ def _train(cfg, rank, world, device):
     else:
         step = 0
     saved_step = step
-    log = _start_log(cfg, net, data, world, device, precision, step, log_path) if master else None
+    log = on_exit.enter_context(closing(_start_log(cfg, net, data, world, device, precision, step, log_path))) \
+        if master else None
 
     def checkpoint():
         rngs = [None] * world
@@ -657,6 +680,12 @@ def _train(cfg, rank, world, device):
                 acc, t_last, n_last = [], time.time(), step
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 samples()
+            if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):   # every rank samples its share
+                row = evaluate.fid_during_training(ema, cfg, reference, step, vae, device, amp, rank, world)
+                if master:
+                    tqdm.write(f"step {step}: FID-{cfg.fid_n} of the EMA weights " + ", ".join(
+                        f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_")) + f" ({row['seconds']:.0f} s)")
+                    log.row(row)
             flags = _save_flags(stop, cfg, t_saved, world, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
                 checkpoint()
@@ -664,8 +693,7 @@ def _train(cfg, rank, world, device):
             if flags[0]:
                 signum = int(flags[0])
                 if master:
-                    log.write(json.dumps(dict(step=step, event=f"stopped by {signal.Signals(signum).name}")) + "\n")
-                    log.close()
+                    log.row(dict(step=step, event=f"stopped by {signal.Signals(signum).name}"))
                 bar.close()
                 raise Stopped(signum, f"stopped by {signal.Signals(signum).name} at step {step}: {ckpt_path} "
                                       "saved; continue with the same command and --resume")
@@ -681,8 +709,7 @@ def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
     if skipped <= MAX_SKIPPED_SHARE * ran:
         return
     if log is not None:
-        log.write(json.dumps(dict(step=step, event="stopped: too many steps skipped", skipped=skipped)) + "\n")
-        log.close()
+        log.row(dict(step=step, event="stopped: too many steps skipped", skipped=skipped))
     raise TrainError(f"{skipped} of the {ran} steps of this run had a non-finite loss or gradient "
                      f"and were skipped (more than {MAX_SKIPPED_SHARE:.0%}): the run did not train as asked, so it "
                      f"does not end as done. {ckpt_path} (step {step}) is kept; {ran - skipped} of this run's "
@@ -691,11 +718,11 @@ def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
 
 
 def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
-    """After the last step: the digits' FID, the log closed (rank 0: log is its open log), all ranks out."""
-    if log is not None and cfg.res == 0 and cfg.fid:
-        report_fid(ema, cfg, data, device, log)
+    """After the last step: the digits' FID (rank 0: log is its RunLog, closed by train), all ranks out."""
+    fid_row = report_fid(ema, cfg, data, device) if log is not None and cfg.res == 0 and cfg.fid else None
+    if fid_row is not None:    # None: fid.py's weights are not installed
+        log.row(fid_row)
     if log is not None:
-        log.close()
         print(f"done: {ckpt_path}, {log_path}"
               + (f", {os.path.join(cfg.out, 'samples.png')}" if cfg.sample_every else ""))
     if world > 1:
@@ -761,20 +788,17 @@ def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
 
 
 def _start_log(cfg, net, data, world, device, precision, step, log_path):
-    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log) -> the open file."""
+    """Rank 0: print the run's settings, and open log.jsonl (a new run starts a new log; a resumed one is cut
+    back to its checkpoint's step) -> its RunLog."""
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
     n_params = sum(p.numel() for p in net.parameters())
     threads = "" if device.type == "cuda" else f" ({torch.get_num_threads()} intra-op thread(s) each)"
     print(f"{n_params:,} parameters; {len(data):,} training images, {cfg.num_classes} classes; {world} "
           f"process(es) on {device.type}{threads}, {precision}; {cfg.batch_size // world} samples per "
           f"process per step in micro-batches of {cfg.micro_batch or cfg.batch_size // world}")
-    if cfg.resume and os.path.isfile(log_path):
-        # Rows past the checkpoint were written by steps that are now done again: drop them.
-        _atomic_write_text(log_path, "".join(line for line in open(log_path) if _log_step(line) <= step))
-    log = open(log_path, "a" if cfg.resume else "w")
     if cfg.compile:
         print("--compile: the DiT blocks are compiled during the first step (a minute or two on an H100)")
-    return log
+    return RunLog(log_path, cfg.tensorboard, resume_step=step if cfg.resume else None)
 
 
 def _what_is_kept(ckpt_path, saved_step):
@@ -792,9 +816,7 @@ def _stop_on_non_finite_weights(stats, step, cfg, ckpt_path, saved_step, log):
            f"gradient norm {stats['grad_norm']:.4g} were finite). The run stops here; {kept}. "
            + (f"Continue from it with --resume and {fix}" if again == "resume" else f"Start again with {fix}"))
     if log is not None:
-        log.write(json.dumps(dict(step=step, event="stopped: non-finite weights after the update",
-                                  **stats)) + "\n")
-        log.close()
+        log.row(dict(step=step, event="stopped: non-finite weights after the update", **stats))
     raise TrainError(msg)
 
 
@@ -803,10 +825,8 @@ def _report_skipped(stats, step, skipped_in_a_row, ckpt_path, saved_step, log):
     raise once MAX_SKIPPED were skipped in a row."""
     if log is not None:
         tqdm.write(f"step {step}: loss {stats['loss']} grad norm {stats['grad_norm']} not finite: step skipped")
-        log.write(json.dumps(dict(step=step, event="skipped: non-finite loss or gradient", **stats)) + "\n")
+        log.row(dict(step=step, event="skipped: non-finite loss or gradient", **stats))
     if skipped_in_a_row == MAX_SKIPPED:
-        if log is not None:
-            log.close()
         kept, again = _what_is_kept(ckpt_path, saved_step)
         raise TrainError(f"steps {step - MAX_SKIPPED + 1} to {step}: {MAX_SKIPPED} steps in a row had a "
                          f"non-finite loss or gradient and were skipped; the run stops. {kept}. Check "
@@ -820,10 +840,8 @@ def _write_log_row(log, acc, step, n_last, t_last, cfg, cuda):
         torch.cuda.synchronize()
     dt = time.time() - t_last
     row = {k: float(np.mean([a[k] for a in acc])) for k in ("loss", "terminal", "fm", "grad_norm")}
-    log.write(json.dumps(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr,
-                              s_per_step=dt / (step - n_last),
-                              img_per_s=cfg.batch_size * (step - n_last) / dt)) + "\n")
-    log.flush()
+    log.row(dict(step=step, **row, skipped=step - n_last - len(acc), lr=cfg.lr, s_per_step=dt / (step - n_last),
+                 img_per_s=cfg.batch_size * (step - n_last) / dt))
 
 
 def _save_flags(stop, cfg, t_saved, world, device):
@@ -837,53 +855,6 @@ def _save_flags(stop, cfg, t_saved, world, device):
         flags = flags_t.tolist()
     return flags
 
-
-@torch.no_grad()
-def report_fid(ema, cfg, data, device, log, steps=(1, 4)):
-    """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
-    noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
-    sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
-    CPU_SECONDS_PER_IMAGE): good to compare 1 and 4 steps and runs of one setting, but FID grows as sets
-    shrink, so for a number to report use sample.py and fid.py with more samples. The real digits' features are those shipped with fid.py
-    (data/digits_inception.npz) when the data are the digits they were computed from; otherwise computed
-    once and kept in the run folder (fid_real_features_<fid_real>.npy). Skipped, with a message, if
-    fid.py's weights are not installed."""
-    try:
-        fid.load_inception("cpu")
-    except (ImportError, RuntimeError) as e:
-        print(f"FID skipped ({e}). --fid false turns this step off.")
-        return None
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
-    real_images = to_uint8_images(data.images, {"res": 0})                  # (N, 8, 8, 3) uint8
-    real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
-    real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
-    if real is not None:
-        real = real[pick.numpy()]
-    elif os.path.isfile(real_path):
-        real, where = np.load(real_path), f"features kept in {real_path}"
-    else:
-        where = "features computed now"
-    n = cfg.fid_samples // cfg.num_classes * cfg.num_classes
-    todo = n * len(steps) + (cfg.fid_real if real is None else 0)
-    print(f"FID of {' and '.join(f'{k}-step' for k in steps)} samples ({n} each, EMA model, w={cfg.w:g}) against "
-          f"{len(pick)} real digits ({where}): Inception features of {todo} images, {fid.estimate(todo, device)}")
-    if real is None:
-        real = fid.inception_features(real_images[pick.numpy()], device=device, progress="real digits")
-        np.save(real_path, real)
-    g = torch.Generator().manual_seed(cfg.seed + 777)
-    x1 = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
-    y = torch.arange(cfg.num_classes).repeat(n // cfg.num_classes).to(device)
-    dtype = next(ema.parameters()).dtype
-    result = dict(event="fid", step=cfg.steps, n=n, real=len(real), w=cfg.w)
-    for k in steps:
-        x0 = torch.cat([tvm.sample(ema, x1[i:i + 256].to(device, dtype), y[i:i + 256], cfg.w, k, cfg.scale_param)
-                        for i in range(0, n, 256)])
-        feats = fid.inception_features(to_uint8_images(x0, {"res": 0}), device=device, progress=f"{k}-step samples")
-        result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
-    print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
-        f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
-    log.write(json.dumps(result) + "\n")
-    return result
 
 if __name__ == "__main__":
     try:
