@@ -209,7 +209,7 @@ def _gather_in_sample_order(mine, n, batch_size, rank, world, device):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def report_fid(ema, cfg, data, device, steps=(1, 4)):
+def report_fid(ema, cfg, dataset, device, steps=(1, 4)):
     """FID of the digits model's 1- and 4-step samples (cfg.fid_samples each, classes balanced, fixed
     noise) against cfg.fid_real real digits (a fixed random subset), with fid.py's offline Inception. Small
     sets, because the Inception network costs 0.23-0.86 s per image on one CPU thread (fid.py's
@@ -223,8 +223,8 @@ def report_fid(ema, cfg, data, device, steps=(1, 4)):
     except (ImportError, RuntimeError) as e:
         print(f"FID skipped ({e}). --fid false turns this step off.")
         return None
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
-    real_images = data.to_uint8_images(data.images, {"res": 0})                  # (N, 8, 8, 3) uint8
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
+    real_images = data.to_uint8_images(dataset.images, {"res": 0})                  # (N, 8, 8, 3) uint8
     real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
     real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
     if real is not None:

@@ -3719,7 +3719,7 @@ def test_fid_save_stats_refuses_to_overwrite_its_input(tmp_path, monkeypatch):
 
 def test_fid_save_stats_writes_adm_fid_keys_and_says_what_it_lacks(tmp_path, monkeypatch, capsys):
     """The file holds what ADM's FIDStatistics reads (mu, sigma: float64, mean and ddof=1 covariance of the
-    features, as ADM's compute_statistics), plus n; it has no arr_0 or mu_s/sigma_s, and --help says that
+    features, as ADM's compute_statistics), plus n and the detector; it has no arr_0 or mu_s/sigma_s, and --help says that
     ADM's evaluator.py script needs those."""
     fake_detector(monkeypatch)
     images = np.random.default_rng(0).integers(0, 256, size=(4, 4, 4, 3), dtype=np.uint8)
@@ -3727,7 +3727,8 @@ def test_fid_save_stats_writes_adm_fid_keys_and_says_what_it_lacks(tmp_path, mon
     fid.main(["--save-stats", str(tmp_path / "s.npz"), folder])
     acts = fid.inception_features(images)
     with np.load(tmp_path / "s.npz") as f:
-        assert sorted(f.files) == ["mu", "n", "sigma"] and int(f["n"]) == 4
+        assert sorted(f.files) == ["detector", "mu", "n", "sigma"] and int(f["n"]) == 4
+        assert str(f["detector"]) == fid.WEIGHTS_SHA1         # which network computed them (npz_stats checks it)
         assert f["mu"].dtype == f["sigma"].dtype == np.float64
         np.testing.assert_allclose(f["mu"], np.mean(acts, axis=0), rtol=1e-12)
         np.testing.assert_allclose(f["sigma"], np.cov(acts, rowvar=False), rtol=1e-12, atol=1e-12)
