@@ -2853,7 +2853,10 @@ def test_sample_py_on_an_official_pickle_and_save_converted(tmp_path, monkeypatc
         def decode(self, z):
             return torch.nn.functional.interpolate(z[:, :3] / 5, scale_factor=8)
 
-    monkeypatch.setattr(sample, "load_vae", lambda device, name: StandInVAE())
+        def describe(self):
+            return "decoder: stand-in"
+
+    monkeypatch.setattr(sample, "load_vae", lambda device, name, decoder: StandInVAE())
     net = perturbed_dit(input_size=32, depth=1, seed=2)
     pkl = write_official_pickle(tmp_path / "im256_w2.pkl", net, 10, evil=tmp_path / "x")
     path = sample.main(["--ckpt", pkl, "--out", str(tmp_path / "off"), "--n", "3", "--batch_size", "2"])
