@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 import tvm
-from data import TrainError
+from data import DECODERS, TrainError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,6 +90,8 @@ class TrainConfig:
     fid_steps: str = _opt("1", "--fid_every: sampling steps, e.g. 1 or 1,4 (one FID each)")
     fid_w: float = _opt(0.0, "--fid_every: guidance weight; 0 = --w")
     fid_batch: int = _opt(64, "--fid_every: samples per forward pass on each process")
+    decoder: str = _opt("exact", "SD-VAE decoder mode of the sample grids and --fid_every (data.DECODERS: exact, "
+                                 "tf32, bf16, ...-compiled); exact = float32, TF32 off, the reference")
     vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
     workers: int = _opt(8, "image-decoding processes while encoding latents")
     attention: str = _opt("auto", "auto (the kernel on GPUs) | triton | reference: attention_jvp.use_backend")
@@ -256,6 +258,7 @@ def config_errors(cfg):
     need(cfg.dist_backend in ("auto", "nccl", "gloo"), "dist_backend", "expected auto, nccl or gloo")
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
+    need(cfg.decoder in DECODERS, "decoder", f"expected one of {', '.join(DECODERS)}")
     need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
     need(not cfg.tensorboard or _importable("torch.utils.tensorboard"), "tensorboard", "needs the tensorboard "
          "package, which is not installed here: pip install tensorboard (or leave --tensorboard out)")

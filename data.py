@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import zipfile
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -513,8 +513,95 @@ def open_data(cfg, rank, world, device):
 # The VAE (SD-VAE ft-ema, through diffusers): only for encoding and for decoding samples
 # ------------------------------------------------------------------------------------------------
 
+# How VAE.decode runs. FID-50K spends nearly all its time in the decoder (an H200 decodes 34 images/s in
+# float32 with TF32 off, 392 in bf16), hence faster modes, each measured against "exact" by benchmark.py
+# (python sample.py --benchmark: images/s and how many uint8 values differ). A Decoder's fields:
+#   precision      "float32": TF32 off, as training runs (Table 6); the reference.
+#                  "tf32": float32 weights and activations, convolutions and matmuls in TF32 (10-bit mantissa).
+#                  "bfloat16": the decoder's weights and activations cast to bf16 (8-bit mantissa).
+#                  "bfloat16-autocast": float32 weights under bf16 autocast (a variant benchmark.py measures).
+#   channels_last  the decoder's weights and input in NHWC, the layout of cuDNN's tensor-core convolutions.
+#   compile        None (eager) or a torch.compile mode, "default" or "max-autotune" (the official code compiles
+#                  its VAE with mode="max-autotune", fullgraph=True, in float32). CUDA only: on a CPU the
+#                  decoder runs eager and describe() says so (tests run every mode's code path on a CPU).
+#   batch          latents per decoder call: to_uint8_images's chunks; a compiled decoder sees only this shape.
+# bf16 casts the weights rather than autocasting: the same arithmetic on a CPU as on a GPU (CUDA autocast
+# runs GroupNorm in float32, the CPU's does not), so the tests here check what a GPU runs, and no weights
+# are cast per call. GroupNorm in bf16 is the error risk; under autocast it would be float32, but its input
+# is a bf16 convolution output either way and the next convolution rounds its output to bf16 again.
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    precision: str = "float32"
+    channels_last: bool = False
+    compile: str = None
+    batch: int = 32
+
+    def __post_init__(self):
+        if self.precision not in ("float32", "tf32", "bfloat16", "bfloat16-autocast") \
+                or self.compile not in (None, "default", "max-autotune") or self.batch < 1:
+            raise ValueError(f"{self}: precision float32, tf32, bfloat16 or bfloat16-autocast; compile None, "
+                             "default or max-autotune; batch >= 1")
+
+
+DECODERS = {
+    "exact": Decoder("float32"),                                    # the reference, and the default
+    "tf32": Decoder("tf32", channels_last=True),
+    "bf16": Decoder("bfloat16", channels_last=True),
+    "float32-compiled": Decoder("float32", compile="max-autotune"),     # the official code's decoder
+    "tf32-compiled": Decoder("tf32", channels_last=True, compile="max-autotune"),
+    "bf16-compiled": Decoder("bfloat16", channels_last=True, compile="max-autotune"),
+}
+
+# When a faster mode may become the default: decoding the same latents as "exact", at most 0.1% of the
+# uint8 values (pixel x channel) differ by more than 1 grey level, and none by more than 8 (3% of the
+# range); pixel_difference and meets_decoder_rule apply it. It needs a GPU measurement with the real
+# weights (python sample.py --benchmark --out DIR --vae stabilityai/sd-vae-ft-ema), which nobody has made
+# yet: until then the default stays "exact".
+DECODER_RULE = dict(share_over_1=1e-3, max_diff=8)
+
+
+def decoder_key(d):
+    """Decoder -> its name in benchmark.json: precision, -cl (channels_last), -<compile mode>, _b<batch>.
+    DECODERS["exact"] is float32_b32, the key the benchmark has always written for it."""
+    return d.precision + ("-cl" if d.channels_last else "") + (f"-{d.compile}" if d.compile else "") + f"_b{d.batch}"
+
+
+def _tf32_flags():
+    """Every copy of PyTorch's TF32 switches, in the order to restore them: float32_matmul_precision (which
+    torch.backends.cuda.matmul.allow_tf32 reads and writes), cuDNN's allow_tf32, and from PyTorch 2.9 the
+    fp32_precision strings ("none": inherit), which setting the first two overwrites. This code sets TF32
+    through the first two, as train.py and sample.py do (PyTorch refuses to read them once the strings
+    were set apart from them)."""
+    flags = {(torch, "float32_matmul_precision"): torch.get_float32_matmul_precision(),
+             (torch.backends.cudnn, "allow_tf32"): torch.backends.cudnn.allow_tf32}
+    c = torch.backends.cudnn
+    for obj in (torch.backends.cuda.matmul, getattr(c, "conv", None), getattr(c, "rnn", None), c, torch.backends):
+        if hasattr(obj, "fp32_precision"):
+            flags[obj, "fp32_precision"] = obj.fp32_precision
+    return flags
+
+
+@contextmanager
+def tf32(on):
+    """TF32 on (or off) for CUDA matmuls and cuDNN convolutions inside the block only; afterwards every
+    flag is what it was, so training and sampling (TF32 off, Table 6) are untouched by a decode."""
+    saved = _tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        for (obj, name), value in saved.items():
+            if name == "float32_matmul_precision":
+                torch.set_float32_matmul_precision(value)
+            else:
+                setattr(obj, name, value)
+
+
 class VAE:
-    def __init__(self, name, device):
+    """The SD-VAE: encode_moments (float32, for the latent cache) and decode in a mode of DECODERS (a name,
+    or a Decoder for benchmark.py's variants)."""
+
+    def __init__(self, name, device, decoder="exact"):
         try:
             from diffusers.models import AutoencoderKL
         except ImportError:
@@ -528,6 +615,42 @@ class VAE:
                              f"downloads them from the Hugging Face Hub on first use; on a machine without "
                              f"network, fetch them elsewhere with `huggingface-cli download {name}` and pass "
                              f"the downloaded folder as --vae") from None
+        self._set_decoder(decoder)
+
+    def _set_decoder(self, decoder):
+        if isinstance(decoder, Decoder):
+            self.mode = next((k for k, d in DECODERS.items() if d == decoder), decoder_key(decoder))
+        elif decoder in DECODERS:
+            self.mode = decoder
+        else:
+            raise ValueError(f"decoder {decoder!r}: expected one of {list(DECODERS)} or a data.Decoder")
+        d = self.decoder = DECODERS.get(decoder, decoder)
+        self.batch = d.batch
+        self.device = next(self.vae.parameters()).device
+        # Only the decoding path (post_quant_conv, then the decoder) changes: encode_moments stays float32.
+        self.dtype = torch.bfloat16 if d.precision == "bfloat16" else torch.float32
+        for part in (getattr(self.vae, "post_quant_conv", None), self.vae.decoder):
+            if part is not None and (self.dtype != torch.float32 or d.channels_last):
+                part.to(self.dtype, memory_format=torch.channels_last if d.channels_last else torch.contiguous_format)
+
+        def decode(z):
+            return self.vae.decode(z).sample
+        self.compiled = d.compile is not None and self.device.type == "cuda"
+        self._decode = torch.compile(decode, mode=d.compile, fullgraph=True) if self.compiled else decode
+
+    def describe(self):
+        """One line: the mode that decode() runs, as it runs on this device."""
+        d = self.decoder
+        how = {"float32": "float32, TF32 off", "tf32": "float32, TF32 on", "bfloat16": "bf16 weights and activations",
+               "bfloat16-autocast": "float32 weights, bf16 autocast"}[d.precision]
+        how += ", channels_last" if d.channels_last else ""
+        if self.compiled:
+            how += f", torch.compile {d.compile}"
+        elif d.compile:
+            how += f", eager: torch.compile {d.compile} runs on CUDA only, this is {self.device.type}"
+        else:
+            how += ", eager"
+        return f"decoder: {self.mode} ({how}; batches of {d.batch} on {self.device.type})"
 
     @torch.no_grad()
     def encode_moments(self, img):  # (n, 3, H, W) in [-1, 1] -> (n, 8, H/8, W/8): posterior mean, std
@@ -535,24 +658,59 @@ class VAE:
         return torch.cat([d.mean, d.std], dim=1)
 
     @torch.no_grad()
-    def decode(self, z):  # (n, 4, h, w) raw latents -> (n, 3, 8h, 8w) in about [-1, 1]
-        return self.vae.decode(z).sample
+    def decode(self, z):  # (n, 4, h, w) raw latents -> (n, 3, 8h, 8w) float32, in about [-1, 1]
+        d = self.decoder
+        if self.compiled and len(z) != d.batch:
+            # The compiled graph has one shape: chunks of d.batch, the last one padded with zero latents
+            # (each image is decoded on its own: GroupNorm and attention do not mix the images of a batch).
+            out = []
+            for i in range(0, len(z), d.batch):
+                chunk = z[i:i + d.batch]
+                padded = torch.cat([chunk, chunk.new_zeros(d.batch - len(chunk), *chunk.shape[1:])])
+                out.append(self.decode(padded)[:len(chunk)])
+            return torch.cat(out)
+        z = z.to(self.dtype)
+        if d.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        amp = torch.autocast(z.device.type, torch.bfloat16) if d.precision == "bfloat16-autocast" else nullcontext()
+        with tf32(d.precision == "tf32"), amp:
+            return self._decode(z).float()      # exact: float32 in, float32 out, as vae.decode(z).sample
 
 
-def load_vae(device, name="stabilityai/sd-vae-ft-ema"):
-    return VAE(name, device)
+def load_vae(device, name="stabilityai/sd-vae-ft-ema", decoder="exact"):
+    return VAE(name, device, decoder)
+
+
+def pixel_difference(a, b):
+    """Two uint8 image arrays of one shape (e.g. (N, H, W, 3)) -> how far apart they are, over their values
+    (pixel x channel): share_differ (the share of values not equal), share_over_1 (the share that differ by
+    more than 1 grey level), max_diff (the largest difference, in grey levels), values (how many)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != np.uint8 or b.dtype != np.uint8:
+        raise ValueError(f"pixel_difference compares two uint8 arrays of one shape: {a.dtype} {a.shape} "
+                         f"and {b.dtype} {b.shape}")
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return dict(share_differ=float((diff > 0).mean()), share_over_1=float((diff > 1).mean()),
+                max_diff=int(diff.max(initial=0)), values=int(diff.size))
+
+
+def meets_decoder_rule(diff):
+    """pixel_difference(mode's images, exact's images) -> whether the mode meets DECODER_RULE."""
+    return diff["share_over_1"] <= DECODER_RULE["share_over_1"] and diff["max_diff"] <= DECODER_RULE["max_diff"]
 
 
 @torch.no_grad()
-def to_uint8_images(x0, config_dict, vae=None, batch=32):
+def to_uint8_images(x0, config_dict, vae=None, batch=None):
     """Model samples -> uint8 (N, H, W, 3). Digits: pixels in [-1, 1], grey repeated to RGB. Latents:
-    un-normalised with LATENT_STATS and decoded by the VAE (loaded here if not given).
+    un-normalised with LATENT_STATS and decoded by the VAE (loaded here if not given) in chunks of `batch`
+    latents (default: the VAE's decoder mode's, 32).
     round((x + 1) * 127.5) equals EDM2's (x * 127.5 + 128).clip(0, 255).to(uint8)."""
     res = config_dict["res"]
     if res == 0:
         img = x0.float()
     else:
         vae = vae or load_vae(x0.device)
+        batch = batch or getattr(vae, "batch", 32)
         dtype = next(vae.vae.parameters()).dtype
         mean, std = _stats(res, x0.device, torch.float32)
         z = x0.float() * std + mean
@@ -571,17 +729,20 @@ SD_VAE_CONFIG = dict(
 
 
 class RandomVAE(VAE):
-    """VAE (encode_moments, decode) around an AutoencoderKL built from SD_VAE_CONFIG with random
-    weights (seeded): the real decoder's cost, not its images."""
+    """VAE (encode_moments, decode, describe) around an AutoencoderKL built from SD_VAE_CONFIG with random
+    weights (seeded): the real decoder's cost, not its images. config: entries of SD_VAE_CONFIG to replace,
+    e.g. a narrow decoder for the tests (block_out_channels=[32] * 4, norm_num_groups=8): same code path."""
 
-    def __init__(self, device, seed=0):
+    def __init__(self, device, seed=0, decoder="exact", config=None):
         try:
             from diffusers.models import AutoencoderKL
         except ImportError:
             raise SampleError("--vae random builds diffusers' AutoencoderKL: `pip install diffusers`") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.vae = AutoencoderKL.from_config(SD_VAE_CONFIG).to(device).eval().requires_grad_(False)
+            vae = AutoencoderKL.from_config({**SD_VAE_CONFIG, **(config or {})})
+            self.vae = vae.to(device).eval().requires_grad_(False)
+        self._set_decoder(decoder)
 
 
 # ------------------------------------------------------------------------------------------------

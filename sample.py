@@ -67,9 +67,10 @@ from released import (OFFICIAL_RENAMES, RELEASED, RELEASED_LICENCE, OfficialChec
                       official_state_dict, save_converted)
 
 
-def load_vae(device, name):
-    """The SD-VAE for latent models: a Hub name or a local folder (data.load_vae), or "random"."""
-    return data.RandomVAE(device) if name == "random" else data.load_vae(device, name)
+def load_vae(device, name, decoder="exact"):
+    """The SD-VAE for latent models: a Hub name or a local folder (data.load_vae), or "random"; decoding in
+    the mode `decoder` of data.DECODERS."""
+    return data.RandomVAE(device, decoder=decoder) if name == "random" else data.load_vae(device, name, decoder)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +133,13 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; see --benchmark)")
     p.add_argument("--vae", default=None, help="SD-VAE for latent models: a Hub name or a local folder "
                    "(default: the one in the checkpoint's config), or 'random': the SD-VAE's architecture "
-                   "with random weights (for timing; the images are noise)")
+                   "with random weights (for timing; the images are noise). With --benchmark: the decoder whose "
+                   "modes are held against exact (default random; the real weights decide the default)")
+    p.add_argument("--decoder", default="exact", choices=list(data.DECODERS),
+                   help="how the SD-VAE decodes (data.DECODERS): exact = float32, TF32 off, eager, the reference "
+                   "and the default; tf32 = float32 with TF32 convolutions; bf16 = bf16 weights and activations; "
+                   "*-compiled = the same under torch.compile max-autotune (CUDA only). The faster modes change "
+                   "some pixels: python sample.py --benchmark measures by how much")
     p.add_argument("--grid", type=int, default=64, help="samples shown in the PNG grid; 0: no PNG, only the .npz")
     p.add_argument("--save_converted", metavar="OUT.pt", default=None,
                    help="write an official .pkl as a checkpoint of ours (weights and config) and exit")
@@ -265,7 +272,9 @@ def _sample(args):
         net.compile_blocks()
     vae = None
     if config["res"]:   # latents: load the decoder before any sampling, so a missing VAE fails at once
-        vae = load_vae(device, args.vae or config["vae"])
+        vae = load_vae(device, args.vae or config["vae"], args.decoder)
+        if rank == 0:
+            print(vae.describe())
     reference = None
     if args.fid_ref and rank == 0:   # before sampling: a bad reference fails at once, not after an hour
         reference = evaluate.load_reference(args.fid_ref, device=device)

@@ -44,6 +44,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
 import benchmark
+import data as data_module
 import evidence
 import fid
 import released
@@ -2950,7 +2951,10 @@ def test_sample_py_on_an_official_pickle_and_save_converted(tmp_path, monkeypatc
         def decode(self, z):
             return torch.nn.functional.interpolate(z[:, :3] / 5, scale_factor=8)
 
-    monkeypatch.setattr(sample, "load_vae", lambda device, name: StandInVAE())
+        def describe(self):
+            return "decoder: stand-in"
+
+    monkeypatch.setattr(sample, "load_vae", lambda device, name, decoder: StandInVAE())
     net = perturbed_dit(input_size=32, depth=1, seed=2)
     pkl = write_official_pickle(tmp_path / "im256_w2.pkl", net, 10, evil=tmp_path / "x")
     path = sample.main(["--ckpt", pkl, "--out", str(tmp_path / "off"), "--n", "3", "--batch_size", "2"])
@@ -2983,6 +2987,177 @@ def test_random_sd_vae_has_the_sd_vae_shape():
     vae = RandomVAE("cpu")
     assert vae.decode(torch.randn(1, 4, 4, 6)).shape == (1, 3, 32, 48)
     assert sum(p.numel() for p in vae.vae.decoder.parameters()) > 4e7            # the 49M-parameter decoder
+
+
+# The SD-VAE decoder's modes (data.DECODERS). A narrow decoder (32 channels, 8 groups, one layer per block)
+# runs the same code path as the SD-VAE's in milliseconds; 8 x 8 x 4 latents -> 64 x 64 x 3 images.
+NARROW_VAE = dict(block_out_channels=[32] * 4, norm_num_groups=8, layers_per_block=1)
+
+
+def narrow_vae(decoder="exact"):
+    return RandomVAE("cpu", seed=3, decoder=decoder, config=NARROW_VAE)
+
+
+def raw_latents(n=2, side=8, seed=0):
+    """Latents as a model hands them to the decoder: unit normal x0, un-normalised with LATENT_STATS."""
+    x0 = torch.randn(n, 4, side, side, generator=torch.Generator().manual_seed(seed))
+    mean, std = data_module._stats(256, "cpu", torch.float32)
+    return x0 * std + mean                                                       # (n, 4, side, side)
+
+
+def test_decoder_exact_is_diffusers_decode_bit_for_bit():
+    """decode in mode exact is what the decoder did before there were modes: diffusers' vae.decode(z).sample,
+    every bit, alone and through to_uint8_images. On a CPU the compiled modes run eager (compile is CUDA
+    only), so float32-compiled is exact here too, and its description says it was not compiled."""
+    pytest.importorskip("diffusers")
+    z = raw_latents()
+    vae = narrow_vae()
+    raw = vae.vae.decode(z).sample                                                # (2, 3, 64, 64)
+    assert torch.equal(vae.decode(z), raw)
+    mean, std = data_module._stats(256, "cpu", torch.float32)
+    by_hand = ((raw.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(to_uint8_images((z - mean) / std, {"res": 256}, vae), by_hand)
+    compiled = narrow_vae("float32-compiled")
+    assert not compiled.compiled and torch.equal(compiled.decode(z), raw)
+    assert "eager: torch.compile max-autotune runs on CUDA only, this is cpu" in compiled.describe()
+
+
+def test_decoder_bf16_differs_from_exact_within_a_first_order_bound():
+    """bf16 mode = the exact decoder with every value it stores rounded to bf16 (8 significant bits: relative
+    error at most u = 2^-8 each): every module's output, the inputs of convolutions and linear layers (the
+    latents, the attention's output), every weight and bias. To first order its error is the sum of the
+    decoder's responses to those roundings. The bound takes, one module at a time, each of that module's
+    values off by the full u (random signs) in a float64 copy of the exact decoder, and adds the largest
+    response of each module over the output (triangle inequality). bf16 must stay within it, and must differ
+    from exact by more than float32 could (else the mode did not run in bf16)."""
+    pytest.importorskip("diffusers")
+    z = raw_latents(1, side=4)                                                   # (1, 4, 4, 4) -> (1, 3, 32, 32)
+    exact, bf16 = narrow_vae().decode(z).double(), narrow_vae("bf16").decode(z).double()
+    error = (bf16 - exact).abs().max().item()
+    u = 2.0 ** -8
+    ref = copy.deepcopy(narrow_vae().vae).double()
+    y = ref.decode(z.double()).sample
+    g = torch.Generator().manual_seed(0)
+
+    def off(t):     # t with every value off by u relative, random sign
+        return t * (1 + u * (2 * torch.randint(0, 2, t.shape, generator=g, dtype=t.dtype) - 1))
+
+    bound = 0.0
+    for module in [m for m in ref.modules() if m is not ref]:
+        hooks = [module.register_forward_hook(lambda m, i, o: off(o) if torch.is_tensor(o) else o)]
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            hooks.append(module.register_forward_pre_hook(lambda m, i: (off(i[0]), *i[1:])))
+        saved = {k: p.detach().clone() for k, p in module.named_parameters(recurse=False)}
+        with torch.no_grad():
+            for p in module.parameters(recurse=False):
+                p.copy_(off(p))
+            bound += (ref.decode(z.double()).sample - y).abs().max().item()
+            for k, p in module.named_parameters(recurse=False):
+                p.copy_(saved[k])
+        for h in hooks:
+            h.remove()
+    scale = y.abs().max().item()
+    assert 2.0 ** -16 * scale < error <= bound < 0.5 * scale, (error, bound, scale)
+
+
+def test_decoder_leaves_the_tf32_flags_as_they_were():
+    """decode sets TF32 for its own call only: inside it, on for tf32 and off for the others; after it, every
+    flag as before, starting from values that are not the defaults (matmul TF32 on, cuDNN TF32 off)."""
+    pytest.importorskip("diffusers")
+    B = torch.backends
+
+    strings = [o for o in (B.cuda.matmul, getattr(B.cudnn, "conv", None), getattr(B.cudnn, "rnn", None), B.cudnn, B)
+               if hasattr(o, "fp32_precision")]     # PyTorch >= 2.9: the flags' second copy
+
+    def flags():
+        return ([B.cuda.matmul.allow_tf32, B.cudnn.allow_tf32, torch.get_float32_matmul_precision()]
+                + [o.fp32_precision for o in strings])
+    start = flags()
+    try:
+        B.cuda.matmul.allow_tf32, B.cudnn.allow_tf32 = True, False
+        before = flags()
+        for mode in ("exact", "tf32", "bf16"):
+            vae, seen = narrow_vae(mode), []
+            inner = vae._decode
+            vae._decode = lambda z: seen.append((B.cuda.matmul.allow_tf32, B.cudnn.allow_tf32)) or inner(z)
+            vae.decode(raw_latents(1))
+            assert seen == [(mode == "tf32",) * 2], (mode, seen)
+            assert flags() == before, mode
+    finally:        # as this process found them, for the tests after this one
+        torch.set_float32_matmul_precision(start[2])
+        B.cudnn.allow_tf32 = start[1]
+        for o, value in zip(strings, start[3:]):
+            o.fp32_precision = value
+    assert flags() == start
+
+
+def test_decoder_describe_names_the_mode_and_unknown_modes_are_refused():
+    pytest.importorskip("diffusers")
+    assert narrow_vae().describe() == "decoder: exact (float32, TF32 off, eager; batches of 32 on cpu)"
+    for mode, d in data_module.DECODERS.items():
+        line = narrow_vae(mode).describe()
+        assert line.startswith(f"decoder: {mode} (") and ("channels_last" in line) == d.channels_last, line
+        assert ("TF32 on" in line) == (d.precision == "tf32") and ("bf16" in line) == (d.precision == "bfloat16")
+    with pytest.raises(ValueError, match="'fp8': expected one of \\['exact'"):
+        narrow_vae("fp8")
+
+
+def test_pixel_difference_counts_values_and_the_rule_has_its_edges():
+    a = np.zeros((2, 2, 2, 3), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0], b[0, 1, 0, 2], b[1, 1, 1, 1] = 1, 2, 200       # off by 1, by 2, by 200 (no uint8 wrap-around)
+    a[1, 0, 1, 0] = 3                                               # off by 3, the other way
+    d = data_module.pixel_difference(a, b)
+    assert d == dict(share_differ=4 / 24, share_over_1=3 / 24, max_diff=200, values=24)
+    assert data_module.pixel_difference(b, a) == d and data_module.pixel_difference(a, a)["max_diff"] == 0
+    with pytest.raises(ValueError, match="two uint8 arrays of one shape"):
+        data_module.pixel_difference(a, b[:1])
+    rule = data_module.DECODER_RULE
+    meets = data_module.meets_decoder_rule
+    assert meets(dict(share_over_1=rule["share_over_1"], max_diff=rule["max_diff"]))
+    assert not meets(dict(share_over_1=rule["share_over_1"] * 1.01, max_diff=1))
+    assert not meets(dict(share_over_1=0.0, max_diff=rule["max_diff"] + 1))
+
+
+def test_sample_py_decoder_reaches_the_vae(tmp_path, monkeypatch, capsys):
+    """--decoder reaches the SD-VAE (--vae random, narrowed): sample.py prints its description, and bf16
+    changes the images; an unknown mode is refused by argparse (exit 2) before the checkpoint is read."""
+    pytest.importorskip("diffusers")
+    path = make_checkpoint(tmp_path / "latent.pt", res=256, input_size=8, in_channels=4, num_classes=10)
+    monkeypatch.setattr(data_module, "RandomVAE", lambda device, decoder: narrow_vae(decoder))
+    images = {}
+    for mode in ("exact", "bf16"):
+        capsys.readouterr()
+        images[mode] = load(run_sample(path, tmp_path / mode, "--n", 2, "--vae", "random", "--decoder", mode))
+        assert narrow_vae(mode).describe() in capsys.readouterr().out.splitlines()
+    assert images["exact"].shape == (2, 64, 64, 3) and (images["exact"] != images["bf16"]).any()
+    monkeypatch.setattr(sample, "load_any", lambda *a, **k: pytest.fail("read the checkpoint before refusing"))
+    line = refused("sample.py", ["--ckpt", path, "--decoder", "fp8"], monkeypatch, capsys)
+    assert "argument --decoder: invalid choice: 'fp8'" in line, line
+
+
+def test_benchmark_decoder_table_holds_each_variant_against_exact(monkeypatch):
+    """_bench_vae on a CPU (narrow random decoder, 2 latents, timing stubbed): every mode and variant has
+    images/s and its difference from exact; exact against itself is 0; the keys of earlier versions are
+    there; the projection takes the fastest named mode that meets the rule."""
+    pytest.importorskip("diffusers")
+    monkeypatch.setattr(benchmark, "_throughput", lambda fn, batch, sync, **k: float(batch))
+    res = {"vae": {}}
+    benchmark._bench_vae(res, lambda line: None, torch.device("cpu"), lambda: None, n=2, config=NARROW_VAE)
+    ex = res["vae_exactness"]
+    assert list(ex)[0] == "float32_b32" and ex["float32_b32"]["mode"] == "exact"
+    assert ex["float32_b32"]["share_differ"] == 0 and ex["float32_b32"]["meets_rule"]
+    assert {"float32_b32", "float32_b128", "bfloat16_b32", "bfloat16_b128"} <= set(res["vae"]) == set(ex)
+    assert {e["mode"] for e in ex.values()} - {None} == set(data_module.DECODERS)
+    assert ex["bfloat16-cl_b32"]["mode"] == "bf16" and ex["bfloat16-cl_b32"]["share_differ"] > 0
+    for key, e in ex.items():
+        assert e["meets_rule"] == data_module.meets_decoder_rule(e) and e["values"] == 2 * 256 * 256 * 3, key
+    res = {"vae": {"a": 10.0, "b": 30.0, "c": 20.0, "d": 99.0},
+           "vae_exactness": {"a": dict(mode="exact", meets_rule=True), "b": dict(mode="tf32", meets_rule=True),
+                             "c": dict(mode="bf16", meets_rule=True), "d": dict(mode=None, meets_rule=True)}}
+    assert benchmark.fastest_mode_meeting_rule(res) == "b"
+    res["vae_exactness"]["b"]["meets_rule"] = False
+    assert benchmark.fastest_mode_meeting_rule(res) == "c"
 
 
 

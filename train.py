@@ -615,7 +615,7 @@ def _train(cfg, rank, world, device, on_exit):
     if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
         raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
                          f"classes: give at least {cfg.num_classes}, or pass --fid false")
-    vae = load_vae(device, cfg.vae) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
+    vae = load_vae(device, cfg.vae, cfg.decoder) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
     reference = (evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError)   # before training: fail early
                  if cfg.fid_every and master else None)
     net, ema, target, model, opt = _build(cfg, world, device, dtype)
