@@ -38,7 +38,8 @@ import tvm
 from config import HERE, MODELS, TrainConfig, build_net, parse_config, prepare_net, resolve
 from data import SampleError, TrainError, run_script
 from sample import sample_latents
-from train import CudaGraphStep, _fields, make_optimizer, make_step, setup_distributed, train_step
+from step import CudaGraphStep, _fields, make_optimizer, make_step, train_step
+from train import setup_distributed
 
 
 # ------------------------------------------------------------------------------------------------

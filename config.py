@@ -99,8 +99,12 @@ class TrainConfig:
                                "notes/step.md), off for the CPU demo. Needs --jvp manual/auto")
     checkpoint_blocks: bool = _opt(False, "recompute block activations in the backward: ~1/3 of the memory, ~1.5x "
                                           "the time (measured, notes/step.md); needs --jvp manual/auto")
-    cuda_graph: bool = _opt(None, "replay the whole step as one CUDA graph (CudaGraphStep); default: on for one "
-                                  "process on a GPU, off otherwise (DDP's all-reduce is not captured)")
+    cuda_graph: bool = _opt(None, "replay the whole step as CUDA graphs (step.CudaGraphStep); default: on for one "
+                                  "process on a GPU, off under torchrun, where --cuda_graph true needs --grad_sync flat "
+                                  "(not yet run on several GPUs: test_gpu.py has the check)")
+    grad_sync: str = _opt("auto", "under torchrun: ddp (DDP, the all-reduce overlapping the backward) | flat (one "
+                                  "all-reduce of a flat gradient buffer between backward and update, no DDP: what "
+                                  "lets --cuda_graph run under torchrun) | auto (flat with --cuda_graph, else ddp)")
     benchmark: bool = _opt(False, "time the TVM and flow-matching steps on random latents, then exit")
     bench_check: bool = _opt(True, "before timing, check every path's loss and gradient (check_step_paths)")
     bench_cases: str = _opt("", "e.g. 'XL/2-18h:256:32,B/2:256:32' (model:px:batch); '' = BENCH_CASES")
@@ -259,6 +263,7 @@ def config_errors(cfg):
     need(cfg.precision in ("auto", "bf16", "fp32", "fp64"), "precision", "expected auto, bf16, fp32 or fp64")
     need(cfg.jvp in tvm.JVP_METHODS, "jvp", f"expected one of {', '.join(tvm.JVP_METHODS)}")
     need(cfg.decoder in DECODERS, "decoder", f"expected one of {', '.join(DECODERS)}")
+    need(cfg.grad_sync in ("auto", "ddp", "flat"), "grad_sync", "expected auto, ddp or flat")
     need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
     need(not cfg.tensorboard or _importable("torch.utils.tensorboard"), "tensorboard", "needs the tensorboard "
          "package, which is not installed here: pip install tensorboard (or leave --tensorboard out)")

@@ -50,7 +50,7 @@ import fid
 import tvm
 from config import TrainConfig, build_net, parse_config
 from data import DigitsData, EpochSampler, make_batch, to_uint8_images
-from train import make_optimizer, train_step
+from step import make_optimizer, train_step
 
 OUT = "evidence"
 N_EVAL = 4000           # points per side for the sliced W2

@@ -23,7 +23,8 @@ Flows (one test each, in order; later tests use the runs of earlier ones):
      with arr_0 and arr_1; fid.py on the result; then sample.py --fid_ref (FID in one command, 1 and 2
      processes), --decoder bf16 against exact, and train.py --fid_every;
   5. train.py --benchmark with its path check, on a small model;
-  6. DDP: 2 processes (gloo, sharing the one GPU) against 1 process; 2 GPUs with NCCL where there are 2.
+  6. DDP: 2 processes (gloo, sharing the one GPU) against 1 process, eager and with the step as CUDA
+     graphs (--grad_sync flat); 2 GPUs with NCCL where there are 2.
 """
 
 import hashlib
@@ -453,10 +454,12 @@ def update_gap(runs, a, b):
     return float((da - db).norm() / da.norm())
 
 
-def torchrun_two(out, *extra):
-    """train.py in 2 processes under torchrun, with this suite's options."""
+def torchrun_two(out, *extra, graph=False):
+    """train.py in 2 processes under torchrun, with this suite's options; graph: the CUDA-graphed step
+    (--cuda_graph true, hence --grad_sync flat), else the eager step under DDP."""
+    graphed = ["--cuda_graph", "true"] if graph and not ON_CPU else ["--cuda_graph", "false"]
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-         *train_args(ASSETS["cache"], out, "--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100, *extra)[1:]],
+         *train_args(ASSETS["cache"], out, "--steps", 4, *graphed, "--ckpt_every", 100, *extra)[1:]],
         timeout=400)
 
 
@@ -478,9 +481,28 @@ def test_two_processes_sharing_one_gpu_match_one_process():
     assert np.allclose(loss["one"], loss["two"], rtol=2e-3), loss
 
 
+def test_graphed_step_under_torchrun_matches_one_process():
+    """torchrun with 2 processes on the one GPU (gloo) and the step as CUDA graphs (--cuda_graph true:
+    --grad_sync flat, the backward and the update as two graphs, the all-reduce between them) against the
+    1-process run of the test above: the same training up to round-off, as the eager DDP step."""
+    root = ASSETS["root"]
+    torchrun_two(root / "two_graph", "--dist_backend", "gloo", graph=True)
+    text = open(root / "two_graph" / "log.jsonl").read()
+    assert '"grad_sync": "flat"' in json.dumps(load(root / "two_graph" / "ckpt.pt")["config"]) or ON_CPU, text
+    gap = update_gap({k: load(root / k / "ckpt.pt") for k in ("one", "two_graph")}, "one", "two_graph")
+    print(f"1 process vs 2 with the graphed step: updates {gap:.3g} apart")
+    assert gap < 0.1
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_nccl_match_one_gpu():
     """torchrun on 2 GPUs (NCCL, compiled blocks under DDP) against the 1-process run of the test above."""
     root = ASSETS["root"]
     torchrun_two(root / "nccl")
-    assert update_gap({k: load(root / k / "ckpt.pt") for k in ("one", "nccl")}, "one", "nccl") < 0.1
+    torchrun_two(root / "nccl_graph", graph=True)
+    for k in ("nccl", "nccl_graph"):
+        assert update_gap({j: load(root / j / "ckpt.pt") for j in ("one", k)}, "one", k) < 0.1
+    speed = {k: np.median([json.loads(line)["img_per_s"] for line in open(root / k / "log.jsonl")][1:])
+             for k in ("one", "nccl", "nccl_graph")}
+    print(f"images/s per GPU (small model, 4 steps, indicative only): 1 GPU {speed['one']:.0f}, 2 GPUs DDP "
+          f"{speed['nccl'] / 2:.0f}, 2 GPUs graphed {speed['nccl_graph'] / 2:.0f}")

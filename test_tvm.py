@@ -1494,19 +1494,23 @@ def torchrun_probed(tmp_path, *args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe), *args]
 
 
-def test_ddp_two_processes_gloo_match_one_process(tmp_path):
+@pytest.mark.parametrize("grad_sync", ["ddp", "flat"])
+def test_ddp_two_processes_gloo_match_one_process(tmp_path, grad_sync):
     """torchrun, 2 CPU processes (gloo), each with half the global batch in 2 micro-batches, gives the same
     parameters after 3 AdamW steps as one process with the whole batch (float64, so any difference is a
-    bug, not rounding). Without DDP's gradient all-reduce the ranks would drift apart by ~lr per step.
+    bug, not rounding). Without the gradient all-reduce the ranks would drift apart by ~lr per step. Both
+    ways of summing the gradients: DDP's hooks, and --grad_sync flat (one all-reduce of a flat buffer
+    between backward and update, the path of --cuda_graph under torchrun, here eager).
     Each rank destroys its process group once, after the DDP module is gone: a DDP module that outlived
     destroy_process_group hung this test once in ~20 runs (its Reducer's destructor joining gloo's threads)."""
     args = TINY + ["--steps", "3", "--batch_size", "16", "--precision", "fp64"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     one, two = run_processes(
         [[sys.executable, os.path.join(ROOT, "train.py"), *args, "--out", str(tmp_path / "one")],
-         torchrun_probed(tmp_path, *args, "--micro_batch", "4", "--out", str(tmp_path / "two"))],
+         torchrun_probed(tmp_path, *args, "--micro_batch", "4", "--grad_sync", grad_sync, "--out", str(tmp_path / "two"))],
         timeout=300, envs=[env, env], cwd=ROOT)
     assert one.returncode == 0 and two.returncode == 0, one.stdout[-3000:] + two.stdout[-3000:]
+    assert f'"grad_sync": "{grad_sync}"' in two.stdout                    # the path asked for is the one that ran
     assert re.findall(r"destroy_process_group with (\d+) DDP", two.stdout) == ["0", "0"], two.stdout[-3000:]
     a = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=True)

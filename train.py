@@ -27,12 +27,13 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 """
 
 # The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
-#   benchmark.py     imports  sample, train, config, data, fid, tvm, attention_jvp   times the step and sampling
+#   benchmark.py     imports  sample, train, step, config, data, fid, tvm, ...    times the step and sampling
 #   sample.py        imports  released, train, evaluate, data, fid                  samples, writes the ADM .npz, FID
-#   evidence.py      imports  train, config, data, fid, tvm                         small-scale evidence (2-D, digits)
+#   evidence.py      imports  train, step, config, data, fid, tvm                   small-scale evidence (2-D, digits)
 #   released.py      imports  train, config, data, tvm                              reads the official .pkl files
-#   train.py         imports  evaluate, config, data, fid, tvm, attention_jvp       the step, the loop, checkpoints
+#   train.py         imports  step, evaluate, config, data, fid, tvm, attention_jvp the loop, checkpoints, processes
 #   evaluate.py      imports  config, data, fid, tvm                                samples at scale; FID, streamed
+#   step.py          imports  data, tvm                                             the training step, eager or graphed
 #   config.py        imports  data, tvm                                             options, presets, checks, network
 #   data.py          imports  tvm                                                   data sets, latent cache, SD-VAE, errors
 #   fid.py           imports  nothing of the project                                FID; the CPU thread rule
@@ -72,6 +73,9 @@ from evaluate import report_fid   # train.report_fid: what _finish calls (the te
 import tvm
 from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumable, config_errors,  # noqa: F401
                     model_kwargs, parse_config, prepare_net, resolve)
+# The step's names stay reachable as train.X (benchmark.py and the tests use them).
+from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
+                  make_step, step_on_device, step_report, train_step)
 from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
                   make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
 
@@ -239,138 +243,6 @@ def load_model_from_checkpoint(path, which="ema", device="cpu"):
     net = build_net(state["config"]).to(device)
     load_weights(net, state[which], path, which)
     return net.eval().requires_grad_(False), state["config"]
-
-
-# ------------------------------------------------------------------------------------------------
-# One training step (Algorithm 1, steps 4-5): reused by a benchmark that feeds its own batches
-# ------------------------------------------------------------------------------------------------
-
-def make_optimizer(net, cfg):
-    """AdamW over the trainable parameters (Table 6: constant lr, betas (0.9, 0.95), no weight decay).
-
-    fused=True: one multi-tensor kernel per step instead of ~10 kernels per parameter (the default
-    implementation took 52-73 ms of an XL/2 step on an H200, most of it launch overhead), and it can
-    skip an update on the device (its found_inf flag), which the CUDA-graph step needs. capturable on
-    CUDA: its step counters live on the GPU, so the step can be captured."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, fused=True, capturable=params[0].is_cuda)
-
-
-STAT_NAMES = ("loss", "terminal", "fm", "grad_norm", "ok", "weights_ok")
-
-
-def step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
-    """Algorithm 1, steps 4-5, without one host synchronisation, so that it can be captured as a CUDA
-    graph (CudaGraphStep): forward + backward over the micro-batches (gradient accumulation), clipping,
-    AdamW, both EMAs. A step whose loss or gradient is not finite changes nothing: AdamW skips its update
-    on the device (found_inf, the protocol of torch.amp.GradScaler) and the EMAs move by 0.
-
-    model is tvm.TVMLoss(net), possibly DDP-wrapped; micro_batches together are this rank's share of the
-    global batch; opt comes from make_optimizer (fused). Returns a float64 tensor on the device with the
-    global means of loss, terminal and fm terms, the gradient norm, ok (1.0 or 0.0) and whether the
-    updated weights are finite (1.0 or 0.0): STAT_NAMES."""
-    if not opt.defaults.get("fused"):
-        raise TypeError("step_on_device needs the fused AdamW of make_optimizer: an unfused optimizer ignores "
-                        "found_inf and would apply a non-finite step")
-    opt.zero_grad(set_to_none=True)
-    n_rank = sum(len(mb.y) for mb in micro_batches)
-    sums = None
-    for i, mb in enumerate(micro_batches):
-        # DDP all-reduces gradients in backward; skip that on all but the last micro-batch.
-        sync = model.no_sync() if isinstance(model, DDP) and i < len(micro_batches) - 1 else nullcontext()
-        with sync:
-            with amp:
-                loss, terms = model(mb, target)
-            # Mean over this rank's share; DDP's all-reduce then averages the ranks: the global mean.
-            (loss * (len(mb.y) / n_rank)).backward()
-        s = torch.stack([loss.detach() * len(mb.y), terms["terminal"].sum(), terms["fm"].sum()]).double()
-        sums = s if sums is None else sums + s
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    means = sums / (n_rank * (dist.get_world_size() if dist.is_initialized() else 1))
-    params = [p for p in net.parameters() if p.requires_grad]
-    # The norm of the global gradient (already all-reduced), identical on every rank.
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    ok = torch.isfinite(means).all() & torch.isfinite(grad_norm)
-    # Clipping to norm grad_clip, as clip_grad_norm_ does (g <- g min(1, grad_clip / (|g| + 1e-6))), but
-    # inside the fused AdamW kernel: it divides the gradient by its grad_scale as it reads it (the protocol
-    # of torch.amp.GradScaler). One pass over the gradients fewer than scaling them first.
-    # (The kernel takes the scale in float32: a float64 model's clipping is exact to float32 rounding.)
-    opt.grad_scale = torch.clamp((grad_norm + 1e-6) / cfg.grad_clip, min=1.0).float() if cfg.grad_clip > 0 else None
-    # The official code zeroes NaN losses; we skip the whole step (and train() logs it).
-    opt.found_inf = (~ok).float()             # fused AdamW: no update, step count unchanged, where 1
-    opt.step()
-    # A finite gradient can still give non-finite weights (an infinite lr, a NaN moment). One fused norm
-    # of all parameters, on the device. Undoing the step would need a copy of the weights and AdamW's
-    # moments (3x the model's memory) at every step, so we do not: the EMAs are left untouched, and the
-    # caller stops the run with an error; the last checkpoint, written before, stays good.
-    weights_ok = torch.isfinite(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(net.parameters())))))
-    tvm.ema_update(target, net, cfg.target_ema, ok & weights_ok)   # theta*  (teacher of the next step)
-    tvm.ema_update(ema, net, cfg.ema, ok & weights_ok)             # theta** (what is evaluated)
-    return torch.cat([means, grad_norm.double()[None], ok.double()[None], weights_ok.double()[None]])
-
-
-def step_report(stats):
-    """The device tensor of step_on_device -> dict of floats (one host synchronisation) with `skipped`."""
-    out = dict(zip(STAT_NAMES, stats.tolist()))
-    out["skipped"], out["weights_ok"] = not out.pop("ok"), bool(out["weights_ok"])
-    return out
-
-
-def train_step(model, net, ema, target, opt, micro_batches, cfg, amp=nullcontext()):
-    """One eager training step: step_on_device, then its statistics on the host. Returns global means:
-    loss, terminal, fm, grad_norm, skipped, weights_ok."""
-    return step_report(step_on_device(model, net, ema, target, opt, micro_batches, cfg, amp))
-
-
-class CudaGraphStep:
-    """The whole training step (forward, JVP, backward, clipping, AdamW, both EMAs) replayed as one CUDA
-    graph: the GPU then runs the step's ~10,000 kernels back to back, with no Python or launch overhead
-    between them (measured on an H200: the eager XL/2 step kept the GPU idle about half the time).
-
-    Same function as train_step, call for call: the first `warmup` calls run train_step eagerly (they
-    compile the blocks and create the optimizer state); the next one captures step_on_device on static
-    copies of its batch and replays it; later calls copy their batch into those tensors and replay. A
-    batch must keep the shapes of the first one. Single process only (DDP's all-reduce is not captured).
-    Whatever the step reads must keep its address: parameters, gradients and optimizer state are
-    updated in place, never replaced (load checkpoints before the first call)."""
-
-    def __init__(self, model, net, ema, target, opt, cfg, amp=nullcontext(), warmup=2):
-        if isinstance(model, DDP) or dist.is_initialized():
-            raise TrainError("--cuda_graph runs one process: under torchrun pass --cuda_graph false")
-        self.args, self.cfg, self.amp, self.warmup = (model, net, ema, target, opt), cfg, amp, warmup
-        self.calls, self.graph, self.static, self.stats = 0, None, None, None
-
-    def __call__(self, micro_batches):
-        self.calls += 1
-        if self.calls <= self.warmup:
-            return train_step(*self.args, micro_batches, self.cfg, self.amp)
-        if self.graph is None:
-            self.static = [tvm.LossInputs(*[x.clone() for x in _fields(mb)]) for mb in micro_batches]
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()    # the eager steps' cached blocks: the graph gets a pool of its own
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads (data loading) may use CUDA meanwhile without breaking the capture
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.stats = step_on_device(*self.args, self.static, self.cfg, self.amp)
-        else:
-            for static, mb in zip(self.static, micro_batches, strict=True):
-                for a, b in zip(_fields(static), _fields(mb)):
-                    a.copy_(b)
-        self.graph.replay()
-        return step_report(self.stats)
-
-
-def make_step(model, net, ema, target, opt, cfg, amp=nullcontext(), graph=False, warmup=2):
-    """batch -> statistics: the CUDA-graph step, or the eager train_step."""
-    if graph:
-        return CudaGraphStep(model, net, ema, target, opt, cfg, amp, warmup=warmup)
-    return lambda micro_batches: train_step(model, net, ema, target, opt, micro_batches, cfg, amp)
-
-
-def _fields(inp):
-    return [getattr(inp, f.name) for f in dataclasses.fields(inp)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,7 +490,7 @@ def _train(cfg, rank, world, device, on_exit):
     vae = load_vae(device, cfg.vae, cfg.decoder) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
     reference = (evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError)   # before training: fail early
                  if cfg.fid_every and master else None)
-    net, ema, target, model, opt = _build(cfg, world, device, dtype)
+    net, ema, target, model, opt, flat = _build(cfg, world, device, dtype)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     log_path = os.path.join(cfg.out, "log.jsonl")
@@ -650,7 +522,7 @@ def _train(cfg, rank, world, device, on_exit):
             save_png(grid, os.path.join(cfg.out, f"samples_{step:07d}.png"))
             save_png(grid, os.path.join(cfg.out, "samples.png"))
 
-    step_fn = make_step(model, net, ema, target, opt, cfg, amp, graph=cfg.cuda_graph)
+    step_fn = make_step(model, net, ema, target, opt, cfg, amp, graph=cfg.cuda_graph, flat=flat)
     sampler = EpochSampler(len(data), cfg.seed)
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     acc, t_last, n_last = [], time.time(), step
@@ -734,8 +606,17 @@ def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
 
 def _build(cfg, world, device, dtype):
     """-> the online network theta, its two EMAs (theta**, theta*), the loss module (DDP-wrapped on several
-    processes) and AdamW."""
+    processes unless --grad_sync flat), AdamW, and the FlatGradients of --grad_sync flat (else None)."""
     cuda = device.type == "cuda"
+    if cfg.cuda_graph is None:
+        cfg.cuda_graph = cuda and world == 1
+    elif cfg.cuda_graph and not cuda:
+        raise TrainError(f"--cuda_graph needs a GPU (here: {device.type}); pass --cuda_graph false")
+    if cfg.grad_sync == "auto":
+        cfg.grad_sync = "flat" if cfg.cuda_graph and world > 1 else "ddp"
+    if cfg.cuda_graph and world > 1 and cfg.grad_sync != "flat":
+        raise TrainError("--cuda_graph under torchrun needs --grad_sync flat (or auto): DDP all-reduces inside "
+                         "the backward, which a CUDA graph cannot hold")
     torch.manual_seed(cfg.seed)
     net = build_net(cfg).to(device, dtype)
     ema = copy.deepcopy(net).requires_grad_(False)      # theta**, eval EMA
@@ -745,15 +626,13 @@ def _build(cfg, world, device, dtype):
     # The whole loss, JVP included, is the forward of one module, and DDP wraps that module: DDP cannot
     # wrap a network that torch.func.jvp is then applied to (pytorch #102197, #182661).
     model = tvm.TVMLoss(net, scale_param=cfg.scale_param, detach_jvp=cfg.detach_jvp, jvp=cfg.jvp)
-    if world > 1:
+    flat = None
+    if world > 1 and cfg.grad_sync == "flat":
+        broadcast_from_rank_0([net, ema, target])
+        flat = FlatGradients(net)
+    elif world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
-    opt = make_optimizer(net, cfg)
-    if cfg.cuda_graph is None:
-        cfg.cuda_graph = cuda and world == 1
-    elif cfg.cuda_graph and not (cuda and world == 1):
-        raise TrainError(f"--cuda_graph needs one process on a GPU (here: {world} process(es) on {device.type}); "
-                         "pass --cuda_graph false")
-    return net, ema, target, model, opt
+    return net, ema, target, model, make_optimizer(net, cfg), flat
 
 
 def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
