@@ -103,6 +103,13 @@ class Reference:
     n: int = None
     features: np.ndarray = None
 
+    def sqrt_sigma(self):
+        """fid.psd_sqrt(sigma), computed once: each FID against this reference then needs one 2048 x 2048
+        eigendecomposition fewer (train.py --fid_every compares with it again and again)."""
+        if getattr(self, "_sqrt", None) is None:
+            self._sqrt = fid.psd_sqrt(self.sigma)
+        return self._sqrt
+
     def describe(self):
         return f"{self.source} ({self.n:,} images)" if self.n else f"{self.source} (statistics)"
 
@@ -128,7 +135,7 @@ def fid_against(features, reference):
     """FID of (N, 2048) features against a Reference: exactly fid.py's number for the same two sets."""
     if reference.features is not None:
         return fid.fid_from_features(features, reference.features)
-    return fid.frechet_distance(*fid.feature_stats(features), reference.mu, reference.sigma)
+    return fid.frechet_distance(*fid.feature_stats(features), reference.mu, reference.sigma, reference.sqrt_sigma())
 
 
 # ------------------------------------------------------------------------------------------------

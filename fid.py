@@ -256,6 +256,8 @@ def _duration(seconds):
 def estimate(n, device="cpu"):
     """How long the Inception features of n images take, in words: a range on a CPU (CPU_SECONDS_PER_IMAGE
     over the threads in use); no estimate on other devices, where nothing was measured for the detector."""
+    if STANDIN["on"]:
+        return "the stand-in detector: a few ms per image"
     if not str(device).startswith("cpu"):
         return f"on {device}, no measured cost to estimate from"
     threads = torch.get_num_threads()
@@ -293,7 +295,14 @@ def _psd_sqrt(sigma):
     return (V * np.sqrt(np.clip(e, 0.0, None))) @ V.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2):
+def psd_sqrt(sigma):
+    """The square root frechet_distance takes of a covariance (symmetrised first): what a caller may
+    compute once for a reference and pass as sqrt_sigma2. One 2048 x 2048 eigendecomposition."""
+    sigma = np.asarray(sigma, np.float64)
+    return _psd_sqrt((sigma + sigma.T) / 2)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, sqrt_sigma2=None):
     """Squared 2-Wasserstein distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     The cross term tr((Sigma_1 Sigma_2)^1/2) is what scipy.linalg.sqrtm computes in the ADM and
@@ -313,7 +322,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     if not all(np.isfinite(x).all() for x in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("statistics hold NaN or inf: FID would be nan; re-create them")
     sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2   # symmetric to round-off
-    A = _psd_sqrt(sigma2) @ _psd_sqrt(sigma1)
+    # sqrt_sigma2: psd_sqrt(sigma2) computed once by the caller (a reference compared again and again)
+    A = (psd_sqrt(sigma2) if sqrt_sigma2 is None else sqrt_sigma2) @ _psd_sqrt(sigma1)
     tr_covmean = np.linalg.svd(A, compute_uv=False).sum()
     diff = mu1 - mu2
     # A squared distance: tr_covmean <= (tr Sigma_1 + tr Sigma_2) / 2, so the sum is >= 0 but for round-off,

@@ -45,10 +45,12 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import attention_jvp
 import benchmark
 import data as data_module
+import evaluate
 import evidence
 import fid
 import released
 import sample
+import step as stepmod   # step.py (the name "step" is a local variable throughout)
 import train
 import tvm
 from data import (DigitsData, EpochSampler, LatentData, RandomVAE, center_crop, encode_image_folder,
@@ -1946,7 +1948,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)   # arrives mid-step; the step still completes
         return step(*a, **k)
-    monkeypatch.setattr(train, "train_step", interrupted)
+    monkeypatch.setattr(stepmod, "train_step", interrupted)   # what make_step calls
     # Python's own handler, whatever the launcher left (a background job or nohup starts with SIGINT ignored)
     launcher = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -4160,13 +4162,13 @@ def test_train_step_moves_each_ema_by_its_own_rate():
 
 
 def _record_train_steps(monkeypatch, draw=False):
-    """Wrap train.train_step: record the online weights before the first step and after each step, the
+    """Wrap step.train_step (what make_step calls): record the online weights before the first step and after each step, the
     step's random inputs, and (draw=True) numbers drawn from the process's global RNGs at each step, as
     code that uses them (dropout, say) would."""
     rec = dict(init=None, online=[], inputs=[], draws=[])
     real = train.train_step
 
-    def recording(model, net, ema, target, opt, micro_batches, cfg, amp=_nullcontext()):
+    def recording(model, net, ema, target, opt, micro_batches, cfg, amp=_nullcontext(), flat=None):
         if rec["init"] is None:
             rec["init"] = {n: p.detach().clone() for n, p in net.named_parameters()}
         if draw:
@@ -4174,11 +4176,11 @@ def _record_train_steps(monkeypatch, draw=False):
                                  [_random.random() for _ in range(3)]))
         rec["inputs"].append([[getattr(mb, k).clone() for k in ("x1", "t", "s", "s_prime", "y", "w")]
                               for mb in micro_batches])
-        out = real(model, net, ema, target, opt, micro_batches, cfg, amp)
+        out = real(model, net, ema, target, opt, micro_batches, cfg, amp, flat)
         rec["online"].append({n: p.detach().clone() for n, p in net.named_parameters()})
         return out
 
-    monkeypatch.setattr(train, "train_step", recording)
+    monkeypatch.setattr(stepmod, "train_step", recording)   # what make_step calls
     return rec
 
 
@@ -5131,3 +5133,17 @@ def test_fid_every_logs_the_ema_fid_and_leaves_the_run_as_it_was(tmp_path, monke
                      "--out", str(tmp_path / f"s{k}")])
         got = json.load(open(tmp_path / f"s{k}.fid.json"))["fid"]
         assert got == pytest.approx(fids[1][f"fid_{k}step"], rel=1e-5, abs=1e-7)
+
+
+def test_fid_against_a_statistics_reference_takes_its_square_root_once(monkeypatch):
+    """evaluate.fid_against with statistics (ADM's batch): the reference's covariance square root is computed
+    once and reused (train.py --fid_every compares with it at every evaluation), and the FID is frechet_distance's
+    bit for bit. (16 dimensions: the code does not depend on 2048.)"""
+    rng = np.random.default_rng(0)
+    f, g = rng.normal(size=(40, 16)), rng.normal(size=(50, 16)) + 0.3
+    ref = evaluate.Reference("ref", *fid.feature_stats(g), 50)
+    expected = [fid.frechet_distance(*fid.feature_stats(x), ref.mu, ref.sigma) for x in (f, f[:30])]
+    calls, square_root = [], fid._psd_sqrt
+    monkeypatch.setattr(fid, "_psd_sqrt", lambda s: calls.append(s.shape) or square_root(s))
+    assert [evaluate.fid_against(x, ref) for x in (f, f[:30])] == expected
+    assert len(calls) == 3                              # the reference once, each sample set once
