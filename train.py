@@ -296,6 +296,7 @@ def main(argv=None):
     fid.limit_cpu_threads(cfg.device)
     if cfg.benchmark:
         return run_benchmark("step", argv)
+    fid.STANDIN["on"] = cfg.fid_standin
     with attention_jvp.use_backend(cfg.attention):
         try:
             return train(cfg)
@@ -306,6 +307,7 @@ def main(argv=None):
                 traceback.clear_frames(e.__traceback__)
             raise
         finally:
+            fid.STANDIN["on"] = False
             leave_process_group()
 
 
