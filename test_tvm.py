@@ -5152,3 +5152,14 @@ def test_fid_against_a_statistics_reference_takes_its_square_root_once(monkeypat
     monkeypatch.setattr(fid, "_psd_sqrt", lambda s: calls.append(s.shape) or square_root(s))
     assert [evaluate.fid_against(x, ref) for x in (f, f[:30])] == expected
     assert len(calls) == 3                              # the reference once, each sample set once
+
+
+def test_a_bad_fid_ref_stops_every_rank_with_its_message(tmp_path):
+    """Only rank 0 reads --fid_ref; when it cannot, every rank stops with the same one-line error before
+    training (they would otherwise wait for rank 0 in the next collective)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+    (run,) = run_processes([torchrun_probed(tmp_path, *TINY, "--steps", "2", "--batch_size", "8", "--fid_every", "1",
+                                            "--fid_ref", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "r"))],
+                           timeout=300, envs=[env], cwd=ROOT)
+    assert run.returncode != 0 and run.stdout.count("train.py: error: --fid_ref") == 2, run.stdout[-3000:]
+    assert not (tmp_path / "r" / "ckpt.pt").exists()

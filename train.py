@@ -454,11 +454,18 @@ def train(cfg):
             dist.barrier()     # main's leave_process_group then destroys the group
         return cfg
 
-    # One run per folder: rank 0 locks it, and every rank learns whether that worked.
-    lock, error = None, None
-    if master:
+    lock = on_rank_0(lambda: lock_run_folder(cfg.out), rank, world)   # one run per folder
+    with lock or nullcontext(), ExitStack() as on_exit:   # however _train ends: its log closed, then the lock
+        return _train(cfg, rank, world, device, on_exit)
+
+
+def on_rank_0(fn, rank, world):
+    """fn() on rank 0 only -> its result there, None on the others. A TrainError it raises is raised on every
+    rank, which would otherwise wait in the next collective until the process group's timeout."""
+    result, error = None, None
+    if rank == 0:
         try:
-            lock = lock_run_folder(cfg.out)
+            result = fn()
         except TrainError as e:
             error = str(e)
     if world > 1:
@@ -467,8 +474,7 @@ def train(cfg):
         error = box[0]
     if error:
         raise TrainError(error)
-    with lock or nullcontext(), ExitStack() as on_exit:   # however _train ends: its log closed, then the lock
-        return _train(cfg, rank, world, device, on_exit)
+    return result
 
 
 def _train(cfg, rank, world, device, on_exit):
@@ -490,8 +496,8 @@ def _train(cfg, rank, world, device, on_exit):
         raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
                          f"classes: give at least {cfg.num_classes}, or pass --fid false")
     vae = load_vae(device, cfg.vae, cfg.decoder) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
-    reference = (evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError)   # before training: fail early
-                 if cfg.fid_every and master else None)
+    reference = on_rank_0(lambda: evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError),
+                          rank, world) if cfg.fid_every else None          # before training: a bad one fails now
     net, ema, target, model, opt, flat = _build(cfg, world, device, dtype)
 
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
