@@ -5163,3 +5163,23 @@ def test_a_bad_fid_ref_stops_every_rank_with_its_message(tmp_path):
                            timeout=300, envs=[env], cwd=ROOT)
     assert run.returncode != 0 and run.stdout.count("train.py: error: --fid_ref") == 2, run.stdout[-3000:]
     assert not (tmp_path / "r" / "ckpt.pt").exists()
+
+
+def test_the_import_graph_in_train_py_is_the_real_one_and_acyclic():
+    """The file list at the top of train.py says what each file imports of the project, each only files
+    listed below it (so the graph has no cycle, with tvm.py and attention_jvp.py at the bottom). The
+    imports of each file, read with ast wherever they stand, must be exactly those."""
+    import ast
+    text = open(os.path.join(ROOT, "train.py")).read()
+    listed = re.findall(r"^#   (\w+)\.py\s+imports\s+(.*?)\s{2,}\S", text, re.M)
+    order = [name for name, _ in listed]
+    assert order[-2:] == ["tvm", "attention_jvp"] and len(order) == len(set(order))
+    project = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and not f.startswith("test_")}
+    assert set(order) == project, set(order) ^ project
+    for i, (name, says) in enumerate(listed):
+        said = set() if says.startswith("nothing") else {m.strip() for m in says.split(",")}
+        tree = ast.parse(open(os.path.join(ROOT, f"{name}.py")).read())
+        real = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        real |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert said == real & project, (name, said, real & project)
+        assert said <= set(order[i + 1:]), (name, said - set(order[i + 1:]))

@@ -27,18 +27,18 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 """
 
 # The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
-#   benchmark.py     imports  sample, train, step, config, data, fid, tvm, ...    times the step and sampling
-#   sample.py        imports  released, train, evaluate, data, fid                  samples, writes the ADM .npz, FID
-#   evidence.py      imports  train, step, config, data, fid, tvm                   small-scale evidence (2-D, digits)
-#   released.py      imports  train, config, data, tvm                              reads the official .pkl files
-#   train.py         imports  step, evaluate, config, data, fid, tvm, attention_jvp the loop, checkpoints, processes
-#   evaluate.py      imports  config, data, fid, tvm                                samples at scale; FID, streamed
-#   step.py          imports  data, tvm                                             the training step, eager or graphed
-#   config.py        imports  data, tvm                                             options, presets, checks, network
-#   data.py          imports  tvm                                                   data sets, latent cache, SD-VAE, errors
-#   fid.py           imports  nothing of the project                                FID; the CPU thread rule
-#   tvm.py           imports  attention_jvp                                         the method and the network
-#   attention_jvp.py imports  nothing of the project                                the attention kernel and its reference
+#   benchmark.py     imports  sample, train, step, config, data, fid, tvm, attention_jvp  step, sampling timed
+#   sample.py        imports  released, train, evaluate, data, fid                        sampling, FID command
+#   evidence.py      imports  step, config, data, fid, tvm                                small-scale evidence
+#   released.py      imports  train, config, data, tvm                                    official .pkl loader
+#   train.py         imports  step, evaluate, config, data, fid, tvm, attention_jvp       loop, checkpoints
+#   evaluate.py      imports  config, data, fid, tvm                                      samples at scale, FID
+#   step.py          imports  data, tvm                                                   the training step
+#   config.py        imports  data, tvm                                                   options, presets
+#   data.py          imports  tvm                                                         data sets, SD-VAE
+#   fid.py           imports  nothing of the project                                      FID
+#   tvm.py           imports  attention_jvp                                               the method, the DiT
+#   attention_jvp.py imports  nothing of the project                                      the attention kernel
 # train.py --benchmark and sample.py --benchmark run benchmark.py as a program (run_benchmark), since
 # benchmark.py imports them.
 
@@ -495,7 +495,8 @@ def _train(cfg, rank, world, device, on_exit):
     if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
         raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
                          f"classes: give at least {cfg.num_classes}, or pass --fid false")
-    vae = load_vae(device, cfg.vae, cfg.decoder) if cfg.res and ((cfg.sample_every and master) or cfg.fid_every) else None
+    decodes = cfg.res and ((cfg.sample_every and master) or cfg.fid_every)   # grids on rank 0, FID on every rank
+    vae = load_vae(device, cfg.vae, cfg.decoder) if decodes else None
     reference = on_rank_0(lambda: evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError),
                           rank, world) if cfg.fid_every else None          # before training: a bad one fails now
     net, ema, target, model, opt, flat = _build(cfg, world, device, dtype)
@@ -563,8 +564,8 @@ def _train(cfg, rank, world, device, on_exit):
             if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):   # every rank samples its share
                 row = evaluate.fid_during_training(ema, cfg, reference, step, vae, device, amp, rank, world)
                 if master:
-                    tqdm.write(f"step {step}: FID-{cfg.fid_n} of the EMA weights " + ", ".join(
-                        f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_")) + f" ({row['seconds']:.0f} s)")
+                    fids = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_"))
+                    tqdm.write(f"step {step}: FID-{cfg.fid_n} of the EMA weights {fids} ({row['seconds']:.0f} s)")
                     log.row(row)
             flags = _save_flags(stop, cfg, t_saved, world, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
