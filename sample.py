@@ -161,6 +161,10 @@ def parse_args(argv=None):
                    "weights (DiT, VAE decoder, Inception) on a GPU, project FID-50K's wall time, and exit")
     p.add_argument("--bench_batches", default="64,256,1024", help="--benchmark: DiT batch sizes")
     p.add_argument("--bench_n", type=int, default=50_000, help="--benchmark: samples of the timed DiT-only run")
+    p.add_argument("--bench_parts", default="dit,vae,inception",
+                   help="--benchmark: which of dit, vae (every decoder mode against exact), inception, stream (the "
+                        "--fid_ref path end to end: --bench_fid_n samples, --batch_size, --decoder) to time")
+    p.add_argument("--bench_fid_n", type=int, default=10_000, help="--benchmark: samples of the 'stream' part")
     args = p.parse_args(argv)
     if args.benchmark:
         if not args.out:
@@ -168,8 +172,11 @@ def parse_args(argv=None):
         blocker = file_in_the_way(args.out)
         if blocker:
             p.error(f"--out {args.out}: {blocker} is a file; --benchmark writes into the folder --out: choose another")
-        if args.bench_n < 1:
-            p.error(f"--bench_n {args.bench_n}: need at least 1 sample")
+        if args.bench_n < 1 or args.bench_fid_n < 2:
+            p.error(f"--bench_n {args.bench_n}, --bench_fid_n {args.bench_fid_n}: need at least 1 and 2 samples")
+        bad = set(args.bench_parts.split(",")) - {"dit", "vae", "inception", "stream"}
+        if bad:
+            p.error(f"--bench_parts {args.bench_parts!r}: {sorted(bad)} unknown; choose from dit, vae, inception, stream")
         if not all(b.strip().isdigit() and int(b) > 0 for b in args.bench_batches.split(",")):
             p.error(f"--bench_batches {args.bench_batches!r}: expected positive integers separated by commas, "
                     "e.g. 64,256")

