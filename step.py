@@ -76,7 +76,7 @@ def _backward(model, target, opt, micro_batches, amp, flat):
 def _all_reduce(sums, flat):
     """Sum the loss sums over the processes, and with flat its gradient buffer (DDP did the gradients
     already). Outside any CUDA graph: the collectives are never captured."""
-    if dist.is_initialized():
+    if _world() > 1:                          # (torchrun with one process: nothing to sum, nothing to capture)
         dist.all_reduce(sums)
         if flat is not None:
             dist.all_reduce(flat.buffer)
@@ -84,7 +84,7 @@ def _all_reduce(sums, flat):
 
 def _update(net, ema, target, opt, sums, n_rank, cfg, flat):
     """Clipping, AdamW and both EMAs from the all-reduced sums and gradients -> the statistics tensor."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()
     if flat is not None and world > 1:
         flat.buffer.div_(world)               # the sum of the ranks' means -> the mean, as DDP averages
     means = sums / (n_rank * world)
@@ -108,6 +108,11 @@ def _update(net, ema, target, opt, sums, n_rank, cfg, flat):
     tvm.ema_update(target, net, cfg.target_ema, ok & weights_ok)   # theta*  (teacher of the next step)
     tvm.ema_update(ema, net, cfg.ema, ok & weights_ok)             # theta** (what is evaluated)
     return torch.cat([means, grad_norm.double()[None], ok.double()[None], weights_ok.double()[None]])
+
+
+def _world():
+    """The number of processes: 1 without a process group, and under torchrun with one process."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def step_report(stats):
@@ -176,7 +181,7 @@ class CudaGraphStep:
     gradients run between them on the same stream; no collective is ever captured."""
 
     def __init__(self, model, net, ema, target, opt, cfg, amp=nullcontext(), warmup=2, flat=None):
-        if isinstance(model, DDP) or (dist.is_initialized() and flat is None):
+        if isinstance(model, DDP) or (_world() > 1 and flat is None):
             raise TrainError("--cuda_graph under torchrun needs --grad_sync flat (DDP's all-reduce runs inside "
                              "the backward, which a graph cannot hold)")
         self.args, self.cfg, self.amp, self.warmup, self.flat = (model, net, ema, target, opt), cfg, amp, warmup, flat
@@ -194,11 +199,11 @@ class CudaGraphStep:
             self.graph = torch.cuda.CUDAGraph()
             # thread_local: other threads (data loading) may use CUDA meanwhile without breaking the capture
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                if not dist.is_initialized():
+                if _world() == 1:
                     self.stats = step_on_device(*self.args, self.static, self.cfg, self.amp)
                 else:
                     self.sums, self.n_rank = _backward(model, target, opt, self.static, self.amp, self.flat)
-            if dist.is_initialized():
+            if _world() > 1:
                 self.update_graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.update_graph, pool=self.graph.pool(), capture_error_mode="thread_local"):
                     self.stats = _update(net, ema, target, opt, self.sums, self.n_rank, self.cfg, self.flat)

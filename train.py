@@ -27,7 +27,7 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 """
 
 # The files, each a chapter, and what each imports (at its top, nowhere else): only files listed below it.
-#   benchmark.py     imports  sample, train, step, config, data, fid, tvm, attention_jvp  step, sampling timed
+#   benchmark.py     imports  sample, train, step, evaluate, config, data, fid, tvm, attention_jvp  timings
 #   sample.py        imports  released, train, evaluate, data, fid                        sampling, FID command
 #   evidence.py      imports  step, config, data, fid, tvm                                small-scale evidence
 #   released.py      imports  train, config, data, tvm                                    official .pkl loader
