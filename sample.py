@@ -166,21 +166,29 @@ def parse_args(argv=None):
                         "--fid_ref path end to end: --bench_fid_n samples, --batch_size, --decoder) to time")
     p.add_argument("--bench_fid_n", type=int, default=10_000, help="--benchmark: samples of the 'stream' part")
     args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p, args):
+    """Refuse a bad value through the parser p (one line, exit status 2), before anything is loaded."""
     if args.benchmark:
         if not args.out:
             p.error("--benchmark needs --out DIR: its results and the compile caches are written there, nowhere else")
         blocker = file_in_the_way(args.out)
         if blocker:
             p.error(f"--out {args.out}: {blocker} is a file; --benchmark writes into the folder --out: choose another")
-        if args.bench_n < 1 or args.bench_fid_n < 2:
-            p.error(f"--bench_n {args.bench_n}, --bench_fid_n {args.bench_fid_n}: need at least 1 and 2 samples")
+        if args.bench_n < 1:
+            p.error(f"--bench_n {args.bench_n}: need at least 1 sample")
+        if args.bench_fid_n < 2:
+            p.error(f"--bench_fid_n {args.bench_fid_n}: need at least 2 samples (FID compares covariances)")
         bad = set(args.bench_parts.split(",")) - {"dit", "vae", "inception", "stream"}
         if bad:
             p.error(f"--bench_parts {args.bench_parts!r}: {sorted(bad)} unknown; choose from dit, vae, inception, stream")
         if not all(b.strip().isdigit() and int(b) > 0 for b in args.bench_batches.split(",")):
             p.error(f"--bench_batches {args.bench_batches!r}: expected positive integers separated by commas, "
                     "e.g. 64,256")
-        return args
+        return
     if not args.ckpt:
         p.error("--ckpt is required (a train.py ckpt.pt or an official .pkl), unless --benchmark")
     if args.steps is not None and args.steps < 1:
@@ -210,7 +218,6 @@ def parse_args(argv=None):
         blocker = path and file_in_the_way(os.path.dirname(os.path.abspath(path)))
         if blocker:
             p.error(f"--{name} {path}: {blocker} is a file, so nothing can be written under it: choose another --{name}")
-    return args
 
 
 def parse_classes(text, num_classes):

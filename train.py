@@ -489,12 +489,7 @@ def _train(cfg, rank, world, device, on_exit):
     torch.backends.cuda.matmul.allow_tf32 = False          # Table 6: TF32 off
     torch.backends.cudnn.allow_tf32 = False
 
-    data = open_data(cfg, rank, world, device)
-    cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
-    cfg.num_classes = data.num_classes
-    if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
-        raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
-                         f"classes: give at least {cfg.num_classes}, or pass --fid false")
+    data = _open_data(cfg, rank, world, device)
     decodes = cfg.res and ((cfg.sample_every and master) or cfg.fid_every)   # grids on rank 0, FID on every rank
     vae = load_vae(device, cfg.vae, cfg.decoder) if decodes else None
     reference = on_rank_0(lambda: evaluate.load_reference(cfg.fid_ref, device=device, error=TrainError),
@@ -562,11 +557,8 @@ def _train(cfg, rank, world, device, on_exit):
             if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
                 samples()
             if cfg.fid_every and (step % cfg.fid_every == 0 or step == cfg.steps):   # every rank samples its share
-                row = evaluate.fid_during_training(ema, cfg, reference, step, vae, device, amp, rank, world)
-                if master:
-                    fids = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_"))
-                    tqdm.write(f"step {step}: FID-{cfg.fid_n} of the EMA weights {fids} ({row['seconds']:.0f} s)")
-                    log.row(row)
+                _report_fid_during_training(evaluate.fid_during_training(ema, cfg, reference, step, vae, device, amp,
+                                                                         rank, world), cfg, log)
             flags = _save_flags(stop, cfg, t_saved, world, device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or flags[0] or flags[1]:
                 checkpoint()
@@ -582,6 +574,25 @@ def _train(cfg, rank, world, device, on_exit):
     _stop_if_mostly_skipped(skipped, step - first_step, step, cfg, ckpt_path, log)
     _finish(cfg, ema, data, device, log, ckpt_path, log_path, world)
     return cfg
+
+
+def _open_data(cfg, rank, world, device):
+    """The data set, and the config fields it decides (shapes, classes), checked against the options."""
+    data = open_data(cfg, rank, world, device)
+    cfg.in_channels, cfg.input_size = data.shape[0], data.shape[1]
+    cfg.num_classes = data.num_classes
+    if cfg.res == 0 and cfg.fid and cfg.fid_samples < cfg.num_classes:   # report_fid's n would be 0
+        raise TrainError(f"--fid_samples {cfg.fid_samples}: the FID's samples are balanced over the {cfg.num_classes} "
+                         f"classes: give at least {cfg.num_classes}, or pass --fid false")
+    return data
+
+
+def _report_fid_during_training(row, cfg, log):
+    """Rank 0 (row is None on the others): print the --fid_every row and write it to log.jsonl."""
+    if row is not None:
+        fids = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_"))
+        tqdm.write(f"step {row['step']}: FID-{cfg.fid_n} of the EMA weights {fids} ({row['seconds']:.0f} s)")
+        log.row(row)
 
 
 def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
