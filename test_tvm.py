@@ -2091,6 +2091,10 @@ def test_bad_options_are_all_reported_at_once():
                        (["--adam_eps", "0"], "0/0 = NaN"),
                        (["--steps", "0"], "0 only encodes an image folder"),
                        (["--w_max", "1.2"], "--w_max 1.2: must be 0 (constant w) or a finite number above --w 1.5"),
+                       (["--w_max", "1.5"], "--w_max 1.5: must be 0 (constant w) or a finite number above --w 1.5"),
+                       (["--fid_every", "5", "--fid_ref", "digits", "--fid_n", "1"], "--fid_n 1: must be at least 2"),
+                       (["--fid_every", "5", "--fid_ref", "digits", "--fid_steps", "0"], "--fid_steps '0'"),
+                       (["--fid_every", "5", "--fid_ref", "digits", "--fid_w", "inf"], "--fid_w inf: must be 0"),
                        (["--fid_every", "5"], "--fid_ref '': --fid_every needs the reference"),
                        (["--fid_every", "5", "--fid_ref", "digits", "--fid_steps", "1,x"], "--fid_steps '1,x'"),
                        (["--decoder", "fp8"], "--decoder 'fp8': expected one of exact"),
@@ -5085,11 +5089,14 @@ def test_fid_of_the_samples_against_their_own_statistics_is_zero(ckpt, tmp_path,
     assert same < 1e-9 * other and other > 0.1, (same, other)
 
 
-def test_streamed_fid_over_two_processes_matches_one_process(ckpt, tmp_path):
-    """Two CPU processes in torchrun's environment (gloo): 7 samples in batches of 2, batches 0, 2 on rank 0
-    and 1, 3 on rank 1. The gathered features (their sha1) and the FID equal one process's, bit for bit."""
+@pytest.mark.parametrize("n, batch", [(11, 2), (3, 4)])
+def test_streamed_fid_over_two_processes_matches_one_process(ckpt, tmp_path, n, batch):
+    """Two CPU processes in torchrun's environment (gloo) against one: 11 samples in batches of 2 (batches 0,
+    2, 4 on rank 0, 1, 3, 5 on rank 1: three each, so the reassembly offsets are tested), and 3 samples in
+    one batch (rank 1 has none). The gathered features (their sha1), the FID, the images and the labels
+    equal one process's, bit for bit."""
     real = _standin_real_set(tmp_path)
-    args = ["--ckpt", ckpt, "--num_samples", "7", "--batch_size", "2", "--seed", "5", "--fid_standin",
+    args = ["--ckpt", ckpt, "--num_samples", str(n), "--batch_size", str(batch), "--seed", "5", "--fid_standin",
             "--fid_ref", real, "--device", "cpu", "--grid", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     with socket.socket() as s:
@@ -5108,6 +5115,8 @@ def test_streamed_fid_over_two_processes_matches_one_process(ckpt, tmp_path):
     assert two["features_sha1"] == one["features_sha1"] and two["fid"] == one["fid"]
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+        np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+        assert len(a["arr_0"]) == n
 
 
 def test_fid_ref_refusals(ckpt, tmp_path, monkeypatch, capsys):
@@ -5129,16 +5138,16 @@ def test_fid_ref_refusals(ckpt, tmp_path, monkeypatch, capsys):
 
 
 def test_fid_every_logs_the_ema_fid_and_leaves_the_run_as_it_was(tmp_path, monkeypatch):
-    """train.py --fid_every 2 on the digits (stand-in detector, a reference set of images): (1) the run ends with
+    """train.py --fid_every 3 on the digits (stand-in detector, a reference set of images): (1) the run ends with
     the same weights, EMAs, AdamW state and RNG states as the run without evaluations, and a run stopped at
     step 2 and resumed equals both, bit for bit (the evaluation draws no torch random number); (2) log.jsonl
-    has one FID row at steps 2 and 4 per --fid_steps entry; (3) the step-4 row is the FID of the EMA weights
+    has one FID row at steps 3 and 4 (the last), with a value per --fid_steps entry; (3) the step-4 row is the FID of the EMA weights
     theta** at --fid_w and the asked step counts: sample.py --fid_ref on the final checkpoint's EMA, same seed,
     n and batches, gives it (up to the attention backend's float32 round-off)."""
     real = _standin_real_set(tmp_path, n=30)
     common = ["--batch_size", 8, "--ckpt_every", 100, "--seed", 3]
     # A reference of images: the exact sample-space FID, fast (the 2048 x 2048 path is tested above).
-    evals = ["--fid_every", 2, "--fid_ref", real, "--fid_n", 10, "--fid_batch", 4,
+    evals = ["--fid_every", 3, "--fid_ref", real, "--fid_n", 10, "--fid_batch", 4,
              "--fid_steps", "1,2", "--fid_w", 1.25, "--fid_standin"]
     run_train(tmp_path / "plain", "--steps", 4, *common)
     run_train(tmp_path / "fid", "--steps", 4, *common, *evals)
@@ -5152,7 +5161,7 @@ def test_fid_every_logs_the_ema_fid_and_leaves_the_run_as_it_was(tmp_path, monke
 
     rows = [json.loads(line) for line in open(tmp_path / "fid" / "log.jsonl")]
     fids = [r for r in rows if r.get("event") == "fid"]
-    assert [r["step"] for r in fids] == [2, 4]
+    assert [r["step"] for r in fids] == [3, 4]                      # every 3 steps, and at the last one
     assert all(r["n"] == 10 and r["w"] == 1.25 and np.isfinite(r["fid_1step"]) and np.isfinite(r["fid_2step"])
                for r in fids)
     assert fids[0]["fid_1step"] != fids[1]["fid_1step"]             # the weights moved between evaluations
@@ -5208,3 +5217,97 @@ def test_the_import_graph_in_train_py_is_the_real_one_and_acyclic():
         real |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert said == real & project, (name, said, real & project)
         assert said <= set(order[i + 1:]), (name, said - set(order[i + 1:]))
+
+
+def test_fid_during_training_samples_as_asked_and_returns_its_row_on_rank_0_only(monkeypatch):
+    """evaluate.fid_during_training hands evaluate.run the EMA, --fid_n, each of --fid_steps, --fid_w, the run's
+    seed and --fid_batch (not the training batch), and returns the log row on rank 0 only."""
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, batch_size=8,
+                                          fid_every=2, fid_ref="digits", fid_n=6, fid_steps="1,4", fid_w=1.25,
+                                          fid_batch=3, seed=7))
+    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    ema = train.build_net(cfg)
+    calls = []
+
+    def run(net, config, n, steps, w, seed, **kw):
+        calls.append((net, n, steps, w, seed, kw["batch_size"], kw["rank"], kw["world"]))
+        return dict(features=np.random.default_rng(steps).normal(size=(n, 16)))
+    monkeypatch.setattr(evaluate, "run", run)
+    ref = evaluate.Reference("r", *fid.feature_stats(np.random.default_rng(9).normal(size=(20, 16))), 20,
+                             np.random.default_rng(9).normal(size=(20, 16)))
+    row = evaluate.fid_during_training(ema, cfg, ref, 4, None, "cpu", _nullcontext(), rank=0, world=2)
+    assert [c[1:] for c in calls] == [(6, 1, 1.25, 7, 3, 0, 2), (6, 4, 1.25, 7, 3, 0, 2)]
+    assert all(c[0] is ema for c in calls)
+    assert row["step"] == 4 and set(row) >= {"fid_1step", "fid_4step", "n", "w", "seconds"} and row["w"] == 1.25
+    assert evaluate.fid_during_training(ema, cfg, None, 4, None, "cpu", _nullcontext(), rank=1, world=2) is None
+
+
+def test_option_defaults_that_matter(tmp_path):
+    """The decoder is exact unless asked (train.py and sample.py), and one process sums no gradients: its
+    --grad_sync auto resolves to ddp (the flat buffer is for graphs under torchrun)."""
+    assert train.parse_config([]).decoder == "exact" and sample.parse_args(["--ckpt", "x"]).decoder == "exact"
+    cfg = run_train(tmp_path / "r", "--steps", 1, "--batch_size", 4)
+    assert cfg.grad_sync == "ddp" and cfg.cuda_graph is False
+
+
+def test_train_hands_its_decoder_mode_to_the_vae(tmp_path, monkeypatch):
+    """--decoder reaches the SD-VAE that train.py loads for --fid_every (and the grids)."""
+    np.save(tmp_path / "latents.npy", np.zeros((4, 8, 32, 32), np.float16))
+    np.save(tmp_path / "labels.npy", np.zeros(4, np.int64))
+    seen = []
+
+    def load_vae(device, name, decoder="exact"):
+        seen.append(decoder)
+        raise train.TrainError("stop here")
+    monkeypatch.setattr(train, "load_vae", load_vae)
+    with pytest.raises(train.TrainError, match="stop here"):
+        run_train(tmp_path / "r", "--res", 256, "--data", tmp_path / "latents.npy", "--fid_every", 1,
+                  "--fid_ref", "digits", "--decoder", "bf16")
+    assert seen == ["bf16"]
+
+
+BROADCAST = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import step
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(rank)                                   # each rank starts from other weights
+mods = [torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2)]
+step.broadcast_from_rank_0(mods)
+torch.save([t.detach() for m in mods for t in [*m.parameters(), *m.buffers()]], {out!r} + str(rank))
+dist.destroy_process_group()
+"""
+
+
+def test_broadcast_from_rank_0_gives_every_module_rank_0s_values(tmp_path):
+    """--grad_sync flat has no DDP to copy rank 0's weights at the start: broadcast_from_rank_0 does it, for
+    every module given (the network and both EMAs), parameters and buffers."""
+    script = tmp_path / "b.py"
+    script.write_text(BROADCAST.format(root=ROOT, out=str(tmp_path / "t")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = [dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                 OMP_NUM_THREADS="1", TRITON_INTERPRET="0") for r in range(2)]
+    runs = run_processes([[sys.executable, str(script)]] * 2, timeout=120, envs=envs)
+    assert all(r.returncode == 0 for r in runs), [r.stdout[-2000:] for r in runs]
+    a, b = (torch.load(tmp_path / f"t{r}") for r in range(2))
+    torch.manual_seed(0)
+    expected = [torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2)]
+    expected = [t.detach() for m in expected for t in [*m.parameters(), *m.buffers()]]
+    assert len(a) == len(expected) and all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, expected))
+
+
+def test_to_uint8_images_decodes_in_the_batches_of_the_decoder_mode():
+    """to_uint8_images cuts the latents into the decoder mode's batches (a compiled decoder has one shape),
+    and bf16 autocast keeps the decoder's weights in float32 (only bf16 casts them)."""
+    pytest.importorskip("diffusers")
+    vae = narrow_vae(data_module.Decoder(batch=8))
+    sizes, decode = [], vae.decode
+    vae.decode = lambda z: sizes.append(len(z)) or decode(z)
+    images = to_uint8_images(torch.randn(20, 4, 4, 4, dtype=torch.float64), {"res": 256}, vae)
+    assert sizes == [8, 8, 4] and images.shape == (20, 32, 32, 3)
+    auto = narrow_vae(data_module.Decoder("bfloat16-autocast"))
+    assert auto.dtype == torch.float32 and all(p.dtype == torch.float32 for p in auto.vae.decoder.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in narrow_vae("bf16").vae.decoder.parameters())
