@@ -296,9 +296,10 @@ def _sample(args):
         if rank == 0:
             print(vae.describe())
     reference = None
-    if args.fid_ref and rank == 0:   # before sampling: a bad reference fails at once, not after an hour
-        reference = evaluate.load_reference(args.fid_ref, device=device)
-        print(f"FID reference: {reference.describe()}", flush=True)
+    if args.fid_ref:   # before sampling: a bad reference fails at once (on every rank), not after an hour
+        reference = train.on_rank_0(lambda: evaluate.load_reference(args.fid_ref, device=device), rank, world)
+        if rank == 0:
+            print(f"FID reference: {reference.describe()}", flush=True)
     out = args.out or (None if args.fid_ref else default_out(args.ckpt, steps, w, args.seed, args.n, classes))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)   # every rank writes its shard there

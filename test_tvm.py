@@ -5311,3 +5311,21 @@ def test_to_uint8_images_decodes_in_the_batches_of_the_decoder_mode():
     auto = narrow_vae(data_module.Decoder("bfloat16-autocast"))
     assert auto.dtype == torch.float32 and all(p.dtype == torch.float32 for p in auto.vae.decoder.parameters())
     assert all(p.dtype == torch.bfloat16 for p in narrow_vae("bf16").vae.decoder.parameters())
+
+
+def test_a_bad_fid_ref_stops_every_sampling_process_with_its_message(ckpt, tmp_path):
+    """sample.py under torchrun: rank 0 reads --fid_ref; a file that is neither images nor statistics stops
+    both processes with the one-line error, exit status 2, before any sampling."""
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    envs = [dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+            for r in range(2)]
+    command = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--num_samples", "4",
+               "--fid_ref", str(tmp_path / "bad.npz"), "--fid_standin", "--device", "cpu"]
+    runs = run_processes([command, command], timeout=300, envs=envs, cwd=HERE)
+    for r in runs:
+        assert r.returncode == 2 and "sample.py: error: --fid_ref" in r.stdout and "Traceback" not in r.stdout, \
+            r.stdout[-3000:]

@@ -76,8 +76,8 @@ from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumab
 # The step's names stay reachable as train.X (benchmark.py and the tests use them).
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
-from data import (EpochSampler, TrainError, _atomic_write_text, _write_atomically, file_in_the_way, load_vae,
-                  make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
+from data import (EpochSampler, SampleError, TrainError, _atomic_write_text, _write_atomically, file_in_the_way,
+                  load_vae, make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -460,20 +460,20 @@ def train(cfg):
 
 
 def on_rank_0(fn, rank, world):
-    """fn() on rank 0 only -> its result there, None on the others. A TrainError it raises is raised on every
-    rank, which would otherwise wait in the next collective until the process group's timeout."""
+    """fn() on rank 0 only -> its result there, None on the others. A TrainError or SampleError it raises is
+    raised on every rank, which would otherwise wait in the next collective until the group's timeout."""
     result, error = None, None
     if rank == 0:
         try:
             result = fn()
-        except TrainError as e:
-            error = str(e)
+        except (TrainError, SampleError) as e:
+            error = (type(e).__name__, str(e))
     if world > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
-        raise TrainError(error)
+        raise {"TrainError": TrainError, "SampleError": SampleError}[error[0]](error[1])
     return result
 
 
