@@ -2188,6 +2188,7 @@ OTHER_REPOSITORIES = {
     "evaluator.py": "ADM's evaluation script (openai/guided-diffusion)",
     "image_datasets.py": "ADM's data loading, center_crop_arr (openai/guided-diffusion)",
     "destroy_probe.py": "a probe that a test writes into its temporary folder",
+    "broadcast_probe.py": "likewise",
     "generate_images.py": "the official code's sampler (lumalabs/tvm)",
     "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
     "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
@@ -5283,7 +5284,7 @@ dist.destroy_process_group()
 def test_broadcast_from_rank_0_gives_every_module_rank_0s_values(tmp_path):
     """--grad_sync flat has no DDP to copy rank 0's weights at the start: broadcast_from_rank_0 does it, for
     every module given (the network and both EMAs), parameters and buffers."""
-    script = tmp_path / "b.py"
+    script = tmp_path / "broadcast_probe.py"
     script.write_text(BROADCAST.format(root=ROOT, out=str(tmp_path / "t")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
