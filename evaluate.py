@@ -201,9 +201,14 @@ def _gather_in_sample_order(mine, n, batch_size, rank, world, device):
     dist.all_gather(parts, padded)
     if rank != 0:
         return None
-    parts = [p[:c].cpu().numpy() for p, c in zip(parts, counts)]
-    full, offsets = np.empty((n, mine.shape[1])), [0] * world
-    for k, b in enumerate(batches):          # batch k is the next len(b) rows of rank k mod world's share
+    return in_sample_order([p[:c].cpu().numpy() for p, c in zip(parts, counts)], n, batch_size, world)
+
+
+def in_sample_order(parts, n, batch_size, world):
+    """parts[r]: rank r's rows, its batches k = r, r + world, ... one after the other (ranks past the last
+    batch may be left out) -> all n rows in sample order. The gather above and sample.py's .npz shards."""
+    full, offsets = np.empty((n, *parts[0].shape[1:]), parts[0].dtype), [0] * len(parts)
+    for k, b in enumerate(global_batches(n, batch_size)):   # batch k: the next len(b) rows of rank k mod world
         r = k % world
         full[b[0]:b[-1] + 1] = parts[r][offsets[r]:offsets[r] + len(b)]
         offsets[r] += len(b)

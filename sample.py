@@ -328,7 +328,7 @@ def _report_fid(result, reference, args, steps, w, world, out):
     standin = fid.STANDIN["on"]
     print(f"FID {value:.4f} of {args.n:,} samples ({steps} step(s), w={w:g}, {args.which} weights) against "
           f"{reference.describe()}"
-          + ("; stand-in detector with random weights: NOT an FID, only a check of the pipeline" * standin))
+          + fid.STANDIN_NOTE * standin)
     print(f"time: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())} (rank 0 of {world} process(es)); "
           f"wall {wall:.1f} s since start-up, loading and compilation included", flush=True)
     if out:
@@ -358,15 +358,8 @@ def _write_npz(out, images, labels, args, rank, world):
         ranks = range(min(world, len(batches)))
         parts = [np.load(f"{out}.rank{r}of{world}.npy") for r in ranks]
         part_labels = [np.load(f"{out}.rank{r}of{world}.labels.npy") for r in ranks]
-        full = np.empty((args.n, *parts[0].shape[1:]), np.uint8)
-        full_labels = np.empty(args.n, np.int64)
-        offsets = [0] * world
-        for k, b in enumerate(batches):          # batch k sits in rank k mod world's shard, in order
-            r = k % world
-            full[b[0]:b[-1] + 1] = parts[r][offsets[r]:offsets[r] + len(b)]
-            full_labels[b[0]:b[-1] + 1] = part_labels[r][offsets[r]:offsets[r] + len(b)]
-            offsets[r] += len(b)
-        path = save_outputs(out, full, full_labels, args.grid)
+        path = save_outputs(out, evaluate.in_sample_order(parts, args.n, args.batch_size, world),
+                            evaluate.in_sample_order(part_labels, args.n, args.batch_size, world), args.grid)
         for r in ranks:
             os.remove(f"{out}.rank{r}of{world}.npy")
             os.remove(f"{out}.rank{r}of{world}.labels.npy")
