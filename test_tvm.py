@@ -2572,6 +2572,17 @@ def test_labels_are_uniform_over_classes():
     assert ((counts - 500) ** 2 / 500).sum() < 27.9
 
 
+def two_rank_envs(base=None):
+    """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
+    port, with one thread each and the compiled kernels (no Triton interpreter)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [dict(base or os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
+            for rank in range(2)]
+
+
 def test_split_over_processes_matches_one_process(ckpt, tmp_path):
     """Two CPU processes in torchrun's environment (gloo) write the same .npz as one process: 5 samples
     in batches of 2 put batches 0 and 2 on rank 0 and batch 1 on rank 1, so the reassembly order is
@@ -2582,12 +2593,7 @@ def test_split_over_processes_matches_one_process(ckpt, tmp_path):
         one = load(run_sample(ckpt, tmp_path / "one", "--steps", 2, "--n", 5, "--batch_size", 2, "--seed", 3))
     finally:
         torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    envs = [dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-            for rank in range(2)]
+    envs = two_rank_envs()
     command = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--out", str(tmp_path / "two"),
                "--steps", "2", "--num_samples", "5", "--batch_size", "2", "--seed", "3", "--device", "cpu"]
     runs = run_processes([command, command], timeout=300, envs=envs, cwd=HERE)
@@ -5100,11 +5106,7 @@ def test_streamed_fid_over_two_processes_matches_one_process(ckpt, tmp_path, n, 
     args = ["--ckpt", ckpt, "--num_samples", str(n), "--batch_size", str(batch), "--seed", "5", "--fid_standin",
             "--fid_ref", real, "--device", "cpu", "--grid", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    envs = [dict(env, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)) for rank in range(2)]
+    envs = two_rank_envs(env)
     script = os.path.join(HERE, "sample.py")
     two = [sys.executable, script, *args, "--out", str(tmp_path / "two")]
     runs = run_processes([two, two], timeout=300, envs=envs, cwd=HERE)
@@ -5286,11 +5288,7 @@ def test_broadcast_from_rank_0_gives_every_module_rank_0s_values(tmp_path):
     every module given (the network and both EMAs), parameters and buffers."""
     script = tmp_path / "broadcast_probe.py"
     script.write_text(BROADCAST.format(root=ROOT, out=str(tmp_path / "t")))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    envs = [dict(os.environ, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                 OMP_NUM_THREADS="1", TRITON_INTERPRET="0") for r in range(2)]
+    envs = two_rank_envs()
     runs = run_processes([[sys.executable, str(script)]] * 2, timeout=120, envs=envs)
     assert all(r.returncode == 0 for r in runs), [r.stdout[-2000:] for r in runs]
     a, b = (torch.load(tmp_path / f"t{r}") for r in range(2))
@@ -5318,12 +5316,7 @@ def test_a_bad_fid_ref_stops_every_sampling_process_with_its_message(ckpt, tmp_p
     """sample.py under torchrun: rank 0 reads --fid_ref; a file that is neither images nor statistics stops
     both processes with the one-line error, exit status 2, before any sampling."""
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    envs = [dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
-            for r in range(2)]
+    envs = two_rank_envs()
     command = [sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", ckpt, "--num_samples", "4",
                "--fid_ref", str(tmp_path / "bad.npz"), "--fid_standin", "--device", "cpu"]
     runs = run_processes([command, command], timeout=300, envs=envs, cwd=HERE)
