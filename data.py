@@ -14,6 +14,7 @@ $ python train.py --res 256 --data /path/to/imagenet/train --steps 0
 """
 
 import dataclasses
+import datetime
 import errno
 import hashlib
 import json
@@ -62,6 +63,72 @@ def file_in_the_way(folder):
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return None if os.path.isdir(path) else path
+
+
+# ------------------------------------------------------------------------------------------------
+# Waiting for the other processes while one works alone
+# ------------------------------------------------------------------------------------------------
+
+# Some waits are long by design: rank 0 reads an image folder given as --fid_ref (all of it through
+# Inception) or gathers and writes a 10 GB .npz, one process finishes its share of the latent encoding
+# before another, rank 0 computes the digits' FID on a CPU at the end of a run. Under NCCL a collective that
+# waits more than 10 minutes (torch's default for NCCL; 30 for gloo) ends the whole job from its watchdog,
+# so these waits go through a gloo group of their own with a long timeout, made once by join_patient_group()
+# right after the main group. The training step's collectives stay on the main group, whose short timeout
+# still finds a real hang within minutes.
+PATIENT_TIMEOUT_S = 6 * 3600
+_PATIENT = {"group": None, "main": None}
+
+
+def join_patient_group(timeout_s=PATIENT_TIMEOUT_S):
+    """Every process, right after init_process_group (dist.new_group is collective): the gloo group of the
+    long waits. destroy_process_group() destroys it with the main group."""
+    try:
+        _PATIENT["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        raise TrainError(f"could not connect the processes through gloo ({e}), which carries the long waits "
+                         "(data.PATIENT_TIMEOUT_S): on several machines set GLOO_SOCKET_IFNAME to the network "
+                         "interface they reach each other on (e.g. GLOO_SOCKET_IFNAME=eth0)") from None
+    _PATIENT["main"] = dist.group.WORLD
+
+
+def patient_group():
+    """The group of the long waits; the main group (None) where join_patient_group was not called (one
+    process, or a script that set up the group itself)."""
+    if not dist.is_initialized() or dist.group.WORLD is not _PATIENT["main"]:   # none, or one of an earlier main group
+        return None
+    return _PATIENT["group"]
+
+
+def wait_for_all():
+    """A barrier of every process that waits as long as the work of the slowest one (patient_group)."""
+    dist.barrier(group=patient_group())
+
+
+def on_rank_0(fn, rank, world):
+    """fn() on rank 0 only -> its result there, None on the others, who wait (patient_group) until it is
+    done. A TrainError or SampleError it raises is raised on every rank; any other exception is raised on
+    rank 0 as it was and as a RuntimeError naming it on the others. Without this the others would wait for
+    rank 0 until the group's timeout."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (TrainError, SampleError) as e:
+            error = (type(e).__name__, str(e))
+        except Exception as e:
+            if world == 1:
+                raise
+            failure, error = e, ("RuntimeError", f"rank 0 stopped with {type(e).__name__}: {e} (see its output)")
+    if world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=patient_group())
+        error = box[0]
+    if error:
+        if rank == 0 and error[0] == "RuntimeError":
+            raise failure
+        raise {"TrainError": TrainError, "SampleError": SampleError, "RuntimeError": RuntimeError}[error[0]](error[1])
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,7 +492,8 @@ def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, 
     # Row i of the latents is files[i]: the unfinished encoding is bound to this exact list of images.
     listing = hashlib.sha1("\n".join(os.path.relpath(f, root) for f in files).encode()).hexdigest()[:16]
     info = dict(res=res, num_images=n, num_classes=len(classes), batch=batch, files_sha1=listing)
-    if rank == 0:
+
+    def prepare():                           # rank 0: the files of the cache, or why they cannot be made
         os.makedirs(cache, exist_ok=True)
         info_path = os.path.join(cache, "encoding.json")
         known = json.load(open(info_path)) if os.path.isfile(info_path) else info
@@ -454,8 +522,7 @@ def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, 
             np.save(done_path, np.zeros(len(chunks), dtype=np.uint8))
             np.save(os.path.join(cache, "labels.npy"), labels)
             json.dump(info, open(info_path, "w"))
-    if world > 1:
-        dist.barrier()
+    on_rank_0(prepare, rank, world)          # an error stops every process, not only rank 0
     lat = np.load(lat_path, mmap_mode="r+")
     done = np.load(done_path, mmap_mode="r+")
     todo = [c for c in range(len(chunks)) if c % world == rank and not done[c]]
@@ -472,13 +539,13 @@ def encode_image_folder(root, cache, res, encoder, batch=64, workers=8, rank=0, 
             done.flush()
             pending = []
     if world > 1:
-        dist.barrier()
-    if rank == 0:
+        wait_for_all()                       # every share encoded
+
+    def finish():
         if not np.all(np.load(done_path)):
             raise TrainError(f"encoding of {root} is incomplete; run again to finish it")
         _atomic_write_text(meta_path, json.dumps(dict(info, classes=classes, root=os.path.abspath(root)), indent=1))
-    if world > 1:
-        dist.barrier()
+    on_rank_0(finish, rank, world)
     return cache
 
 

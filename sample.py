@@ -297,7 +297,7 @@ def _sample(args):
             print(vae.describe())
     reference = None
     if args.fid_ref:   # before sampling: a bad reference fails at once (on every rank), not after an hour
-        reference = train.on_rank_0(lambda: evaluate.load_reference(args.fid_ref, device=device), rank, world)
+        reference = data.on_rank_0(lambda: evaluate.load_reference(args.fid_ref, device=device), rank, world)
         if rank == 0:
             print(f"FID reference: {reference.describe()}", flush=True)
     out = args.out or (None if args.fid_ref else default_out(args.ckpt, steps, w, args.seed, args.n, classes))
@@ -312,7 +312,7 @@ def _sample(args):
     if reference is not None:
         _report_fid(result, reference, args, steps, w, world, out)
     if world > 1:
-        dist.barrier()
+        data.wait_for_all()                # rank 0 may still be writing the .npz
         dist.destroy_process_group()
     return path
 
@@ -352,7 +352,7 @@ def _write_npz(out, images, labels, args, rank, world):
     if images is not None:
         np.save(shard + ".npy", images)
         np.save(shard + ".labels.npy", labels)
-    dist.barrier()
+    data.wait_for_all()                    # every shard written
     path = None
     if rank == 0:
         ranks = range(min(world, len(batches)))

@@ -23,6 +23,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import copy
 import dataclasses
 import errno
+import inspect
 import io
 import json
 import math
@@ -514,6 +515,39 @@ def test_tiny_model_fits_tiny_dataset():
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 CANCELLING = ("dq", "dk", "dq'", "dk'")   # the dS-weighted gradients (see above)
+
+
+if attention_jvp.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_probe(out, n):
+        for i in range(0, n, 1):          # a loop bound given as an argument, as the kernel's N
+            tl.store(out + i, i)
+
+
+@lru_cache(maxsize=None)
+def interpreter_problem():
+    """Why Triton's interpreter cannot run the kernel here, or None. Triton 3.6 and older turn a loop
+    bound that is an argument into a Python int with int() of a 1-element array, which NumPy 2.4 refuses
+    ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.7 fixed it. Then every
+    kernel test would fail deep inside the interpreter: they fail with this one line instead."""
+    if not attention_jvp.HAS_TRITON:
+        return None
+    out = torch.full((3,), -1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+    except Exception as e:
+        return (f"Triton {triton.__version__}'s interpreter cannot run a loop over an argument with NumPy "
+                f"{np.__version__} ({e!r}): install numpy<2.4 or Triton >= 3.7 to run the kernel tests on a CPU")
+    return None if out.tolist() == [0, 1, 2] else f"Triton's interpreter ran a loop wrongly: {out.tolist()}"
+
+
+@pytest.fixture(autouse=True)
+def _kernel_runs_under_the_interpreter(request):
+    if request.node.name.startswith("test_kernel_") and interpreter_problem():
+        pytest.fail(interpreter_problem(), pytrace=False)
 
 
 def _tols(dtype):
@@ -2189,6 +2223,7 @@ OTHER_REPOSITORIES = {
     "image_datasets.py": "ADM's data loading, center_crop_arr (openai/guided-diffusion)",
     "destroy_probe.py": "a probe that a test writes into its temporary folder",
     "broadcast_probe.py": "likewise",
+    "patience_probe.py": "likewise",
     "generate_images.py": "the official code's sampler (lumalabs/tvm)",
     "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
     "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
@@ -4674,6 +4709,7 @@ def test_step_flops_counts_what_the_network_multiplies():
 # with pickle itself where it can express them (official persistent objects: _Persistent, tensors of any
 # stride: _Call), and opcode by opcode where pickle.dump would never write them.
 
+import inspect
 import io
 import signal
 import struct
@@ -5296,6 +5332,76 @@ def test_broadcast_from_rank_0_gives_every_module_rank_0s_values(tmp_path):
     expected = [torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2), torch.nn.Linear(2, 2)]
     expected = [t.detach() for m in expected for t in [*m.parameters(), *m.buffers()]]
     assert len(a) == len(expected) and all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, expected))
+
+
+PATIENCE = """
+import datetime, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import data
+rank, mode, folder = int(os.environ["RANK"]), sys.argv[1], {folder!r}
+open(os.path.join(folder, f"ready{{rank}}"), "w").close()     # both processes up: the 2 s below is all the group's
+while not all(os.path.exists(os.path.join(folder, f"ready{{r}}")) for r in range(2)):
+    time.sleep(0.01)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))   # the main group's short timeout
+if mode == "patient":
+    data.join_patient_group()
+got = data.on_rank_0(lambda: time.sleep(4) or "rank 0's result", rank, 2)  # longer than the main group waits
+print("on_rank_0:", got, flush=True)
+if rank == 0:
+    time.sleep(4)
+data.wait_for_all()
+print("waited", flush=True)
+def bad():
+    raise data.TrainError("the reference is bad")
+try:
+    data.on_rank_0(bad, rank, 2)
+except data.TrainError as e:
+    print("stopped:", e, flush=True)
+try:
+    data.on_rank_0(lambda: 1 / 0, rank, 2)
+except (RuntimeError, ZeroDivisionError) as e:
+    print("failed:", type(e).__name__, e, flush=True)
+data.wait_for_all()                  # as the scripts do: every process leaves together
+dist.destroy_process_group()
+"""
+
+
+def test_work_on_rank_0_may_outlast_the_main_groups_timeout_and_its_errors_reach_every_rank(tmp_path):
+    """Under NCCL a collective that waits 10 minutes ends the job; rank 0 alone reading an image-folder
+    --fid_ref, writing a 10 GB .npz or computing the digits' FID can take longer. on_rank_0 and wait_for_all
+    wait through data's patient group (gloo, hours). Here the main group's timeout is 2 s and rank 0 works 4 s
+    twice: with the patient group both ranks go on; without it (the control) rank 1 times out. A TrainError
+    on rank 0 is raised on both ranks with its message; any other exception is raised on rank 0 as it was
+    and as a RuntimeError naming it on rank 1."""
+    script = tmp_path / "patience_probe.py"
+    runs = {}
+    for mode in ("patient", "main"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        script.write_text(PATIENCE.format(root=ROOT, folder=str(folder)))
+        runs[mode] = run_processes([[sys.executable, str(script), mode]] * 2, timeout=120, envs=two_rank_envs())
+    patient, control = runs["patient"], runs["main"]
+    assert all(r.returncode == 0 for r in patient), [r.stdout[-2000:] for r in patient]
+    assert "on_rank_0: rank 0's result" in patient[0].stdout and "on_rank_0: None" in patient[1].stdout
+    for r in patient:
+        assert "waited" in r.stdout and "stopped: the reference is bad" in r.stdout, r.stdout
+    assert "failed: ZeroDivisionError division by zero" in patient[0].stdout
+    assert "failed: RuntimeError rank 0 stopped with ZeroDivisionError: division by zero" in patient[1].stdout
+    assert control[1].returncode != 0 and "on_rank_0:" not in control[1].stdout, control[1].stdout[-2000:]
+
+
+def test_the_long_waits_go_through_the_patient_group():
+    """Every barrier of the project's files is wait_for_all, and every broadcast of rank 0's work is on_rank_0's:
+    a bare dist.barrier() would wait on the main group, whose NCCL timeout is 10 minutes. train.py's
+    setup_distributed joins the patient group right after init_process_group."""
+    for name in ("data.py", "train.py", "sample.py", "evaluate.py", "step.py", "benchmark.py"):
+        with open(os.path.join(HERE, name)) as f:
+            text = f.read()
+        calls = re.findall(r"dist\.barrier\((.*)\)", text)
+        assert calls == (["group=patient_group()"] if name == "data.py" else []), (name, calls)
+    src = inspect.getsource(train.setup_distributed)
+    assert src.index("join_patient_group()") > src.index("dist.init_process_group(")
 
 
 def test_to_uint8_images_decodes_in_the_batches_of_the_decoder_mode():

@@ -77,7 +77,8 @@ from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumab
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
 from data import (EpochSampler, SampleError, TrainError, _atomic_write_text, _write_atomically, file_in_the_way,
-                  load_vae, make_batch, open_data, run_script, sample_grid, save_png, to_uint8_images)
+                  join_patient_group, load_vae, make_batch, on_rank_0, open_data, run_script, sample_grid, save_png,
+                  to_uint8_images, wait_for_all)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -267,6 +268,7 @@ def setup_distributed(cfg):
         local_rank %= gpus                     # gloo: processes beyond the GPU count share them
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
+    join_patient_group()                   # data.py: the long waits' own group and timeout
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if want_cuda else "cpu")
 
 
@@ -451,30 +453,12 @@ def train(cfg):
             print(f"--steps 0: the latents of {cfg.data} are ready ({len(data):,} images); nothing trained, "
                   f"nothing written to {cfg.out}")
         if world > 1:
-            dist.barrier()     # main's leave_process_group then destroys the group
+            wait_for_all()     # main's leave_process_group then destroys the group
         return cfg
 
     lock = on_rank_0(lambda: lock_run_folder(cfg.out), rank, world)   # one run per folder
     with lock or nullcontext(), ExitStack() as on_exit:   # however _train ends: its log closed, then the lock
         return _train(cfg, rank, world, device, on_exit)
-
-
-def on_rank_0(fn, rank, world):
-    """fn() on rank 0 only -> its result there, None on the others. A TrainError or SampleError it raises is
-    raised on every rank, which would otherwise wait in the next collective until the group's timeout."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except (TrainError, SampleError) as e:
-            error = (type(e).__name__, str(e))
-    if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise {"TrainError": TrainError, "SampleError": SampleError}[error[0]](error[1])
-    return result
 
 
 def _train(cfg, rank, world, device, on_exit):
@@ -621,7 +605,7 @@ def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
         # All ranks leave together: rank 0 may still be writing the last checkpoint; tearing gloo down on
         # one rank while the other is still inside it hung a CPU test once (torch 2.13). The group itself is
         # destroyed by main's leave_process_group, once this function's variables (the DDP module) are gone.
-        dist.barrier()
+        wait_for_all()
 
 
 def _build(cfg, world, device, dtype):
