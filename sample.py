@@ -245,6 +245,7 @@ def main(argv=None):
         return _sample(args)
     finally:
         fid.STANDIN["on"] = False
+        data.leave_process_group()     # under torchrun; also when an error ends the run
 
 
 def _sample(args):
@@ -312,8 +313,7 @@ def _sample(args):
     if reference is not None:
         _report_fid(result, reference, args, steps, w, world, out)
     if world > 1:
-        data.wait_for_all()                # rank 0 may still be writing the .npz
-        dist.destroy_process_group()
+        data.wait_for_all()                # rank 0 may still be writing the .npz; main then leaves the group
     return path
 
 

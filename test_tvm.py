@@ -5363,7 +5363,7 @@ try:
 except (RuntimeError, ZeroDivisionError) as e:
     print("failed:", type(e).__name__, e, flush=True)
 data.wait_for_all()                  # as the scripts do: every process leaves together
-dist.destroy_process_group()
+data.leave_process_group()
 """
 
 

@@ -44,7 +44,6 @@ per folder (a lock); Ctrl-C saves a checkpoint before stopping, and --resume con
 
 import copy
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -77,7 +76,7 @@ from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumab
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
 from data import (EpochSampler, SampleError, TrainError, _atomic_write_text, _write_atomically, file_in_the_way,
-                  join_patient_group, load_vae, make_batch, on_rank_0, open_data, run_script, sample_grid, save_png,
+                  join_patient_group, leave_process_group, load_vae, make_batch, on_rank_0, open_data, run_script, sample_grid, save_png,
                   to_uint8_images, wait_for_all)
 
 try:
@@ -311,18 +310,6 @@ def main(argv=None):
         finally:
             fid.STANDIN["on"] = False
             leave_process_group()
-
-
-def leave_process_group():
-    """Destroy the process group, if there is one, as the last thing the process does with it (PyTorch's
-    docs: once per process, near the end of main), after everything that holds it is gone: the DDP module
-    (its Reducer holds the group), and with it the optimizer and the step function. When the DDP module
-    outlived destroy_process_group, its Reducer's destructor ran gloo's (~ProcessGroupGloo joins its
-    threads) later, at exit, and that hung about once in 20 runs of the two-process test. gc.collect():
-    what only reference cycles still hold is freed now, not at some later collection."""
-    if dist.is_initialized():
-        gc.collect()
-        dist.destroy_process_group()
 
 
 # A run stops after this many steps in a row were skipped (non-finite loss or gradient): by then the
