@@ -443,7 +443,8 @@ def _throughput(fn, batch, sync, min_time=2.0, min_reps=3, warmup=2):
 
 
 def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", vae="random",
-                       parts=("dit", "vae", "inception"), stream_n=10_000, stream_batch=256, decoder="exact"):
+                       parts=("dit", "vae", "inception"), stream_n=10_000, stream_batch=256, decoder="exact",
+                       decoders="all"):
     """Times, on random weights and random inputs (no data, no downloads), each part of FID-50K at 256 px:
       DiT-XL/2-18h, 1 step, bf16 autocast, eager and compiled (compile_blocks), at several batch sizes;
       the DiT part of n samples through sample_latents (noise per sample, as sample.py draws it);
@@ -453,7 +454,8 @@ def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", va
     then projects the wall time of FID-50K on 1 and 8 GPUs. parts: which of dit, vae, inception to time, and
     "stream": stream_n samples of sample.py --fid_ref's streamed path end to end (evaluate.run: compiled
     DiT, the decoder mode `decoder`, the detector, batches of stream_batch), timed part by part, and FID-50K
-    projected from its measured rate. Writes only under `out` (benchmark.json, and the torch.compile / Triton
+    projected from its measured rate. decoders: which of the vae part's variants to time (select_variants).
+    Writes only under `out` (benchmark.json, and the torch.compile / Triton
     caches, pointed there)."""
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
@@ -475,7 +477,7 @@ def sampling_benchmark(out, batches=(64, 256, 1024), n=50_000, device="cuda", va
     if "dit" in parts:
         _bench_dit(res, report, dev, sync, batches, n)
     if "vae" in parts:
-        _bench_vae(res, report, dev, sync, vae)
+        _bench_vae(res, report, dev, sync, vae, which=decoders)
     if "inception" in parts:
         _bench_inception(res, report, dev, sync)
     if "stream" in parts:
@@ -601,6 +603,23 @@ def vae_variants():
     return out
 
 
+def select_variants(which="all"):
+    """vae_variants() narrowed: "all"; "eager" (no torch.compile: seconds each); "compiled" (exact and the
+    compiled ones: each compiles for minutes, max-autotune most); or variant keys separated by commas. The
+    exact mode always comes first (the others are held against it). An unknown key raises ValueError."""
+    variants = vae_variants()
+    if which == "all":
+        return variants
+    if which in ("eager", "compiled"):
+        keep = lambda d, mode: mode == "exact" or bool(d.compile) == (which == "compiled")
+        return {k: v for k, v in variants.items() if keep(*v)}
+    keys = [k.strip() for k in which.split(",")]
+    unknown = [k for k in keys if k not in variants]
+    if unknown:
+        raise ValueError(f"{unknown} unknown; choose all, eager, compiled, or among {', '.join(variants)}")
+    return {k: v for k, v in variants.items() if k in keys or v[1] == "exact"}
+
+
 def fastest_mode_meeting_rule(res):
     """res (sampling_benchmark's) -> the key of the fastest mode of data.DECODERS whose images met
     data.DECODER_RULE against exact, or None. Only named modes: the ones sample.py --decoder can run."""
@@ -608,8 +627,8 @@ def fastest_mode_meeting_rule(res):
     return max(ok, key=res["vae"].get, default=None)
 
 
-def _bench_vae(res, report, dev, sync, weights="random", n=128, config=None):
-    """sampling_benchmark's decoder part: res["vae"] (images/s per variant of vae_variants) and
+def _bench_vae(res, report, dev, sync, weights="random", n=128, config=None, which="all"):
+    """sampling_benchmark's decoder part: res["vae"] (images/s per variant of select_variants(which)) and
     res["vae_exactness"] (the variant's uint8 images of n latents against the exact mode's, by
     data.pixel_difference, and whether that meets data.DECODER_RULE). weights: "random" (RandomVAE, with
     `config` to narrow it for a test) or a Hub name or folder of the real ones."""
@@ -621,7 +640,7 @@ def _bench_vae(res, report, dev, sync, weights="random", n=128, config=None):
     indicative = "" if weights != "random" else " (random weights: indicative only; the rule needs the real ones, --vae)"
     reference = None
     try:
-        for key, (d, mode) in vae_variants().items():
+        for key, (d, mode) in select_variants(which).items():
             if d.compile:
                 torch._dynamo.reset()       # the variants share one code object: no stale graphs, no recompile limit
             vae = data.RandomVAE(dev, decoder=d, config=config) if weights == "random" else data.load_vae(dev, weights, d)
@@ -710,9 +729,13 @@ def main(argv=None):
         fid.limit_cpu_threads(args.device)
         torch.backends.cuda.matmul.allow_tf32 = False          # as in training (Table 6: TF32 off)
         torch.backends.cudnn.allow_tf32 = False
+        try:
+            select_variants(args.bench_decoders)                # refused before anything is timed
+        except ValueError as e:
+            raise SampleError(f"--bench_decoders {args.bench_decoders!r}: {e}") from None
         return sampling_benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n,
                                   vae=args.vae or "random", parts=args.bench_parts.split(","), stream_n=args.bench_fid_n,
-                                  stream_batch=args.batch_size, decoder=args.decoder)
+                                  stream_batch=args.batch_size, decoder=args.decoder, decoders=args.bench_decoders)
     print(__doc__.strip() + "\n\nusage: python benchmark.py step [train.py's options] | sample --out DIR [sample.py's options]",
           file=sys.stdout if kind in ("-h", "--help") else sys.stderr)
     return 0 if kind in ("-h", "--help") else 2

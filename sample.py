@@ -165,6 +165,10 @@ def parse_args(argv=None):
                    help="--benchmark: which of dit, vae (every decoder mode against exact), inception, stream (the "
                         "--fid_ref path end to end: --bench_fid_n samples, --batch_size, --decoder) to time")
     p.add_argument("--bench_fid_n", type=int, default=10_000, help="--benchmark: samples of the 'stream' part")
+    p.add_argument("--bench_decoders", default="all",
+                   help="--benchmark: the decoder variants of the 'vae' part: all, eager (no compilation: seconds "
+                        "each), compiled (exact and the compiled ones: minutes each), or variant keys separated by "
+                        "commas (benchmark.json's keys, e.g. float32_b32,bfloat16-cl_b32)")
     args = p.parse_args(argv)
     _check_args(p, args)
     return args

@@ -3214,6 +3214,25 @@ def test_benchmark_decoder_table_holds_each_variant_against_exact(monkeypatch):
     assert benchmark.fastest_mode_meeting_rule(res) == "c"
 
 
+def test_benchmark_decoder_variants_can_be_narrowed(monkeypatch, capsys):
+    """--bench_decoders: eager and compiled split the variants (exact, the reference, in both and first), a
+    list of keys takes those and exact, and an unknown key is refused in one line before anything runs."""
+    every = benchmark.vae_variants()
+    eager, compiled = benchmark.select_variants("eager"), benchmark.select_variants("compiled")
+    assert list(eager)[0] == list(compiled)[0] == "float32_b32" and set(eager) | set(compiled) == set(every)
+    assert set(eager) & set(compiled) == {"float32_b32"}
+    assert not any(d.compile for d, _ in eager.values()) and all(d.compile for k, (d, _) in compiled.items() if k != "float32_b32")
+    assert list(benchmark.select_variants("bfloat16-cl_b32")) == ["float32_b32", "bfloat16-cl_b32"]
+    assert benchmark.select_variants() == every
+    monkeypatch.setattr(benchmark, "sampling_benchmark", lambda *a, **k: pytest.fail("ran before refusing"))
+    with pytest.raises(sample.SampleError, match=r"--bench_decoders 'fp8': \['fp8'\] unknown; choose all, eager"):
+        benchmark.main(["sample", "--out", "unused", "--bench_decoders", "fp8"])
+    seen = {}
+    monkeypatch.setattr(benchmark, "sampling_benchmark", lambda *a, **k: seen.update(k))
+    benchmark.main(["sample", "--out", "unused", "--bench_decoders", "eager"])
+    assert seen["decoders"] == "eager"
+
+
 def test_benchmark_stream_part_runs_the_fid_path_end_to_end(monkeypatch, tmp_path, capsys):
     """sample.py --benchmark --bench_parts stream: n samples through evaluate.run (the --fid_ref path), on a
     CPU with a small DiT and a narrow random decoder in mode bf16; without the detector's weights the
