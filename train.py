@@ -485,17 +485,19 @@ def _train(cfg, rank, world, device, on_exit):
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        if master:
-            save_checkpoint(dict(config=dataclasses.asdict(cfg), model=net.state_dict(), ema=ema.state_dict(),
-                                 target=target.state_dict(), opt=opt.state_dict(), step=step, rng=rngs,
-                                 world_size=world), ckpt_path)
+        # Rank 0 writes (13.5 GB for XL/2); the others wait for it through the patient group, not in the next
+        # step's NCCL collective, whose watchdog a slow disk could outlast; a full disk stops every rank.
+        on_rank_0(lambda: save_checkpoint(dict(config=dataclasses.asdict(cfg), model=net.state_dict(),
+                                               ema=ema.state_dict(), target=target.state_dict(), opt=opt.state_dict(),
+                                               step=step, rng=rngs, world_size=world), ckpt_path), rank, world)
 
     def samples():
-        if master:
+        def draw():          # rank 0, while the others wait (a compiled decoder's first call takes minutes)
             ema.eval()
             grid = sample_grid(ema, cfg, device, vae, amp=amp)
             save_png(grid, os.path.join(cfg.out, f"samples_{step:07d}.png"))
             save_png(grid, os.path.join(cfg.out, "samples.png"))
+        on_rank_0(draw, rank, world)
 
     step_fn = make_step(model, net, ema, target, opt, cfg, amp, graph=cfg.cuda_graph, flat=flat)
     sampler = EpochSampler(len(data), cfg.seed)
