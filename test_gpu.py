@@ -13,6 +13,17 @@ saved with diffusers as a local folder, and an image folder written here.
 It lives in its own file because test_tvm.py sets TRITON_INTERPRET=1 for the whole process (the CPU
 suite runs the kernel through Triton's interpreter); here every child process runs the compiled kernels.
 
+One call of the whole suite takes longer than some machines allow one command (about 15-20 minutes on one
+H200, most of it compiling in 14 training processes), so it also runs in parts: with TVM_GPU_DIR=DIR its
+files (the images, the VAE, the runs, the compile caches) stay in DIR, a test that needs an earlier test's
+run takes it from there and makes it if it is missing, and each test empties the folders it writes first:
+
+    TVM_GPU_DIR=runs/gpu python -m pytest -x -rA test_gpu.py -k "image_folder or nonfinite"
+    TVM_GPU_DIR=runs/gpu python -m pytest -x -rA test_gpu.py -k "sigterm"
+    TVM_GPU_DIR=runs/gpu python -m pytest -x -rA test_gpu.py -k "official_pickle or one_command"
+    TVM_GPU_DIR=runs/gpu python -m pytest -x -rA test_gpu.py -k "benchmark"
+    TVM_GPU_DIR=runs/gpu python -m pytest -x -rA test_gpu.py -k "processes or torchrun or two_gpus"
+
 Flows (one test each, in order; later tests use the runs of earlier ones):
   1. image folder -> latent cache (SD-VAE) -> train with the --res 256 defaults -> checkpoint, grid;
   2. SIGTERM mid-run, then kill -9 in the middle of a checkpoint save, then --resume: the run ends where
@@ -30,6 +41,7 @@ Flows (one test each, in order; later tests use the runs of earlier ones):
 import hashlib
 import json
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -44,6 +56,7 @@ import torch
 # TVM_ACCEPTANCE_CPU=1 runs the same flows on the CPU (no compile, no CUDA graph, fp32; about 15 minutes on
 # 2 cores): a check of the suite itself where no GPU is at hand. It proves nothing about the GPU path.
 ON_CPU = os.environ.get("TVM_ACCEPTANCE_CPU") == "1"
+KEEP = os.environ.get("TVM_GPU_DIR")       # a folder kept between calls (see the docstring), or a new one
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or ON_CPU),
                                 reason="the GPU acceptance suite needs a CUDA GPU")
 DEVICE = ["--device", "cpu", "--compile", "false", "--workers", "1"] if ON_CPU else []
@@ -59,7 +72,32 @@ CLASSES, PER_CLASS = 4, 24           # 96 images: 6 steps of 16 per epoch
 def child_env():
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)       # the compiled kernels, never the interpreter
+    if "root" in ASSETS:                     # the compile caches beside the runs: kept with TVM_GPU_DIR
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ASSETS["root"] / "cache" / "inductor"))
+        env.setdefault("TRITON_CACHE_DIR", str(ASSETS["root"] / "cache" / "triton"))
     return env
+
+
+def fresh(path):
+    """path, removed with its marker (ensure): a test writes into an empty place, also when it runs again."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    done = path.parent / f"{path.name}.done"
+    if done.exists():
+        done.unlink()
+    return path
+
+
+def ensure(name, make):
+    """make() unless it completed before in this folder (the marker <root>/<name>.done): an earlier test's
+    runs, made here when that test ran in another call of the suite, or not at all."""
+    done = ASSETS["root"] / f"{name}.done"
+    if not done.exists():
+        make()
+        done.touch()
 
 
 def run(args, timeout=300, expect=0):
@@ -131,8 +169,13 @@ def assets(tmp_path_factory):
     except ImportError:
         pytest.fail("the SD-VAE flows need diffusers: pip install diffusers")
     from PIL import Image
-    root = tmp_path_factory.mktemp("gpu")
+    root = pathlib.Path(KEEP).absolute() if KEEP else tmp_path_factory.mktemp("gpu")
     imgs = root / "imgs"
+    ASSETS.update(root=root, imgs=str(imgs), vae=str(root / "vae"), cache=str(imgs) + "_latents256")
+    if (root / "assets.done").exists():
+        yield ASSETS
+        return
+    fresh(imgs), fresh(root / "vae")
     rng = np.random.default_rng(0)
     for c in range(CLASSES):
         os.makedirs(imgs / f"n{c:08d}")
@@ -150,7 +193,7 @@ def assets(tmp_path_factory):
                         norm_num_groups=16 if ON_CPU else 32,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     vae.save_pretrained(root / "vae")
-    ASSETS.update(root=root, imgs=str(imgs), vae=str(root / "vae"), cache=str(imgs) + "_latents256")
+    (root / "assets.done").touch()
     yield ASSETS
 
 
@@ -165,7 +208,8 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     run gives the reference for the resume test and the noise floor of the GPU path (its attention
     backward accumulates dq with atomic adds, so two runs may differ in the last bits)."""
     out = ASSETS["root"] / "A"
-    text = run(train_args(ASSETS["imgs"], out, "--steps", 8, "--sample_every", 8), timeout=600)
+    fresh(ASSETS["cache"])                                    # encoded by this run, whatever ran before
+    text = train_runs_a()
     cfg = json.loads(text[text.index("{"):text.index("\n}") + 2])
     if not ON_CPU:
         assert cfg["compile"] and cfg["cuda_graph"] and cfg["precision"] == "auto" and "on cuda, bf16" in text
@@ -187,7 +231,7 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     for i in (1, 50):
         img = data_mod.center_crop(Image.open(files[i]).convert("RGB"), 256)
         x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].to(dev).float() / 127.5 - 1
-        with torch.no_grad():
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):   # as train.py encodes
             d = vae.encode(x).latent_dist
         want = torch.cat([d.mean, d.std], 1)[0].cpu().numpy()
         assert np.abs(lat[i] - want).max() <= 2e-3 * (1 + np.abs(want).max()), i
@@ -212,7 +256,20 @@ def test_train_from_an_image_folder_with_the_256_defaults():
     grid = np.asarray(Image.open(out / "samples_0000008.png"))
     assert grid.shape[0] > 4 * 256 and grid.std() > 1
 
-    run(train_args(ASSETS["imgs"], ASSETS["root"] / "A2", "--steps", 8), timeout=300)
+
+def train_runs_a():
+    """Runs A (8 steps, a grid at the end) and A2 (the same again) from the image folder -> A's output."""
+    root = ASSETS["root"]
+    fresh(root / "runs_a")
+    text = run(train_args(ASSETS["imgs"], fresh(root / "A"), "--steps", 8, "--sample_every", 8), timeout=600)
+    run(train_args(ASSETS["imgs"], fresh(root / "A2"), "--steps", 8), timeout=300)
+    (root / "runs_a.done").touch()
+    return text
+
+
+def need_runs_a():
+    """Runs A and A2 and the latent cache, made now if test 1 did not make them in this folder."""
+    ensure("runs_a", train_runs_a)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,7 +293,8 @@ def test_sigterm_and_kill_mid_save_then_resume_ends_where_an_uninterrupted_run_e
     --resume runs to step 8. The result is compared with the uninterrupted run A: equal bit for bit if
     the GPU path is deterministic; otherwise within the difference between two uninterrupted runs (A
     and A2) times 4, and far below what the 8 steps changed."""
-    out = ASSETS["root"] / "B"
+    need_runs_a()
+    out = fresh(ASSETS["root"] / "B")
     log = out / "log.jsonl"
     p = start(train_args(ASSETS["imgs"], out, "--steps", 8))
     assert wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3, p), finish(p)[1][-4000:]
@@ -246,13 +304,16 @@ def test_sigterm_and_kill_mid_save_then_resume_ends_where_an_uninterrupted_run_e
     stopped_at = load(out / "ckpt.pt")["step"]
     assert 3 <= stopped_at < 8
 
+    # Cheap checks only between seeing the temporary file and the kill (a torch.load here took longer than
+    # the save it was meant to interrupt): ckpt.pt is a new file (inode) once this run has saved once.
+    first = os.stat(out / "ckpt.pt").st_ino
+    tmp = lambda: [n for n in os.listdir(out) if n.startswith(".ckpt.pt.") and n.endswith(".tmp")]
     p = start(train_args(ASSETS["imgs"], out, "--steps", 8, "--resume", "--ckpt_every", 1))
-    saving = lambda: any(n.startswith(".ckpt.pt.") and n.endswith(".tmp") for n in os.listdir(out)) and \
-        load(out / "ckpt.pt")["step"] > stopped_at
-    hit = wait_for(saving, p)
+    hit = wait_for(lambda: os.stat(out / "ckpt.pt").st_ino != first and tmp(), p)
     os.killpg(p.pid, signal.SIGKILL)
     code, text = finish(p)
     assert hit, "the resumed run ended before a save could be interrupted:\n" + text[-4000:]
+    assert tmp(), "the kill landed after the save it was aimed at had finished"
     killed_at = load(out / "ckpt.pt")["step"]                       # a whole, loadable checkpoint
     assert stopped_at < killed_at < 8
 
@@ -286,14 +347,15 @@ def test_a_nonfinite_step_in_the_graph_is_skipped_and_a_nonfinite_update_stops_t
     --resume with --lr 1e30: the update makes the weights non-finite, the run stops with exit 2 and a
     message, and ckpt.pt is kept byte for byte."""
     import train as train_mod
-    src, nan = ASSETS["cache"], str(ASSETS["root"] / "nan_latents")
+    need_runs_a()
+    src, nan = ASSETS["cache"], str(fresh(ASSETS["root"] / "nan_latents"))
     shutil.copytree(src, nan)
     lat = np.load(os.path.join(nan, "latents.npy"), mmap_mode="r+")
     row = int(train_mod.EpochSampler(len(lat), 0).batch(2, BATCH)[5])
     lat[row, 0, 3, 3] = np.nan
     lat.flush()
     del lat
-    out = ASSETS["root"] / "N"
+    out = fresh(ASSETS["root"] / "N")
     text = run(train_args(nan, out, "--steps", 3, "--ckpt_every", 1), expect=None)
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r.get("event", "") for r in rows if r["step"] == 3][0].startswith("skipped"), text[-3000:]
@@ -321,11 +383,11 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
     with arr_0 (N, 256, 256, 3) uint8 and arr_1, the labels that sample.py's seeding promises. The
     pickle and its --save_converted .pt give the same pixels. fid.py then reads the .npz files."""
     import sample as sample_mod
+    need_runs_a()
     root = ASSETS["root"]
     n = 24
     for steps in (1, 4):
-        run([os.path.join(ROOT, "sample.py"), "--ckpt", root / "A" / "ckpt.pt", "--n", n, "--steps", steps,
-             "--vae", ASSETS["vae"], "--batch_size", 16, "--out", root / f"s{steps}", *SDEVICE])
+        sample_run_a(steps, n)
     s1, s4 = (np.load(root / f"s{k}.npz") for k in (1, 4))
     x1, want = zip(*[sample_mod.noise_and_label(0, i, (4, 32, 32), None, CLASSES) for i in range(n)])
     # After 8 steps the EMA at 0.9999 is still the initial network, whose zero-initialised output layer
@@ -344,14 +406,15 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
 
     # An official-layout pickle, written by the CPU suite's writer (it sets TRITON_INTERPRET for its own
     # process only): a perturbed small DiT with 1000 classes, compiled wrapper, storages tagged cuda:0.
-    pkl, evil = root / "official.pkl", root / "evil"
+    pkl, evil = fresh(root / "official.pkl"), fresh(root / "evil")
     code = (f"import test_tvm as t; net = t.perturbed_dit(input_size=32, in_channels=4, num_classes=1000, "
             f"hidden_size=384, depth=2, num_heads=6); "
             f"t.write_official_pickle({str(pkl)!r}, net, 1000, compiled=True, cuda=True, evil={str(evil)!r})")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=300)
-    conv = root / "official_converted.pt"
+    conv = fresh(root / "official_converted.pt")
     run([os.path.join(ROOT, "sample.py"), "--ckpt", pkl, "--save_converted", conv])
     for src, name in ((pkl, "o_pkl"), (conv, "o_pt")):
+        fresh(root / f"{name}.npz")
         run([os.path.join(ROOT, "sample.py"), "--ckpt", src, "--n", 8, "--steps", 1, "--cfg", 2.0,
              "--vae", ASSETS["vae"], "--out", root / name, *SDEVICE])
     a, b = np.load(root / "o_pkl.npz"), np.load(root / "o_pt.npz")
@@ -369,6 +432,14 @@ def test_sample_from_the_checkpoint_and_from_an_official_pickle_then_fid():
     assert float(other.split("FID")[1].split()[0]) > 0.0
     if standin:
         assert "stand-in" in other
+
+
+def sample_run_a(steps, n=24):
+    """sample.py on run A's checkpoint: n samples of `steps` steps -> <root>/s<steps>.npz."""
+    root = ASSETS["root"]
+    fresh(root / f"s{steps}.npz"), fresh(root / f"s{steps}.png")
+    run([os.path.join(ROOT, "sample.py"), "--ckpt", root / "A" / "ckpt.pt", "--n", n, "--steps", steps,
+         "--vae", ASSETS["vae"], "--batch_size", 16, "--out", root / f"s{steps}", *SDEVICE])
 
 
 def fid_weights_installed():
@@ -391,8 +462,13 @@ def test_fid_in_one_command_decoder_modes_and_fid_during_training():
     runs, and its pixels against exact are printed (the measured finding) and must be the same images
     (under half the values off by more than 1 grey level). train.py --fid_every logs a finite FID row at
     each evaluation, on the GPU, with the CUDA-graphed step around it."""
+    need_runs_a()
     root, ckpt = ASSETS["root"], ASSETS["root"] / "A" / "ckpt.pt"
+    if not (root / "s1.npz").exists():
+        sample_run_a(1)
     ref = root / "s1.npz"                                     # test 4's samples: a reference of images
+    for name in ("f_exact", "f_bf16", "f_two"):
+        fresh(root / f"{name}.npz"), fresh(root / f"{name}.fid.json"), fresh(root / f"{name}.png")
     standin = [] if fid_weights_installed() else ["--fid_standin"]
     # --num_samples, not --n: torchrun would take --n for an abbreviation of its own options.
     common = [os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--num_samples", 48, "--batch_size", 16, "--steps", 1,
@@ -418,7 +494,7 @@ def test_fid_in_one_command_decoder_modes_and_fid_during_training():
     rec2 = json.load(open(str(two) + ".fid.json"))
     assert rec2["world"] == 2 and abs(rec2["fid"] - record["fid"]) <= 1e-6 * max(1.0, record["fid"]), (rec2, record)
 
-    out = root / "F"
+    out = fresh(root / "F")
     run(train_args(ASSETS["cache"], out, "--steps", 4, "--fid_every", 2, "--fid_ref", ref, "--fid_n", 32,
                    "--fid_batch", 16, *(["--fid_standin", "true"] if standin else [])), timeout=600)
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
@@ -461,8 +537,19 @@ def torchrun_two(out, *extra, graph=False):
     # On the CPU (TVM_ACCEPTANCE_CPU) there is no graph: the flat all-reduce then runs eager.
     graphed = ["--grad_sync", "flat", "--cuda_graph", "false" if ON_CPU else "true"] if graph else ["--cuda_graph", "false"]
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "train.py"),
-         *train_args(ASSETS["cache"], out, "--steps", 4, *graphed, "--ckpt_every", 100, *extra)[1:]],
+         *train_args(ASSETS["cache"], fresh(out), "--steps", 4, *graphed, "--ckpt_every", 100, *extra)[1:]],
         timeout=400)
+
+
+ONE = ["--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100]
+
+
+def train_run_one():
+    """The 1-process run the tests of several processes compare with."""
+    need_runs_a()
+    fresh(ASSETS["root"] / "run_one")
+    run(train_args(ASSETS["cache"], fresh(ASSETS["root"] / "one"), *ONE))
+    (ASSETS["root"] / "run_one.done").touch()
 
 
 def test_two_processes_sharing_one_gpu_match_one_process():
@@ -471,9 +558,8 @@ def test_two_processes_sharing_one_gpu_match_one_process():
     first steps amplify on tiny gradients (on 2 H200s with NCCL the updates were 3.7e-2 apart, see
     test_tvm.test_ddp_two_gpus_bf16_agree_with_one). A run with another seed is the control: ~100% off."""
     root = ASSETS["root"]
-    common = ["--steps", 4, "--cuda_graph", "false", "--ckpt_every", 100]
-    run(train_args(ASSETS["cache"], root / "one", *common))
-    run(train_args(ASSETS["cache"], root / "seed", *common, "--seed", 1))
+    train_run_one()
+    run(train_args(ASSETS["cache"], fresh(root / "seed"), *ONE, "--seed", 1))
     torchrun_two(root / "two", "--dist_backend", "gloo")
     ck = {k: load(root / k / "ckpt.pt") for k in ("one", "two", "seed")}
     two, seed = update_gap(ck, "one", "two"), update_gap(ck, "one", "seed")
@@ -488,6 +574,7 @@ def test_graphed_step_under_torchrun_matches_one_process():
     --grad_sync flat, the backward and the update as two graphs, the all-reduce between them) against the
     1-process run of the test above: the same training up to round-off, as the eager DDP step."""
     root = ASSETS["root"]
+    ensure("run_one", train_run_one)
     torchrun_two(root / "two_graph", "--dist_backend", "gloo", graph=True)
     config = load(root / "two_graph" / "ckpt.pt")["config"]
     assert config["grad_sync"] == "flat" and config["cuda_graph"] == (not ON_CPU), config
@@ -500,6 +587,7 @@ def test_graphed_step_under_torchrun_matches_one_process():
 def test_two_gpus_nccl_match_one_gpu():
     """torchrun on 2 GPUs (NCCL, compiled blocks under DDP) against the 1-process run of the test above."""
     root = ASSETS["root"]
+    ensure("run_one", train_run_one)
     torchrun_two(root / "nccl")
     torchrun_two(root / "nccl_graph", graph=True)
     for k in ("nccl", "nccl_graph"):
