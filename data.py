@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -175,6 +176,28 @@ def _write_atomically(path, write):
                              f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free). "
                              f"The previous file is kept; free some space, then run again (with --resume)") from None
         raise
+
+
+def open_run_file(path, mode):
+    """open(path, mode) ("a+", "a" or "w") for a file that a run keeps open in its folder (.lock, log.jsonl),
+    refusing what is not a regular file: a symbolic link planted at that fixed name would make the run
+    write into the link's target (O_NOFOLLOW), and a folder or a FIFO would fail deep inside, or block
+    (O_NONBLOCK, which does not change a regular file's reads and writes). -> the file object."""
+    flags = {"a+": os.O_RDWR | os.O_APPEND, "a": os.O_WRONLY | os.O_APPEND, "w": os.O_WRONLY | os.O_TRUNC}[mode]
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        fd, error = None, e.strerror
+    if fd is not None and not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        fd = None
+    if fd is None:
+        kind = stat.S_IFMT(os.lstat(path).st_mode) if os.path.lexists(path) else None
+        what = ("is a symbolic link" if kind == stat.S_IFLNK else "is not a regular file" if kind not in (None, stat.S_IFREG)
+                else f"cannot be opened ({error})")
+        raise TrainError(f"{path} {what}, where the run keeps a file of its own: remove it (the run writes "
+                         "only into files it makes), or choose another --out")
+    return os.fdopen(fd, mode, buffering=1 if mode != "a+" else -1)
 
 
 def _atomic_write_text(path, text):

@@ -5448,3 +5448,28 @@ def test_a_bad_fid_ref_stops_every_sampling_process_with_its_message(ckpt, tmp_p
     for r in runs:
         assert r.returncode == 2 and "sample.py: error: --fid_ref" in r.stdout and "Traceback" not in r.stdout, \
             r.stdout[-3000:]
+
+
+# ================================================================================================
+# Hostile and broken input, round 2: train.py and sample.py (a second probe, 2026-12-05)
+# ================================================================================================
+
+def test_the_run_folders_own_files_are_never_links_fifos_or_folders(tmp_path, monkeypatch, capsys):
+    """.lock and log.jsonl are opened in place (not written atomically): a symbolic link planted at either
+    name made the run overwrite the link's target (the victim held the pid, or the log), a FIFO blocked
+    and a folder ended in a traceback. Each is refused in one line and the target is left as it was;
+    resuming a run still keeps its log's rows."""
+    victim = tmp_path / "victim.txt"
+    for name in (".lock", "log.jsonl"):
+        for kind in ("link", "fifo", "folder"):
+            out = tmp_path / f"{name}-{kind}"
+            out.mkdir()
+            victim.write_text("important data")
+            {"link": lambda p: p.symlink_to(victim), "fifo": lambda p: os.mkfifo(p), "folder": lambda p: p.mkdir()}[kind](out / name)
+            line = refused("train.py", TINY + ["--steps", 1, "--batch_size", 4, "--out", out], monkeypatch, capsys)
+            assert f"{out / name} is {'a symbolic link' if kind == 'link' else 'not a regular file'}" in line, line
+            assert victim.read_text() == "important data"
+    out = tmp_path / "ok"
+    run_train(out, "--steps", 2, "--batch_size", 4)
+    run_train(out, "--steps", 3, "--batch_size", 4, "--resume")
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]

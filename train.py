@@ -76,8 +76,8 @@ from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumab
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
 from data import (EpochSampler, SampleError, TrainError, _atomic_write_text, _write_atomically, file_in_the_way,
-                  join_patient_group, leave_process_group, load_vae, make_batch, on_rank_0, open_data, run_script, sample_grid, save_png,
-                  to_uint8_images, wait_for_all)
+                  join_patient_group, leave_process_group, load_vae, make_batch, on_rank_0, open_data, open_run_file,
+                  run_script, sample_grid, save_png, to_uint8_images, wait_for_all)
 
 try:
     import fcntl          # the run-folder lock (POSIX)
@@ -369,7 +369,7 @@ def lock_run_folder(out):
                          f"({e.strerror})") + ": choose another --out") from None
     if fcntl is None:   # not a POSIX system: no lock
         return None
-    f = open(os.path.join(out, ".lock"), "a+")
+    f = open_run_file(os.path.join(out, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -400,8 +400,11 @@ class RunLog:
     def __init__(self, path, tensorboard="", resume_step=None):
         if resume_step is not None and os.path.isfile(path):
             # Rows past the checkpoint were written by steps that are now done again: drop them.
-            _atomic_write_text(path, "".join(line for line in open(path) if self.step_of(line) <= resume_step))
-        self.file, self.tb = open(path, "w" if resume_step is None else "a", buffering=1), None   # 1: flushed per line
+            with open_run_file(path, "a+") as f:                       # not a link, a FIFO or a folder
+                f.seek(0)
+                rows = [line for line in f if self.step_of(line) <= resume_step]
+            _atomic_write_text(path, "".join(rows))
+        self.file, self.tb = open_run_file(path, "w" if resume_step is None else "a"), None   # flushed per line
         if tensorboard:   # an optional package, imported only when asked for (config_errors checked that it is there)
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(tensorboard, purge_step=0 if resume_step is None else resume_step + 1)
