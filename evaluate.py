@@ -22,6 +22,7 @@ back in sample order (tested with 2 gloo processes against 1).
 import dataclasses
 import os
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -237,34 +238,47 @@ def report_fid(ema, cfg, dataset, device, steps=(1, 4)):
         return None
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:cfg.fid_real]
     real_images = data.to_uint8_images(dataset.images, {"res": 0})                  # (N, 8, 8, 3) uint8
-    real_path = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npy")
+    chosen = real_images[pick.numpy()]
+    # Kept with the sha1 of the images and of the detector's weights (fid.features_key): a run resumed on other
+    # --data, or with the stand-in detector switched on or off, computes them again instead of reusing them.
+    real_path, key = os.path.join(cfg.out, f"fid_real_features_{cfg.fid_real}.npz"), fid.features_key(chosen)
     real, where = fid.shipped_features(real_images), f"features shipped in {fid.SHIPPED_NAME}"
     if real is not None:
         real = real[pick.numpy()]
-    elif os.path.isfile(real_path):
-        real, where = np.load(real_path), f"features kept in {real_path}"
     else:
+        real, where = _kept_features(real_path, key), f"features kept in {real_path}"
+    if real is None:
         where = "features computed now"
     n = cfg.fid_samples // cfg.num_classes * cfg.num_classes
     todo = n * len(steps) + (cfg.fid_real if real is None else 0)
     print(f"FID of {' and '.join(f'{k}-step' for k in steps)} samples ({n} each, EMA model, w={cfg.w:g}) against "
           f"{len(pick)} real digits ({where}): Inception features of {todo} images, {fid.estimate(todo, device)}")
     if real is None:
-        real = fid.inception_features(real_images[pick.numpy()], device=device, progress="real digits")
-        np.save(real_path, real)
+        real = fid.inception_features(chosen, device=device, progress="real digits")
+        data._write_atomically(real_path, lambda f: np.savez(f, key=key, features=real))
     g = torch.Generator().manual_seed(cfg.seed + 777)
     x1 = torch.randn((n, cfg.in_channels, cfg.input_size, cfg.input_size), generator=g)
     y = torch.arange(cfg.num_classes).repeat(n // cfg.num_classes).to(device)
     dtype = next(ema.parameters()).dtype
-    result = dict(event="fid", step=cfg.steps, n=n, real=len(real), w=cfg.w)
+    result = dict(event="fid", step=cfg.steps, n=n, real=len(real), w=cfg.w, standin=fid.STANDIN["on"])
     for k in steps:
         x0 = torch.cat([tvm.sample(ema, x1[i:i + 256].to(device, dtype), y[i:i + 256], cfg.w, k, cfg.scale_param)
                         for i in range(0, n, 256)])
         feats = fid.inception_features(data.to_uint8_images(x0, {"res": 0}), device=device, progress=f"{k}-step samples")
         result[f"fid_{k}step"] = fid.fid_from_features(feats, real)
     print("FID of %d samples against %d real digits (EMA model, w=%g): %s" % (n, len(real), cfg.w, ", ".join(
-        f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)))
+        f"{k}-step {result[f'fid_{k}step']:.2f}" for k in steps)) + fid.STANDIN_NOTE * fid.STANDIN["on"])
     return result
+
+
+def _kept_features(path, key):
+    """The features kept in `path` by an earlier run if they were computed from the same images with the same
+    detector (key), else None."""
+    try:
+        with np.load(path) as f:
+            return f["features"] if str(f["key"]) == key else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def fid_during_training(ema, cfg, reference, step, vae, device, amp, rank=0, world=1):
@@ -278,7 +292,8 @@ def fid_during_training(ema, cfg, reference, step, vae, device, amp, rank=0, wor
     was_training = ema.training
     ema.eval()
     t0 = time.perf_counter()
-    row = dict(step=step, event="fid", n=cfg.fid_n, w=w, reference=reference.source if reference else None)
+    row = dict(step=step, event="fid", n=cfg.fid_n, w=w, reference=reference.source if reference else None,
+               standin=fid.STANDIN["on"])
     for k in fid_step_counts(cfg.fid_steps):
         result = run(ema, config, cfg.fid_n, k, w, cfg.seed, batch_size=cfg.fid_batch, device=device, vae=vae,
                      amp=amp, rank=rank, world=world, desc=f"FID-{cfg.fid_n}, {k} step(s)", leave=False)

@@ -5473,3 +5473,33 @@ def test_the_run_folders_own_files_are_never_links_fifos_or_folders(tmp_path, mo
     run_train(out, "--steps", 2, "--batch_size", 4)
     run_train(out, "--steps", 3, "--batch_size", 4, "--resume")
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+
+
+def test_end_of_run_fid_keeps_real_features_keyed_by_images_and_detector(tmp_path, monkeypatch, capsys):
+    """On data other than the shipped digits, report_fid keeps the real images' features in the run folder
+    with the sha1 of the images and of the detector: the next evaluation reuses them (the detector sees only
+    the samples), while other images (a run resumed on other --data) or the stand-in detector switched on
+    compute them again; the old file, keyed by its count alone, gave a resumed run the stale features
+    (FID 620 where 284 was right). With the stand-in, the line and the row say it is not an FID."""
+    net = CountingDetector()
+    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
+    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, out=str(tmp_path),
+                                          fid_samples=20, fid_real=30))
+    data = DigitsData(cfg.data)
+    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    data.images = torch.flip(data.images, dims=[-1])             # mirrored digits: no shipped features
+    ema = train.build_net(cfg).eval()
+
+    def evaluate_once():
+        before = net.images
+        row = train.report_fid(ema, cfg, data, torch.device("cpu"))
+        return net.images - before, row
+    assert evaluate_once()[0] == 40 + 30 and os.listdir(tmp_path) == ["fid_real_features_30.npz"]
+    seen, row = evaluate_once()
+    assert seen == 40 and row["standin"] is False and "NOT an FID" not in capsys.readouterr().out
+    data.images = torch.flip(data.images, dims=[-2])             # other data, same count
+    assert evaluate_once()[0] == 40 + 30
+    assert evaluate_once()[0] == 40
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    seen, row = evaluate_once()
+    assert seen == 40 + 30 and row["standin"] is True and "NOT an FID" in capsys.readouterr().out

@@ -567,7 +567,8 @@ def _report_fid_during_training(row, cfg, log):
     """Rank 0 (row is None on the others): print the --fid_every row and write it to log.jsonl."""
     if row is not None:
         fids = ", ".join(f"{k[4:]} {v:.3f}" for k, v in row.items() if k.startswith("fid_"))
-        tqdm.write(f"step {row['step']}: FID-{cfg.fid_n} of the EMA weights {fids} ({row['seconds']:.0f} s)")
+        tqdm.write(f"step {row['step']}: FID-{cfg.fid_n} of the EMA weights {fids} ({row['seconds']:.0f} s)"
+                   + fid.STANDIN_NOTE * row["standin"])
         log.row(row)
 
 
