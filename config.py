@@ -170,7 +170,11 @@ def parse_config(argv=None, description=None):
         else:
             p.add_argument(f"--{f.name}", type=types[f.type], default=None, help=text)
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return resolve(TrainConfig(**given))
+    cfg = resolve(TrainConfig(**given))
+    idle = options_without_effect(given, cfg)
+    if idle:
+        raise TrainError(idle[0] if len(idle) == 1 else f"{len(idle)} options would have no effect:\n  " + "\n  ".join(idle))
+    return cfg
 
 
 def resolve(cfg):
@@ -202,6 +206,47 @@ def resolve(cfg):
     return cfg
 
 
+# The largest network a run may ask for: released.py's DIT_LIMITS for the official files (depth 128, width
+# 8192, 128 heads), and at most MAX_PARAMS parameters (the DiT's blocks hold about 12 hidden^2 each). Beyond
+# them the allocation itself fails deep inside torch (--depth 100000 took 23 GB before it did).
+MODEL_LIMITS = dict(depth=128, hidden_size=8192, num_heads=128)
+MAX_PARAMS = 4_000_000_000
+
+
+def model_limit_errors(cfg):
+    """-> a sentence per size of the network past MODEL_LIMITS or MAX_PARAMS (train.py's options, and the config
+    a checkpoint carries)."""
+    errors = [f"--{k} {getattr(cfg, k)}: at most {hi:,} (MODEL_LIMITS in config.py)"
+              for k, hi in MODEL_LIMITS.items() if getattr(cfg, k) > hi]
+    params = 12 * cfg.depth * cfg.hidden_size ** 2
+    if not errors and params > MAX_PARAMS:
+        errors.append(f"--depth {cfg.depth} --hidden_size {cfg.hidden_size}: about {params / 1e9:.1f} billion "
+                      f"parameters, more than the {MAX_PARAMS / 1e9:g} billion this code builds (MAX_PARAMS)")
+    return errors
+
+
+# Options that change nothing unless another one is set: given without it, they are refused, so that no value
+# is taken for applied while ignored. {option: (does it apply?, what it needs)}
+NEEDS = {
+    **{k: (lambda c: c.fid_every > 0, "--fid_every N") for k in ("fid_ref", "fid_n", "fid_steps", "fid_w", "fid_batch")},
+    "fid_standin": (lambda c: c.fid_every > 0 or (c.res == 0 and c.fid), "--fid_every N or the digits' --fid true"),
+    "fid_samples": (lambda c: c.res == 0 and c.fid, "the digits (--res 0) with --fid true"),
+    "fid_real": (lambda c: c.res == 0 and c.fid, "the digits (--res 0) with --fid true"),
+    **{k: (lambda c: c.res != 0, "--res 256 or 512 (the digits have no SD-VAE and no image folder)")
+       for k in ("vae", "latent_cache", "workers")},
+    "decoder": (lambda c: c.res != 0, "--res 256 or 512 (the digits have no SD-VAE)"),
+    **{k: (lambda c: c.benchmark, "--benchmark") for k in ("bench_check", "bench_cases", "bench_memory_gib",
+                                                          "bench_profile")},
+    **{k: (lambda c: "RANK" in os.environ, "torchrun (several processes)") for k in ("dist_backend", "grad_sync")},
+}
+
+
+def options_without_effect(given, cfg):
+    """-> a sentence per option given on the command line that the rest of the config makes a no-op."""
+    return [f"--{k} {given[k]!r} has no effect without {need}: leave it out"
+            for k, (applies, need) in NEEDS.items() if k in given and not applies(cfg)]
+
+
 def _importable(module):
     """Whether `module` imports (torch.utils.tensorboard raises ImportError without the tensorboard package)."""
     try:
@@ -222,6 +267,7 @@ def config_errors(cfg):
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)   # noqa: E731
     for k in ("batch_size", "depth", "hidden_size", "num_heads", "log_every", "ckpt_every"):
         need(getattr(cfg, k) >= 1, k, "must be a positive integer")
+    errors += model_limit_errors(cfg)
     for k in ("micro_batch", "sample_every", "workers"):
         need(getattr(cfg, k) >= 0, k, "must be 0 or a positive integer")
     need(0 <= cfg.seed < 2 ** 32, "seed", f"must lie in 0..{2 ** 32 - 1}: torch's CPU generator keeps only the low "
@@ -304,6 +350,38 @@ def prepare_net(net, cfg):
     if cfg.compile:
         net.compile_blocks()
     return net
+
+
+def stored_config_errors(config):
+    """-> what is wrong with the config a checkpoint carries, as far as building and sampling its network go
+    (a sentence each; empty if nothing): a damaged or hand-made file must be refused in one line, not fail
+    inside build_net, nor build a network of terabytes, nor sample with a NaN guidance weight."""
+    if not isinstance(config, dict):
+        return [f"its config is a {type(config).__name__}, not the dict train.py writes"]
+    need = ("model", "depth", "hidden_size", "num_heads", "input_size", "in_channels", "num_classes", "res", "w")
+    missing = [k for k in need if k not in config]
+    if missing:
+        return [f"its config lacks {missing}"]
+    if config["model"] not in MODELS:
+        return [f"its config names the model {str(config['model'])[:40]!r}, not one of {sorted(MODELS)}"]
+    whole = lambda v: type(v) is int                         # noqa: E731 (not bool, not float)
+    errors = [f"its config's {k} is {str(config[k])[:40]!r}, not a positive integer"
+              for k in need[1:7] if not (whole(config[k]) and config[k] >= 1)]
+    if errors:
+        return errors
+    sizes = dataclasses.replace(TrainConfig(), **{k: config[k] for k in ("depth", "hidden_size", "num_heads")})
+    errors = [f"its config's {e[2:]}" for e in model_limit_errors(sizes)]
+    limits = dict(input_size=256, in_channels=16, num_classes=100_000)     # released.py's DIT_LIMITS
+    errors += [f"its config's {k} is {config[k]}, above {hi:,}" for k, hi in limits.items() if config[k] > hi]
+    if config["input_size"] % 2 or config["hidden_size"] % config["num_heads"] or config["hidden_size"] % 4:
+        errors.append(f"its config's input_size {config['input_size']} is odd (patch 2), or hidden_size "
+                      f"{config['hidden_size']} is not a multiple of 4 and of num_heads {config['num_heads']}")
+    if config["res"] not in PRESETS:
+        errors.append(f"its config's res is {str(config['res'])[:20]!r}, not one of {sorted(PRESETS)}")
+    w = config["w"]
+    if w is not None and not (type(w) in (int, float) and math.isfinite(w) and w > 0):
+        errors.append(f"its config's guidance weight w is {str(w)[:20]}, not a positive finite number")
+    return errors
 
 
 def model_kwargs(cfg):

@@ -381,11 +381,14 @@ class EpochSampler:
         return self.cache[epoch]
 
     def batch(self, step, batch_size):  # -> (batch_size,) dataset indices
-        pos = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
-        epoch, i = pos // self.n, pos % self.n
-        out = np.empty(batch_size, dtype=np.int64)
-        for e in np.unique(epoch):
-            out[epoch == e] = self.perm(int(e))[i[epoch == e]]
+        """Entries step * batch_size ... of the sequence, one run of each epoch's permutation at a time (time
+        linear in batch_size, also when a batch spans many epochs)."""
+        out, k = np.empty(batch_size, dtype=np.int64), 0
+        while k < batch_size:
+            epoch, i = divmod(step * batch_size + k, self.n)
+            take = min(self.n - i, batch_size - k)
+            out[k:k + take] = self.perm(epoch)[i:i + take]
+            k += take
         return out
 
 

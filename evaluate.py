@@ -70,6 +70,10 @@ def sample_latents(net, config, indices, steps, w, seed, classes=None, device="c
     dtype = next(net.parameters()).dtype
     with amp:
         x0 = tvm.sample(net, x1.to(dtype), y, w, steps, scale_param=config["scale_param"])  # (B, C, S, S) float64
+    if not torch.isfinite(x0).all():      # else NaN decodes to black images, written as if they were samples
+        raise data.SampleError(f"samples {indices[0]}..{indices[-1]} came out NaN or infinite (w = {w:g}, {steps} "
+                               "step(s)): the network's weights are not finite or the model diverged; sample an "
+                               "earlier checkpoint (ckpt.prev.pt, or --which target)")
     return x0, y
 
 

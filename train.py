@@ -71,7 +71,7 @@ import fid
 from evaluate import report_fid   # train.report_fid: what _finish calls (the tests replace it)
 import tvm
 from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumable, config_errors,  # noqa: F401
-                    model_kwargs, parse_config, prepare_net, resolve)
+                    model_kwargs, parse_config, prepare_net, resolve, stored_config_errors)
 # The step's names stay reachable as train.X (benchmark.py and the tests use them).
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
@@ -212,6 +212,10 @@ def load_checkpoint(path, device="cpu"):
         if isinstance(state, dict) else "everything (it holds no dict)"
     if missing:
         raise TrainError(f"{path} is not a train.py checkpoint: it lacks {missing}." + other)
+    wrong = stored_config_errors(state["config"]) + [f"its {k} is a {type(state[k]).__name__}, not a state dict"
+                                                     for k in ("model", "ema", "target", "opt") if not isinstance(state[k], dict)]
+    if wrong:
+        raise TrainError(f"{path} is not a checkpoint train.py wrote, or it was changed: {wrong[0]}." + other)
     if torch.device(device).type != "cpu":
         state.update({k: _to(state[k], device) for k in ("model", "ema", "target", "opt")})
     return state
@@ -655,6 +659,9 @@ def _resume(cfg, net, ema, target, opt, ckpt_path, rank, world):
     for group in opt.param_groups:
         group.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     step = state["step"]
+    if cfg.steps < step:
+        raise TrainError(f"--steps {cfg.steps}: {ckpt_path} is already at step {step}, and --steps counts from the "
+                         f"run's start: give more than {step} to train on (its weights stay as they are)")
     if len(state.get("rng", [])) == world:
         set_rng_state(state["rng"][rank])
     if rank == 0:
