@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 import tvm
-from data import DECODERS, TrainError
+from data import DECODERS, TrainError, file_in_the_way
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -313,6 +313,8 @@ def config_errors(cfg):
     need(cfg.decoder in DECODERS, "decoder", f"expected one of {', '.join(DECODERS)}")
     need(cfg.grad_sync in ("auto", "ddp", "flat"), "grad_sync", "expected auto, ddp or flat")
     need(cfg.attention in ("auto", "triton", "reference"), "attention", "expected auto, triton or reference")
+    need(not cfg.tensorboard or not file_in_the_way(cfg.tensorboard), "tensorboard", "names a file, or a folder under "
+         "one: TensorBoard writes its event files into the folder --tensorboard, so give a folder (made if missing)")
     need(not cfg.tensorboard or _importable("torch.utils.tensorboard"), "tensorboard", "needs the tensorboard "
          "package, which is not installed here: pip install tensorboard (or leave --tensorboard out)")
     if cfg.checkpoint_blocks and cfg.jvp == "func":

@@ -254,12 +254,17 @@ class DigitsData:
         if os.path.isdir(path):
             raise TrainError(f"--data {path} is a folder; the digits (--res 0) are one file, data/digits.npz. "
                              "For an image folder or latents, pass --res 256 or 512")
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise TrainError(f"--data {path}: no such file. The digits ship with the project as "
                              "data/digits.npz; restore it with `git checkout data/digits.npz`")
         want = ("--res 0 reads the digits: an .npz archive of 'images' (N, H, H), values 0..16, and integer "
                 "'labels' (N,), as data/digits.npz; for ImageNet pass --res 256 or 512")
-        kind = _file_kind(path)
+        if not os.path.isfile(path):
+            raise TrainError(f"--data {path} is not a regular file (a FIFO or a device?). {want}")
+        try:
+            kind = _file_kind(path)
+        except OSError as e:
+            raise TrainError(f"--data {path} cannot be read ({e.strerror}). {want}") from None
         if kind != "an .npz (zip) archive":
             why = " (a pickle is never loaded: unpickling can run code; save the arrays with numpy.savez)"
             raise TrainError(f"--data {path} is {kind}, not an .npz archive{why if kind == 'a pickle' else ''}. {want}")
@@ -275,6 +280,10 @@ class DigitsData:
                 or labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
             raise TrainError(f"--data {path} holds images {images.dtype} {images.shape} and labels {labels.dtype} "
                              f"{labels.shape}. {want}")
+        if images.shape[1] % 2 or not 2 <= images.shape[1] <= 256 or not 0 <= labels.min() <= labels.max() < 100_000:
+            raise TrainError(f"--data {path} holds {images.shape[1]} x {images.shape[1]} images with labels "
+                             f"{labels.min()}..{labels.max()}: the DiT cuts 2 x 2 patches, so the side must be even, "
+                             "2..256, and the labels must be class numbers 0..99,999. " + want)
         self.images = torch.from_numpy(images.astype(np.float32) / 8.0 - 1.0)[:, None]      # (N, 1, 8, 8)
         self.labels = labels.astype(np.int64)                                              # (N,)
         self.num_classes = int(self.labels.max()) + 1

@@ -195,6 +195,9 @@ def _check_args(p, args):
         return
     if not args.ckpt:
         p.error("--ckpt is required (a train.py ckpt.pt or an official .pkl), unless --benchmark")
+    if args.out is not None and (args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)):
+        p.error(f"--out {args.out}: a folder; --out names the files to write without their extension "
+                f"(e.g. {os.path.join(args.out, 'samples')} writes samples.npz and samples.png there)")
     if args.steps is not None and args.steps < 1:
         p.error(f"--steps {args.steps}: need at least 1 step (the paper reports 1, 2 and 4)")
     if args.n < 1:
@@ -258,6 +261,9 @@ def _sample(args):
     if os.path.isdir(args.ckpt):
         raise SampleError(f"--ckpt {args.ckpt} is a folder: give the checkpoint in it, e.g. "
                           f"{os.path.join(args.ckpt, 'ckpt.pt')}, which a train.py run writes in its --out folder")
+    if os.path.exists(args.ckpt) and not os.path.isfile(args.ckpt):
+        raise SampleError(f"--ckpt {args.ckpt} is not a regular file (a FIFO or a device?): give the ckpt.pt that a "
+                          "train.py run wrote, or a released official .pkl")
     if not os.path.isfile(args.ckpt):   # before torchrun's process group, so every rank says it plainly
         raise SampleError(f"--ckpt {args.ckpt}: no such file. Give the ckpt.pt that a train.py run wrote "
                           "in its --out folder (e.g. runs/digits/ckpt.pt after `python train.py`), or a "
@@ -270,7 +276,11 @@ def _sample(args):
         print(f"wrote {args.save_converted} from {args.ckpt} ({json.dumps(info)})")
         return args.save_converted
     rank, world, device = train.setup_distributed(SimpleNamespace(device=args.device, dist_backend=args.dist_backend))
-    net, config, info = load_any(args.ckpt, which=args.which, device=device)
+    try:
+        net, config, info = load_any(args.ckpt, which=args.which, device=device)
+    except OSError as e:          # a file that exists but cannot be read (/proc/self/mem: EIO)
+        raise SampleError(f"--ckpt {args.ckpt} cannot be read ({e.strerror}): give the ckpt.pt that a train.py run "
+                          "wrote, or a released official .pkl") from None
     if info is not None and rank == 0:
         print(f"{args.ckpt}: official snapshot, data[{info['key']!r}], {info['img_channels']} x "
               f"{info['img_resolution']}^2 inputs, {info['label_dim']} classes, scale_param {info['scale_param']}; "

@@ -5564,3 +5564,43 @@ def test_epoch_sampler_equals_its_definition_and_is_linear_in_the_batch():
     t0 = time.perf_counter()
     big = EpochSampler(1797, seed=0).batch(1, 3 * 10 ** 6)
     assert time.perf_counter() - t0 < 2 and len(big) == 3 * 10 ** 6 and np.bincount(big).min() >= 3 * 10 ** 6 // 1797 - 1
+
+
+def test_unreadable_odd_or_misplaced_inputs_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """What a second probe found ending in a traceback (or in a wrong message) now ends in one line, exit 2:
+    digits of an odd side or with a label of 10^8 (a 25.6 GB embedding); a --data or --ckpt that is a FIFO
+    (said "no such file") or cannot be read (/proc/self/mem: EIO); --tensorboard naming a file (after the run
+    folder was locked); --attention triton where the kernel cannot run (fp64: at the first step); sample.py
+    --out naming a folder (wrote the hidden files .npz and .png in it)."""
+    base = TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "r"]
+    for side, labels, said in ((9, None, "9 x 9 images"), (8, 10 ** 8, "labels 0..100000000")):
+        images = np.random.default_rng(0).integers(0, 17, (20, side, side))
+        lab = np.arange(20) % 10 if labels is None else np.r_[np.arange(19) % 10, labels]
+        np.savez(tmp_path / "d.npz", images=images, labels=lab)
+        line = refused("train.py", base + ["--data", tmp_path / "d.npz"], monkeypatch, capsys)
+        assert said in line and "the side must be even" in line, line
+    os.mkfifo(tmp_path / "fifo")
+    assert "is not a regular file" in refused("train.py", base + ["--data", tmp_path / "fifo"], monkeypatch, capsys)
+    assert "is not a regular file" in refused("sample.py", ["--ckpt", tmp_path / "fifo"], monkeypatch, capsys)
+    if os.path.exists("/proc/self/mem"):
+        assert "cannot be read" in refused("train.py", base + ["--data", "/proc/self/mem"], monkeypatch, capsys)
+        assert "cannot be read" in refused("sample.py", ["--ckpt", "/proc/self/mem"], monkeypatch, capsys)
+    (tmp_path / "tb").write_text("")
+    line = refused("train.py", base[:-1] + [tmp_path / "r2", "--tensorboard", tmp_path / "tb"], monkeypatch, capsys)
+    assert "--tensorboard" in line and "names a file" in line and not (tmp_path / "r2").exists(), line
+    line = refused("train.py", base + ["--attention", "triton", "--precision", "fp64"], monkeypatch, capsys)
+    assert "--attention triton cannot run here: dtype torch.float64" in line, line
+    line = refused("sample.py", ["--ckpt", "x.pt", "--out", str(tmp_path) + os.sep], monkeypatch, capsys)
+    assert "a folder; --out names the files to write" in line, line
+
+
+def test_ctrl_c_during_the_end_of_run_fid_says_the_run_is_saved(tmp_path, monkeypatch):
+    """Ctrl-C while the digits' FID is computed after the last step gave a 35-line KeyboardInterrupt
+    traceback; now the run stops as on a signal (exit 130 from the script), saying the checkpoint holds the
+    finished run and --resume computes the FID."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "report_fid", interrupted)
+    with pytest.raises(train.Stopped, match="during the end-of-run FID: .*ckpt.pt holds the finished run") as e:
+        train.main([str(a) for a in TINY + ["--steps", 2, "--batch_size", 4, "--fid", "true", "--out", tmp_path]])
+    assert e.value.signum == signal.SIGINT and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2

@@ -197,7 +197,10 @@ def load_checkpoint(path, device="cpu"):
     if not os.path.isfile(path):
         raise TrainError(f"no checkpoint at {path}. Give the ckpt.pt that a train.py run wrote in its --out folder."
                          + other)
-    damaged = damaged_member(path)
+    try:
+        damaged = damaged_member(path)
+    except OSError as e:
+        raise TrainError(f"{path} cannot be read ({e.strerror}): give the ckpt.pt a train.py run wrote.") from None
     if damaged:
         raise TrainError(f"{path} is damaged: the bytes of its part {damaged[0]} do not match the checksum written "
                          f"with them ({damaged[1]}), as after a bit flipped on the disk or in a copy; its weights "
@@ -436,9 +439,24 @@ class RunLog:
             return math.inf
 
 
+def check_attention(cfg, device):
+    """--attention triton where the kernel cannot run (a CPU without Triton's interpreter, fp64, a head dim
+    over 128) is refused before the run starts, not at its first step."""
+    if cfg.attention != "triton":
+        return
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[precision]
+    q = torch.zeros(1, 1, 2, max(cfg.hidden_size // cfg.num_heads, 1), device=device, dtype=dtype)
+    reason = attention_jvp._triton_unsupported(q, q, q)
+    if reason:
+        raise TrainError(f"--attention triton cannot run here: {reason}. Use --attention auto (the kernel where it "
+                         "runs, else the exact math attention) or reference")
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     check_batch(cfg, world)
+    check_attention(cfg, device)
     master = rank == 0
 
     if cfg.steps == 0:   # only encode the image folder (config_errors allows 0 only for --res 256/512)
@@ -592,7 +610,11 @@ def _stop_if_mostly_skipped(skipped, ran, step, cfg, ckpt_path, log):
 
 def _finish(cfg, ema, data, device, log, ckpt_path, log_path, world):
     """After the last step: the digits' FID (rank 0: log is its RunLog, closed by train), all ranks out."""
-    fid_row = report_fid(ema, cfg, data, device) if log is not None and cfg.res == 0 and cfg.fid else None
+    try:
+        fid_row = report_fid(ema, cfg, data, device) if log is not None and cfg.res == 0 and cfg.fid else None
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT, f"stopped by SIGINT during the end-of-run FID: {ckpt_path} holds the finished "
+                      "run; the same command with --resume computes the FID") from None
     if fid_row is not None:    # None: fid.py's weights are not installed
         log.row(fid_row)
     if log is not None:
