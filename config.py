@@ -296,8 +296,10 @@ def config_errors(cfg):
     need(finite(cfg.w) and cfg.w > 0, "w", "the guidance weight must be a positive finite number (1 = no guidance)")
     need(cfg.w_max == 0 or (finite(cfg.w_max) and finite(cfg.w) and cfg.w_max > cfg.w), "w_max", "must be 0 "
          f"(constant w) or a finite number above --w {cfg.w!r} (beta = 1/w is drawn between 1/w_max and 1/w)")
-    for k in ("ema", "target_ema", "label_dropout"):
-        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) <= 1, k, "must lie in [0, 1]")
+    for k in ("ema", "target_ema"):      # 1 would keep the initial weights for ever
+        need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) < 1, k, "must lie in [0, 1): an EMA rate of 1 never "
+             "moves from the initial weights")
+    need(finite(cfg.label_dropout) and 0 <= cfg.label_dropout <= 1, "label_dropout", "must lie in [0, 1]")
     for k in ("beta1", "beta2"):
         need(finite(getattr(cfg, k)) and 0 <= getattr(cfg, k) < 1, k, "must lie in [0, 1)")
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or a positive finite number")

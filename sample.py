@@ -174,6 +174,9 @@ def parse_args(argv=None):
     return args
 
 
+MAX_SAMPLES = 10 ** 8
+
+
 def _check_args(p, args):
     """Refuse a bad value through the parser p (one line, exit status 2), before anything is loaded."""
     if args.benchmark:
@@ -202,6 +205,9 @@ def _check_args(p, args):
         p.error(f"--steps {args.steps}: need at least 1 step (the paper reports 1, 2 and 4)")
     if args.n < 1:
         p.error(f"--n {args.n}: need at least 1 sample")
+    if args.n > MAX_SAMPLES:     # the batches' index lists are made up front; 10^8 256-px images are 19 TB
+        p.error(f"--n {args.n}: at most {MAX_SAMPLES:,} samples in one call (FID-50K needs 50,000); for more, "
+                "run several calls with other --seed values")
     if args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: need at least 1")
     if args.seed < 0:

@@ -5604,3 +5604,23 @@ def test_ctrl_c_during_the_end_of_run_fid_says_the_run_is_saved(tmp_path, monkey
     with pytest.raises(train.Stopped, match="during the end-of-run FID: .*ckpt.pt holds the finished run") as e:
         train.main([str(a) for a in TINY + ["--steps", 2, "--batch_size", 4, "--fid", "true", "--out", tmp_path]])
     assert e.value.signum == signal.SIGINT and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_out_of_memory_and_absurd_sizes_end_in_one_line(tmp_path, monkeypatch, capsys):
+    """An allocation that fails (here: the step raising what torch's CPU allocator raises, and a MemoryError)
+    ends in one line that names the batch and what to change, not the allocator's traceback; an EMA rate of
+    1 (the sampled weights never move) and sample.py --n 10^12 (index lists for every sample, up front) are
+    refused."""
+    base = TINY + ["--steps", 1, "--batch_size", 4, "--out", tmp_path / "r"]
+    for error in (RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 25600000000 bytes"), MemoryError()):
+        def failing(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(train, "make_step", failing)
+        line = refused("train.py", base, monkeypatch, capsys)
+        assert "out of memory" in line and "--batch_size 4" in line and "--micro_batch" in line, line
+    monkeypatch.undo()
+    line = refused("train.py", base + ["--ema", 1], monkeypatch, capsys)
+    assert "--ema 1" in line and "[0, 1)" in line, line
+    line = refused("sample.py", ["--ckpt", "x.pt", "--n", 10 ** 12], monkeypatch, capsys)
+    assert "at most 100,000,000 samples" in line, line

@@ -308,6 +308,12 @@ def main(argv=None):
     with attention_jvp.use_backend(cfg.attention):
         try:
             return train(cfg)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise TrainError(out_of_memory(e, cfg)) from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e):        # the CPU allocator's words
+                raise
+            raise TrainError(out_of_memory(e, cfg)) from None
         except BaseException as e:
             if dist.is_initialized():
                 # The traceback keeps train's and _train's frames, and in them the DDP module, alive: clear
@@ -317,6 +323,14 @@ def main(argv=None):
         finally:
             fid.STANDIN["on"] = False
             leave_process_group()
+
+
+def out_of_memory(e, cfg):
+    """The one line for a run that ran out of memory (host or GPU), instead of the allocator's traceback."""
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return (f"out of memory ({first}) with --batch_size {cfg.batch_size} and a {cfg.depth}-block, {cfg.hidden_size}-wide "
+            f"network: lower --batch_size, set --micro_batch (gradient accumulation), or --checkpoint_blocks true; "
+            f"the last checkpoint in {cfg.out} (if any) is kept")
 
 
 # A run stops after this many steps in a row were skipped (non-finite loss or gradient): by then the
