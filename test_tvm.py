@@ -3901,16 +3901,23 @@ def test_fid_py_of_two_image_sets_takes_the_sample_space_path(tmp_path, monkeypa
     assert capsys.readouterr().out.startswith(f"FID {want:.4f} (5 images in")
 
 
-def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_path, monkeypatch, capsys):
-    """train.py's report_fid takes the real digits' features from the shipped file (the network sees only
-    the 1- and 4-step samples, and nothing is written in the run folder), prints one line before the FID
-    that says what it computes and roughly how long, and names each progress bar after its set."""
+def end_of_run_fid_setup(tmp_path, monkeypatch):
+    """A CountingDetector in place of Inception, a tiny config (20 samples, 30 real digits) and the digits
+    -> (detector, cfg, data), for report_fid."""
     net = CountingDetector()
     monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
     cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, out=str(tmp_path),
                                           fid_samples=20, fid_real=30))
     data = DigitsData(cfg.data)
     cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    return net, cfg, data
+
+
+def test_end_of_run_fid_uses_the_shipped_real_features_and_names_its_sets(tmp_path, monkeypatch, capsys):
+    """train.py's report_fid takes the real digits' features from the shipped file (the network sees only
+    the 1- and 4-step samples, and nothing is written in the run folder), prints one line before the FID
+    that says what it computes and roughly how long, and names each progress bar after its set."""
+    net, cfg, data = end_of_run_fid_setup(tmp_path, monkeypatch)
     torch.manual_seed(0)
     result = train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"))
     assert net.images == 2 * 20 and result["real"] == 30 and os.listdir(tmp_path) == []
@@ -5481,12 +5488,7 @@ def test_end_of_run_fid_keeps_real_features_keyed_by_images_and_detector(tmp_pat
     the samples), while other images (a run resumed on other --data) or the stand-in detector switched on
     compute them again; the old file, keyed by its count alone, gave a resumed run the stale features
     (FID 620 where 284 was right). With the stand-in, the line and the row say it is not an FID."""
-    net = CountingDetector()
-    monkeypatch.setattr(fid, "load_inception", lambda device="cpu": net)
-    cfg = train.resolve(train.TrainConfig(model="tiny", depth=1, hidden_size=32, num_heads=2, out=str(tmp_path),
-                                          fid_samples=20, fid_real=30))
-    data = DigitsData(cfg.data)
-    cfg.input_size, cfg.in_channels, cfg.num_classes = 8, 1, 10
+    net, cfg, data = end_of_run_fid_setup(tmp_path, monkeypatch)
     data.images = torch.flip(data.images, dims=[-1])             # mirrored digits: no shipped features
     ema = train.build_net(cfg).eval()
 
