@@ -24,6 +24,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager, nullcontext
 
@@ -496,8 +497,12 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
         try:
-            with Image.open(self.files[i]) as img:
-                arr = center_crop(to_rgb8(img), self.res)
+            # Past PIL's MAX_IMAGE_PIXELS (89 million) PIL only warns up to twice that: a 20 KB PNG of
+            # 13000 x 13000 then takes 0.5 GB in each loader worker. An error here, as beyond twice.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(self.files[i]) as img:
+                    arr = center_crop(to_rgb8(img), self.res)
         except Exception as e:
             # Deleting the file would change the list of images, which the unfinished encoding is bound
             # to (encode_image_folder): replacing it keeps the work done.

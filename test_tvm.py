@@ -5626,3 +5626,15 @@ def test_out_of_memory_and_absurd_sizes_end_in_one_line(tmp_path, monkeypatch, c
     assert "--ema 1" in line and "[0, 1)" in line, line
     line = refused("sample.py", ["--ckpt", "x.pt", "--n", 10 ** 12], monkeypatch, capsys)
     assert "at most 100,000,000 samples" in line, line
+
+
+def test_an_image_past_pils_pixel_limit_is_refused_before_it_fills_memory(tmp_path, monkeypatch):
+    """A small PNG that decodes to more than PIL's MAX_IMAGE_PIXELS (up to twice it PIL only warns: a
+    20 KB PNG of 13000 x 13000 took 0.5 GB per loader worker) is refused like an unreadable image. The limit
+    is lowered here so that the test's image is 60 x 60."""
+    from PIL import Image
+    make_image_folder(tmp_path / "imgs", classes=1, per_class=1)
+    Image.new("1", (60, 60)).save(tmp_path / "imgs" / "class0" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 60 - 1)       # past it, under twice it: a warning
+    with pytest.raises(train.TrainError, match=r"cannot read image .*big\.png \(DecompressionBombWarning"):
+        encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, workers=0)
