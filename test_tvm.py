@@ -2607,6 +2607,27 @@ def test_labels_are_uniform_over_classes():
     assert ((counts - 500) ** 2 / 500).sum() < 27.9
 
 
+# ---- fid.py, released.py and evidence.py: hostile and broken input (round 2) ----
+# Each test failed on the code before its fix (a traceback, a hang, a wrong number with exit 0, or a message
+# that quotes the file raw). The helpers (_refused, _write, _ops, _unicode, fake_detector, _run_fid,
+# _images_folder) are defined further down; the tests call them when they run.
+
+@pytest.mark.parametrize("kind", ["S line", "F line", "ANSI global", "ANSI stack global"])
+def test_official_refusals_quote_the_file_escaped_and_bounded(tmp_path, kind):
+    """A text opcode S or F followed by a 3 MB line gave a 3,000,000-character message; a global whose name
+    holds a newline and ANSI escape codes was printed raw (a fake second line, a cleared screen). Each is now
+    one line of at most 300 characters besides the path, with no newline and no ESC."""
+    evil = "evil\n\x1b[31mFAKE: all good\x1b[0m\x1b[2J"
+    data = {"S line": b"\x80\x02S" + b"a" * 3_000_000 + b"\n.",
+            "F line": b"\x80\x02F" + b"x" * 3_000_000 + b"\n.",
+            "ANSI global": _ops(b"c" + evil.encode() + b"\n" + b"name\x1b[2J\n"),
+            "ANSI stack global": _ops(_unicode("torch_utils"), _unicode(evil), b"\x93")}[kind]
+    message = _refused(_write(tmp_path, "evil.pkl", data), r"not a pickle|refused global")
+    assert "\x1b" not in message and "\r" not in message, message[:2000]
+    if "ANSI" in kind:
+        assert r"\x1b[31mFAKE" in message, message
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
