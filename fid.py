@@ -773,5 +773,19 @@ def main(argv=None):
         STANDIN["on"] = False
 
 
+def script(argv=None):
+    """`python fid.py`: main(argv), and a refusal ("fid.py: error: ...", which main raises as SystemExit with
+    that message) printed on stderr with exit status 2, as argparse and the other scripts (data.run_script)
+    report a problem the person can fix; sys.exit(message) would exit with status 1."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    script()
+

@@ -2628,6 +2628,46 @@ def test_official_refusals_quote_the_file_escaped_and_bounded(tmp_path, kind):
         assert r"\x1b[31mFAKE" in message, message
 
 
+def fid_refused(argv, capsys, match):
+    """fid.main(argv) stops with exit status 2 and one line "fid.py: error: ..." on stderr matching `match`
+    (as `python fid.py` prints it), within 20 s -> that line. Runs the stand-in detector."""
+    capsys.readouterr()
+    with time_limit(20), pytest.raises(SystemExit) as e:
+        fid.script(["--standin", "--device", "cpu", *[str(a) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1] if err else ""
+    assert e.value.code == 2, (e.value.code, err[-2000:])
+    assert "Traceback" not in err and line.startswith("fid.py: error: ") and re.search(match, line), err[-2000:]
+    assert len(line) < 1000, line[:2000]
+    return line
+
+
+def _tiny_npz(path, n=3, side=4, seed=0):
+    fid.save_images_npz(str(path), np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+    return path
+
+
+def test_fid_py_refusals_exit_2_with_one_line(tmp_path):
+    """`python fid.py` on a missing file: one line and exit status 2, as argparse and the other scripts report
+    a problem the person can fix (it was sys.exit(message): status 1)."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), str(tmp_path / "missing.npz"), "digits"],
+                         cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    assert run.stderr == f"fid.py: error: no such file: {tmp_path / 'missing.npz'}\n", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_fid_batch_size_below_one_is_refused(tmp_path, monkeypatch, capsys, value):
+    """--batch_size -1 printed 'FID inf' with exit 0 (no batch ran; the features were np.empty's garbage) and
+    --batch_size 0 'range() arg 3 must not be zero': refused by the parser, and by inception_features."""
+    a, b = _tiny_npz(tmp_path / "a.npz"), _tiny_npz(tmp_path / "b.npz", seed=1)
+    fid_refused(["--batch_size", value, a, b], capsys, r"--batch_size: expected a whole number of images >= 1")
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    with pytest.raises(ValueError, match="batch_size"):
+        fid.inception_features(np.zeros((3, 4, 4, 3), np.uint8), batch_size=int(value))
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
