@@ -222,6 +222,8 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     Deterministic on the CPU. On CUDA we switch TF32 off for the convolutions (PyTorch turns it on for
     cuDNN by default), so GPU features match CPU ones to float32 accuracy.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected a whole number of images >= 1")
     images = _check_images(images)
     net = load_inception(str(device))
     feats = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
@@ -693,9 +695,21 @@ USAGE = """python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz     (FID-50
        python fid.py --save_stats runs/digits_stats.npz digits       (reference statistics, once)"""
 
 
+def _batch_size(text):
+    """--batch_size: images per Inception forward, a whole number >= 1 (0 or less would compute nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images >= 1 per Inception forward, got "
+                                         f"{value}; the default is 64")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
-        usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fid.py", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
         epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits\n"
                "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset\n"
@@ -708,7 +722,7 @@ def main(argv=None):
                         "cannot use it as its reference batch: it also needs arr_0 (the images, for precision/"
                         "recall) and mu_s/sigma_s (spatial mixed_6/conv statistics, for sFID), which fid.py "
                         "does not compute; give evaluator.py an image .npz instead. OUT must not be SOURCE.")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=_batch_size, default=64, help="images per Inception forward (>= 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache_dir", default=None,
                    help="where a dataset SOURCE's Inception features are cached when they are not the shipped "
@@ -720,7 +734,7 @@ def main(argv=None):
                         "wheel is not installed: the number printed is NOT an FID")
     # The dashed spellings of earlier versions, still accepted; the underscores are the documented ones,
     # as in train.py and sample.py.
-    for name, kw in (("--save-stats", {}), ("--batch-size", dict(type=int)), ("--cache-dir", {}),
+    for name, kw in (("--save-stats", {}), ("--batch-size", dict(type=_batch_size)), ("--cache-dir", {}),
                      ("--self-check", dict(action="store_true"))):
         p.add_argument(name, dest=name[2:].replace("-", "_"), default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = p.parse_args(argv)
@@ -788,4 +802,3 @@ def script(argv=None):
 
 if __name__ == "__main__":
     script()
-
