@@ -579,6 +579,23 @@ def _check_stats(mu, sigma, where):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{where}: mu or sigma holds NaN or inf ({np.size(mu) - np.isfinite(mu).sum()} and "
                          f"{np.size(sigma) - np.isfinite(sigma).sum()} entries); re-create the statistics")
+    # A covariance is symmetric and positive semi-definite; frechet_distance would silently symmetrise sigma and
+    # clip its negative eigenvalues (sigma = -I gave FID 0). The tolerance, 1e-6 relative to the largest |entry|
+    # (symmetry) and to the largest |eigenvalue| (the smallest may be that far below 0): np.cov in float64 gives
+    # an exactly symmetric matrix whose null directions come out at about -1e-15 relative (1,000 x 2048
+    # features), and storing it as float32 moves them to about -1e-8 (measured), so real covariances pass
+    # with a margin of 100 or more, while a negative variance of any weight in the distance is refused.
+    scale = np.abs(sigma).max()
+    what = (f"{where}: sigma is not a covariance (it must be symmetric positive semi-definite, as np.cov of "
+            f"features is)")
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+        i, j = np.unravel_index(np.abs(sigma - sigma.T).argmax(), sigma.shape)
+        raise ValueError(f"{what}: sigma[{i}, {j}] = {sigma[i, j]:.6g} but sigma[{j}, {i}] = {sigma[j, i]:.6g}; "
+                         f"re-create the statistics")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig[0] < -1e-6 * np.abs(eig).max():
+        raise ValueError(f"{what}: its smallest eigenvalue is {eig[0]:.6g} (the largest {eig[-1]:.6g}), a "
+                         f"negative variance; re-create the statistics")
     return mu, sigma
 
 

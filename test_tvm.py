@@ -2668,6 +2668,27 @@ def test_fid_batch_size_below_one_is_refused(tmp_path, monkeypatch, capsys, valu
         fid.inception_features(np.zeros((3, 4, 4, 3), np.uint8), batch_size=int(value))
 
 
+@pytest.mark.parametrize("case", ["-I", "asymmetric"])
+def test_fid_statistics_sigma_must_be_a_covariance(tmp_path, capsys, case):
+    """sigma = -I gave 'FID 0.0000', an identity with one off-diagonal 5.0 a number, both with exit 0: a sigma
+    that is not symmetric positive semi-definite is refused; a real covariance (np.cov of 50 features, singular,
+    stored as float64 or float32) is read."""
+    sigma = -np.eye(2048) if case == "-I" else np.eye(2048)
+    sigma[0, 1] = 5.0 if case == "asymmetric" else 0.0
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=sigma)
+    np.savez(tmp_path / "good.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    fid_refused([tmp_path / "bad.npz", tmp_path / "good.npz"], capsys,
+                r"bad\.npz: sigma is not a covariance .*symmetric positive semi-definite.*" +
+                (r"smallest eigenvalue is -1 " if case == "-I" else r"sigma\[0, 1\] = 5 but sigma\[1, 0\] = 0"))
+    if case == "asymmetric":
+        return
+    features = np.random.default_rng(0).standard_normal((50, 2048)) * np.linspace(0.01, 3.0, 2048)
+    mu, sigma = fid.feature_stats(features)
+    for dtype in (np.float64, np.float32):
+        np.savez(tmp_path / "real.npz", mu=mu, sigma=sigma.astype(dtype))
+        np.testing.assert_array_equal(fid.npz_stats(str(tmp_path / "real.npz"))[1], sigma.astype(dtype))
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
