@@ -62,6 +62,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import stat
 import sys
 import time
 import uuid
@@ -418,10 +419,26 @@ def save_images_npz(path, images, labels=None):
     _atomic_savez(path, **arrays)
 
 
+def _regular_file(path):
+    """Refuse, before opening it, anything at `path` that is not a regular file (through symlinks): a named pipe
+    (FIFO) blocks open() until someone writes to it, /dev/zero or /dev/urandom never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file: fid.py reads images and .npz files from "
+                         f"regular files only; copy the data into a file first")
+
+
 def _read_npz(path, pick):
     """{key: array} for the keys pick(f.files) of an .npz, read whole, and its list of keys. A damaged file
     or one holding pickles gives a sentence, not a traceback. allow_pickle=False, always: unpickling a
     downloaded file can run arbitrary code."""
+    _regular_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             files = list(f.files)
@@ -452,6 +469,7 @@ def _read_image(path):
     it at 255 (a silently white image), so it is scaled to 8 bits by v >> 8, which is what PIL itself does
     for 16-bit RGB(A) PNGs (they open as 8-bit RGB(A)). A file that cannot be read is named in the error."""
     from PIL import Image
+    _regular_file(path)
     try:
         with Image.open(path) as im:
             im.load()                        # decode now: a truncated file fails here, with its name
@@ -663,6 +681,8 @@ def source_features(source, batch_size=64, device="cpu", progress=False, cache_d
         cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
         return dataset_features(source, cache, batch_size, device, progress)
     else:
+        if os.path.exists(source):
+            _regular_file(source)        # /dev/zero, a FIFO: say what it is
         raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
     _need_two(len(images), source)
     return _features_of(images, source, batch_size, device, progress)

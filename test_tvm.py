@@ -2689,6 +2689,29 @@ def test_fid_statistics_sigma_must_be_a_covariance(tmp_path, capsys, case):
         np.testing.assert_array_equal(fid.npz_stats(str(tmp_path / "real.npz"))[1], sigma.astype(dtype))
 
 
+@pytest.mark.parametrize("kind", ["FIFO .npz", "FIFO image in a folder", "/dev/zero", "link.npz to /dev/zero"])
+def test_fid_sources_that_are_not_regular_files_are_refused_before_opening(tmp_path, capsys, kind):
+    """A FIFO given as a SOURCE, or named z.png in a folder of images, hung fid.py forever (open() waits for
+    a writer); /dev/zero was 'neither a folder, an .npz file nor a dataset name', and through a link named
+    .npz it 'held pickled Python objects'. Each is named in one line, within the time limit."""
+    a = _tiny_npz(tmp_path / "a.npz")
+    if kind == "FIFO .npz":
+        bad = tmp_path / "fifo.npz"
+        os.mkfifo(bad)
+        source, what = bad, "a named pipe (FIFO)"
+    elif kind == "FIFO image in a folder":
+        source = _images_folder(tmp_path / "folder", np.zeros((2, 4, 4, 3), np.uint8))
+        bad = tmp_path / "folder" / "z.png"
+        os.mkfifo(bad)
+        what = "a named pipe (FIFO)"
+    else:
+        bad = "/dev/zero" if kind == "/dev/zero" else tmp_path / "link.npz"
+        if kind != "/dev/zero":
+            os.symlink("/dev/zero", bad)
+        source, what = bad, "a character device"
+    fid_refused([a, source], capsys, re.escape(f"{bad} is {what}, not a regular file"))
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
