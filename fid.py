@@ -201,8 +201,8 @@ def resize_tf1_bilinear(x, size=INCEPTION_SIZE):
     return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _check_images(images):
-    """uint8 (N, H, W, 3) numpy array or tensor, or a clear error."""
+def _check_images(images, where=None):
+    """uint8 (N, H, W, 3) numpy array or tensor with H, W >= 1, or a clear error (naming `where`, if given)."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
@@ -212,6 +212,9 @@ def _check_images(images):
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (grayscale: np.repeat(images, 3, axis=-1))" if images.ndim == 4 and images.shape[-1] == 1 else ""
         raise ValueError(f"expected images of shape (N, H, W, 3), channels last, got {images.shape}{hint}")
+    if 0 in images.shape[1:3]:   # the resize to 299 x 299 would divide by H and W
+        raise ValueError(f"{where + ': ' if where else ''}images of shape {images.shape} hold no pixels (height or "
+                         f"width 0); FID needs images of at least 1 x 1 pixel, re-create them")
     return images
 
 
@@ -460,7 +463,7 @@ def load_images_npz(path):
     arrays, files = _read_npz(path, lambda files: [k for k in files if k == "arr_0"])
     if "arr_0" not in arrays:
         raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8")
-    return _check_images(arrays["arr_0"])
+    return _check_images(arrays["arr_0"], path)
 
 
 def _read_image(path):
@@ -659,7 +662,7 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
     if "arr_0" not in arrays:
         raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8, "
                          f"a statistics .npz mu and sigma")
-    images = _check_images(arrays["arr_0"])
+    images = _check_images(arrays["arr_0"], path)
     _need_two(len(images), path)
     return _stats(_features_of(images, path, batch_size, device, progress), path)
 
@@ -675,7 +678,7 @@ def source_features(source, batch_size=64, device="cpu", progress=False, cache_d
                               [k for k in files if k == "arr_0"])
         if "arr_0" not in arrays:
             return None
-        images = _check_images(arrays["arr_0"])
+        images = _check_images(arrays["arr_0"], source)
     elif os.path.sep not in source and not os.path.exists(source):
         cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None

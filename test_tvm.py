@@ -2712,6 +2712,13 @@ def test_fid_sources_that_are_not_regular_files_are_refused_before_opening(tmp_p
     fid_refused([a, source], capsys, re.escape(f"{bad} is {what}, not a regular file"))
 
 
+def test_fid_empty_images_are_refused(tmp_path, capsys):
+    """An image .npz of 0 x 0 images ended in a ZeroDivisionError traceback (in the resize)."""
+    a = _tiny_npz(tmp_path / "a.npz")
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((3, 0, 0, 3), np.uint8))
+    fid_refused([a, tmp_path / "empty.npz"], capsys, r"empty\.npz: images of shape \(3, 0, 0, 3\) hold no pixels")
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
