@@ -422,6 +422,56 @@ def save_images_npz(path, images, labels=None):
     _atomic_savez(path, **arrays)
 
 
+def available_memory():
+    """Bytes of memory this process may still take, or None if unknown: MemAvailable of /proc/meminfo (free
+    memory plus what the kernel can reclaim), else os.sysconf's free pages; under a cgroup v2 memory limit, at
+    most what is left of it."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                avail = min(avail, max(0, int(limit) - int(f.read())))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+class TooLarge(ValueError):
+    """A SOURCE larger than the memory available (see _check_fits)."""
+
+
+def _check_fits(nbytes, what):
+    """Refuse to read `what` (nbytes) when it is larger than the memory available now: numpy would end in an
+    _ArrayMemoryError traceback, or the system would swap or kill the process."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise TooLarge(f"{what} takes {nbytes / 2 ** 30:,.2f} GiB, more than the {avail / 2 ** 30:,.2f} GiB of "
+                         f"memory available now; fid.py reads a SOURCE whole: use fewer images, or a machine with "
+                         f"more memory")
+
+
+def _declared(npz, key):
+    """(shape, dtype) that the .npy header of member `key` of an open NpzFile declares, read without its data."""
+    name = key + ".npy" if key + ".npy" in npz.zip.namelist() else key
+    with npz.zip.open(name) as m:
+        version = np.lib.format.read_magic(m)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
 def _regular_file(path):
     """Refuse, before opening it, anything at `path` that is not a regular file (through symlinks): a named pipe
     (FIFO) blocks open() until someone writes to it, /dev/zero or /dev/urandom never end."""
@@ -445,10 +495,15 @@ def _read_npz(path, pick):
     try:
         with np.load(path, allow_pickle=False) as f:
             files = list(f.files)
-            return {k: f[k] for k in pick(files)}, files
+            arrays = {}
+            for k in pick(files):     # each array's size from its header first: a small file may declare TBs
+                shape, dtype = _declared(f, k)
+                _check_fits(math.prod(shape) * dtype.itemsize, f"{path}: {k}, {dtype} of shape {shape},")
+                arrays[k] = f[k]
+            return arrays, files
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
-    except (PermissionError, IsADirectoryError):
+    except (PermissionError, IsADirectoryError, TooLarge):
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
         if "pickle" in str(e):
@@ -474,7 +529,12 @@ def _read_image(path):
     from PIL import Image
     _regular_file(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # PIL refuses images above 2 x Image.MAX_IMAGE_PIXELS and only warns above 1 x (two 20 KB PNGs of
+            # 13000 x 13000 took 5.2 GB): fid.py refuses both, naming the file.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.load()                        # decode now: a truncated file fails here, with its name
             mode = im.mode
             if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):     # 16-bit grey
@@ -482,7 +542,10 @@ def _read_image(path):
                 return np.repeat((v >> 8).astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
             if mode not in ("I", "F"):
                 return np.asarray(im.convert("RGB"))                                # (H, W, 3) uint8
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's UnidentifiedImageError
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is too large an image for fid.py ({e}); the limit is PIL's "
+                         f"Image.MAX_IMAGE_PIXELS, {Image.MAX_IMAGE_PIXELS:,} pixels: resize it") from None
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's UnidentifiedImageError
         raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e}): it is "    # is an OSError
                          f"probably truncated or not an image; replace or remove it") from None
     raise ValueError(f"{path}: PIL mode {mode} ({'32-bit integer' if mode == 'I' else 'float'} pixels) has no "
@@ -506,11 +569,20 @@ def load_images_folder(path):
     files = _image_files(path)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-    images = [_read_image(p) for p in files]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images under {path} have different sizes {sorted(shapes)[:4]}; resize them first")
-    return np.stack(images)
+    first = _read_image(files[0])
+    # all of them in one array, made once the first image tells their size and it is known to fit (a list of
+    # images then np.stack held them twice)
+    _check_fits(len(files) * first.nbytes, f"the {len(files):,} images of {first.shape[1]} x {first.shape[0]} "
+                                           f"pixels under {path}")
+    images = np.empty((len(files), *first.shape), np.uint8)
+    images[0] = first
+    for i, file in enumerate(files[1:], 1):
+        image = _read_image(file)
+        if image.shape != first.shape:
+            raise ValueError(f"images under {path} have different sizes: {files[0]} is {first.shape}, {file} "
+                             f"{image.shape}; resize them first")
+        images[i] = image
+    return images
 
 
 def dataset_images(name):

@@ -2719,6 +2719,46 @@ def test_fid_empty_images_are_refused(tmp_path, capsys):
     fid_refused([a, tmp_path / "empty.npz"], capsys, r"empty\.npz: images of shape \(3, 0, 0, 3\) hold no pixels")
 
 
+def _npz_declaring(path, shape, data=b"\0" * 1000):
+    """A small .npz whose arr_0.npy header declares uint8 `shape`, followed by `data` only."""
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("arr_0.npy", header.getvalue() + data)
+    return path
+
+
+def test_fid_npz_larger_than_the_memory_is_refused_from_its_header(tmp_path, monkeypatch, capsys):
+    """A 1 KB .npz declaring arr_0 of 2^20 x 1024 x 1024 x 3 uint8 (3 PiB) ended in numpy's _ArrayMemoryError
+    traceback (the probe's 9 MB file declared 8.8 GiB, more than its machine had): the header is read first
+    and the array refused, with its size and the memory available, by fid.py and by sample.py --fid_ref's
+    loader; a real image .npz is refused too when the memory available (made small here) cannot hold it."""
+    a, huge = _tiny_npz(tmp_path / "a.npz"), _npz_declaring(tmp_path / "huge.npz", (2 ** 20, 1024, 1024, 3))
+    fid_refused([a, huge], capsys, r"huge\.npz: arr_0, uint8 of shape \(1048576, 1024, 1024, 3\), takes "
+                                   r"3,072\.00 GiB, more than the [\d,.]+ GiB of memory available now")
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    with pytest.raises(sample.SampleError, match=r"--fid_ref .*huge\.npz: .*3,072\.00 GiB, more than"):
+        evaluate.load_reference(str(huge), progress=False)
+    monkeypatch.setattr(fid, "available_memory", lambda: 100)
+    fid_refused([a, "digits"], capsys, r"a\.npz: arr_0, uint8 of shape \(3, 4, 4, 3\), takes 0\.00 GiB, more than "
+                                       r"the 0\.00 GiB")
+    folder = _images_folder(tmp_path / "folder", np.zeros((3, 4, 4, 3), np.uint8))
+    fid_refused([folder, "digits"], capsys, r"the 3 images of 4 x 4 pixels under .*folder takes 0\.00 GiB")
+
+
+def test_fid_images_above_pils_pixel_limit_are_refused(tmp_path, monkeypatch, capsys):
+    """Above Image.MAX_IMAGE_PIXELS (and below twice that) PIL only warns: two 20 KB PNGs of 13000 x 13000
+    made fid.py take 5.2 GB. Such an image is refused, named (shown with the limit lowered to 1,000 pixels and
+    images of 40 x 40)."""
+    from PIL import Image
+    folder = _images_folder(tmp_path / "folder", np.zeros((2, 40, 40, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    fid_refused([_tiny_npz(tmp_path / "a.npz"), folder], capsys,
+                r"folder/000000\.png is too large an image for fid\.py \(Image size \(1600 pixels\) exceeds limit "
+                r"of 1000 pixels.*MAX_IMAGE_PIXELS, 1,000 pixels")
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
