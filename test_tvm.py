@@ -2759,6 +2759,36 @@ def test_fid_images_above_pils_pixel_limit_are_refused(tmp_path, monkeypatch, ca
                 r"of 1000 pixels.*MAX_IMAGE_PIXELS, 1,000 pixels")
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--steps", "-5"], r"--steps -5: expected a whole number >= 1"),
+    (["--seeds", "0"], r"--seeds 0: expected a whole number >= 1"),
+    (["--quick", "--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--digits", "--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--digits", "--fid_samples", "0"], r"--fid_samples 0: expected a whole number >= 2"),
+    (["--out", "/dev/null/x"], r"--out /dev/null/x: /dev/null is a file, so the folder cannot be made there"),
+    (["--digits", "--out", "FILE/sub"], r"--out .*FILE/sub: .*FILE is a file")])
+def test_evidence_refuses_non_positive_counts_and_an_out_under_a_file(tmp_path, monkeypatch, capsys, argv, match):
+    """--steps 0 silently became 300 (--quick) or 2500, --seeds 0 became 1 (`args.steps or ...`), --steps -5
+    ended in an IndexError, --out /dev/null/x in NotADirectoryError: each is refused in one line, exit status
+    2, before any run (a run here fails the test)."""
+    def ran(*args, **kwargs):
+        raise AssertionError(f"evidence.py ran with {args} {kwargs}")
+    monkeypatch.setattr(evidence, "plan", ran)
+    monkeypatch.setattr(evidence, "digits", ran)
+    (tmp_path / "FILE").write_text("")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "ev")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evidence.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err, (e.value.code, err[-2000:])
+    assert err.splitlines()[-1].startswith("evidence.py: error: ") and re.search(match, err.splitlines()[-1]), err
+    assert not os.path.exists(tmp_path / "ev")
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
