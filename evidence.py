@@ -48,7 +48,7 @@ import torch.nn as nn
 
 import fid
 import tvm
-from config import TrainConfig, build_net, parse_config
+from config import build_net, parse_config
 from data import DigitsData, EpochSampler, file_in_the_way, make_batch, to_uint8_images
 from step import make_optimizer, train_step
 
