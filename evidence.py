@@ -48,8 +48,8 @@ import torch.nn as nn
 
 import fid
 import tvm
-from config import TrainConfig, build_net, parse_config
-from data import DigitsData, EpochSampler, make_batch, to_uint8_images
+from config import build_net, parse_config
+from data import DigitsData, EpochSampler, file_in_the_way, make_batch, to_uint8_images
 from step import make_optimizer, train_step
 
 OUT = "evidence"
@@ -479,7 +479,8 @@ def digits(out, n_fid=None, steps=None, device="cpu", n_real=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="evidence.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps, one seed: checks the pipeline in ~1 min")
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 2500; quick 300; "
                     f"--digits {DIGITS_STEPS}, as evidence/digits.json records)")
@@ -493,15 +494,27 @@ def main(argv=None):
                     help=argparse.SUPPRESS)   # the spelling of earlier versions, still accepted
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="digits only")
     args = ap.parse_args(argv)
+    # None is "the preset"; any number given is used as it is, so 0 or less is refused (it silently became the
+    # preset through `args.steps or ...`, and --steps -5 ended in an IndexError)
+    for option, value, least in (("--steps", args.steps, 1), ("--seeds", args.seeds, 1), ("--workers", args.workers, 1),
+                                 ("--fid_samples", args.fid_samples, 2)):
+        if value is not None and value < least:
+            ap.error(f"{option} {value}: expected a whole number >= {least}"
+                     + (" (FID needs 2 samples for a covariance)" if least == 2 else "")
+                     + "; leave it out for the preset")
+    blocker = file_in_the_way(args.out)
+    if blocker:
+        ap.error(f"--out {args.out}: {blocker} is a file, so the folder cannot be made there; give another --out")
+    preset = lambda value, quick, full: value if value is not None else quick if args.quick else full
     fid.limit_cpu_threads(args.device if args.digits else "cpu")   # the 2-D runs are on the CPU
     if args.digits:
         os.makedirs(args.out, exist_ok=True)
-        digits(args.out, n_fid=args.fid_samples or (20 if args.quick else DIGITS_FID_SAMPLES),
-               steps=args.steps or (20 if args.quick else DIGITS_STEPS), device=args.device,
+        digits(args.out, n_fid=preset(args.fid_samples, 20, DIGITS_FID_SAMPLES),
+               steps=preset(args.steps, 20, DIGITS_STEPS), device=args.device,
                n_real=40 if args.quick else None)
         return
-    steps = args.steps or (300 if args.quick else 2500)
-    n_seeds = args.seeds or (1 if args.quick else 3)
+    steps = preset(args.steps, 300, 2500)
+    n_seeds = preset(args.seeds, 1, 3)
     os.makedirs(args.out, exist_ok=True)
     runs = plan(steps, range(n_seeds))
     print(f"{len(runs)} runs of {steps} steps on {args.workers} worker(s)", flush=True)

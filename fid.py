@@ -62,6 +62,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import stat
 import sys
 import time
 import uuid
@@ -200,8 +201,8 @@ def resize_tf1_bilinear(x, size=INCEPTION_SIZE):
     return nnf.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _check_images(images):
-    """uint8 (N, H, W, 3) numpy array or tensor, or a clear error."""
+def _check_images(images, where=None):
+    """uint8 (N, H, W, 3) numpy array or tensor with H, W >= 1, or a clear error (naming `where`, if given)."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)
@@ -211,6 +212,9 @@ def _check_images(images):
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = " (grayscale: np.repeat(images, 3, axis=-1))" if images.ndim == 4 and images.shape[-1] == 1 else ""
         raise ValueError(f"expected images of shape (N, H, W, 3), channels last, got {images.shape}{hint}")
+    if 0 in images.shape[1:3]:   # the resize to 299 x 299 would divide by H and W
+        raise ValueError(f"{where + ': ' if where else ''}images of shape {images.shape} hold no pixels (height or "
+                         f"width 0); FID needs images of at least 1 x 1 pixel, re-create them")
     return images
 
 
@@ -222,6 +226,8 @@ def inception_features(images, batch_size=64, device="cpu", progress=False):
     Deterministic on the CPU. On CUDA we switch TF32 off for the convolutions (PyTorch turns it on for
     cuDNN by default), so GPU features match CPU ones to float32 accuracy.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size {batch_size!r}: expected a whole number of images >= 1")
     images = _check_images(images)
     net = load_inception(str(device))
     feats = np.empty((len(images), FEATURE_DIM), dtype=np.float64)
@@ -416,17 +422,88 @@ def save_images_npz(path, images, labels=None):
     _atomic_savez(path, **arrays)
 
 
+def available_memory():
+    """Bytes of memory this process may still take, or None if unknown: MemAvailable of /proc/meminfo (free
+    memory plus what the kernel can reclaim), else os.sysconf's free pages; under a cgroup v2 memory limit, at
+    most what is left of it."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (AttributeError, ValueError, OSError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                avail = min(avail, max(0, int(limit) - int(f.read())))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+class TooLarge(ValueError):
+    """A SOURCE larger than the memory available (see _check_fits)."""
+
+
+def _check_fits(nbytes, what):
+    """Refuse to read `what` (nbytes) when it is larger than the memory available now: numpy would end in an
+    _ArrayMemoryError traceback, or the system would swap or kill the process."""
+    avail = available_memory()
+    if avail is not None and nbytes > avail:
+        raise TooLarge(f"{what} takes {nbytes / 2 ** 30:,.2f} GiB, more than the {avail / 2 ** 30:,.2f} GiB of "
+                         f"memory available now; fid.py reads a SOURCE whole: use fewer images, or a machine with "
+                         f"more memory")
+
+
+def _declared(npz, key):
+    """(shape, dtype) that the .npy header of member `key` of an open NpzFile declares, read without its data."""
+    name = key + ".npy" if key + ".npy" in npz.zip.namelist() else key
+    with npz.zip.open(name) as m:
+        version = np.lib.format.read_magic(m)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(m)
+    return shape, dtype
+
+
+def _regular_file(path):
+    """Refuse, before opening it, anything at `path` that is not a regular file (through symlinks): a named pipe
+    (FIFO) blocks open() until someone writes to it, /dev/zero or /dev/urandom never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+                "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise ValueError(f"{path} is {kind}, not a regular file: fid.py reads images and .npz files from "
+                         f"regular files only; copy the data into a file first")
+
+
 def _read_npz(path, pick):
     """{key: array} for the keys pick(f.files) of an .npz, read whole, and its list of keys. A damaged file
     or one holding pickles gives a sentence, not a traceback. allow_pickle=False, always: unpickling a
     downloaded file can run arbitrary code."""
+    _regular_file(path)
     try:
         with np.load(path, allow_pickle=False) as f:
             files = list(f.files)
-            return {k: f[k] for k in pick(files)}, files
+            arrays = {}
+            for k in pick(files):     # each array's size from its header first: a small file may declare TBs
+                shape, dtype = _declared(f, k)
+                _check_fits(math.prod(shape) * dtype.itemsize, f"{path}: {k}, {dtype} of shape {shape},")
+                arrays[k] = f[k]
+            return arrays, files
     except FileNotFoundError:
         raise FileNotFoundError(f"no such file: {path}") from None
-    except (PermissionError, IsADirectoryError):
+    except (PermissionError, IsADirectoryError, TooLarge):
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
         if "pickle" in str(e):
@@ -441,7 +518,7 @@ def load_images_npz(path):
     arrays, files = _read_npz(path, lambda files: [k for k in files if k == "arr_0"])
     if "arr_0" not in arrays:
         raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8")
-    return _check_images(arrays["arr_0"])
+    return _check_images(arrays["arr_0"], path)
 
 
 def _read_image(path):
@@ -450,8 +527,14 @@ def _read_image(path):
     it at 255 (a silently white image), so it is scaled to 8 bits by v >> 8, which is what PIL itself does
     for 16-bit RGB(A) PNGs (they open as 8-bit RGB(A)). A file that cannot be read is named in the error."""
     from PIL import Image
+    _regular_file(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # PIL refuses images above 2 x Image.MAX_IMAGE_PIXELS and only warns above 1 x (two 20 KB PNGs of
+            # 13000 x 13000 took 5.2 GB): fid.py refuses both, naming the file.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.load()                        # decode now: a truncated file fails here, with its name
             mode = im.mode
             if mode.startswith("I;16") or (mode == "I" and im.format == "PNG"):     # 16-bit grey
@@ -459,7 +542,10 @@ def _read_image(path):
                 return np.repeat((v >> 8).astype(np.uint8)[..., None], 3, axis=-1)  # (H, W, 3)
             if mode not in ("I", "F"):
                 return np.asarray(im.convert("RGB"))                                # (H, W, 3) uint8
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's UnidentifiedImageError
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path} is too large an image for fid.py ({e}); the limit is PIL's "
+                         f"Image.MAX_IMAGE_PIXELS, {Image.MAX_IMAGE_PIXELS:,} pixels: resize it") from None
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's UnidentifiedImageError
         raise ValueError(f"{path} cannot be read as an image ({type(e).__name__}: {e}): it is "    # is an OSError
                          f"probably truncated or not an image; replace or remove it") from None
     raise ValueError(f"{path}: PIL mode {mode} ({'32-bit integer' if mode == 'I' else 'float'} pixels) has no "
@@ -483,11 +569,20 @@ def load_images_folder(path):
     files = _image_files(path)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {path}")
-    images = [_read_image(p) for p in files]
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images under {path} have different sizes {sorted(shapes)[:4]}; resize them first")
-    return np.stack(images)
+    first = _read_image(files[0])
+    # all of them in one array, made once the first image tells their size and it is known to fit (a list of
+    # images then np.stack held them twice)
+    _check_fits(len(files) * first.nbytes, f"the {len(files):,} images of {first.shape[1]} x {first.shape[0]} "
+                                           f"pixels under {path}")
+    images = np.empty((len(files), *first.shape), np.uint8)
+    images[0] = first
+    for i, file in enumerate(files[1:], 1):
+        image = _read_image(file)
+        if image.shape != first.shape:
+            raise ValueError(f"images under {path} have different sizes: {files[0]} is {first.shape}, {file} "
+                             f"{image.shape}; resize them first")
+        images[i] = image
+    return images
 
 
 def dataset_images(name):
@@ -577,6 +672,23 @@ def _check_stats(mu, sigma, where):
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{where}: mu or sigma holds NaN or inf ({np.size(mu) - np.isfinite(mu).sum()} and "
                          f"{np.size(sigma) - np.isfinite(sigma).sum()} entries); re-create the statistics")
+    # A covariance is symmetric and positive semi-definite; frechet_distance would silently symmetrise sigma and
+    # clip its negative eigenvalues (sigma = -I gave FID 0). The tolerance, 1e-6 relative to the largest |entry|
+    # (symmetry) and to the largest |eigenvalue| (the smallest may be that far below 0): np.cov in float64 gives
+    # an exactly symmetric matrix whose null directions come out at about -1e-15 relative (1,000 x 2048
+    # features), and storing it as float32 moves them to about -1e-8 (measured), so real covariances pass
+    # with a margin of 100 or more, while a negative variance of any weight in the distance is refused.
+    scale = np.abs(sigma).max()
+    what = (f"{where}: sigma is not a covariance (it must be symmetric positive semi-definite, as np.cov of "
+            f"features is)")
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale:
+        i, j = np.unravel_index(np.abs(sigma - sigma.T).argmax(), sigma.shape)
+        raise ValueError(f"{what}: sigma[{i}, {j}] = {sigma[i, j]:.6g} but sigma[{j}, {i}] = {sigma[j, i]:.6g}; "
+                         f"re-create the statistics")
+    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eig[0] < -1e-6 * np.abs(eig).max():
+        raise ValueError(f"{what}: its smallest eigenvalue is {eig[0]:.6g} (the largest {eig[-1]:.6g}), a "
+                         f"negative variance; re-create the statistics")
     return mu, sigma
 
 
@@ -622,7 +734,7 @@ def npz_stats(path, batch_size=64, device="cpu", progress=False):
     if "arr_0" not in arrays:
         raise ValueError(f"{path} has keys {sorted(files)}; an image .npz needs arr_0 (N, H, W, 3) uint8, "
                          f"a statistics .npz mu and sigma")
-    images = _check_images(arrays["arr_0"])
+    images = _check_images(arrays["arr_0"], path)
     _need_two(len(images), path)
     return _stats(_features_of(images, path, batch_size, device, progress), path)
 
@@ -638,12 +750,14 @@ def source_features(source, batch_size=64, device="cpu", progress=False, cache_d
                               [k for k in files if k == "arr_0"])
         if "arr_0" not in arrays:
             return None
-        images = _check_images(arrays["arr_0"])
+        images = _check_images(arrays["arr_0"], source)
     elif os.path.sep not in source and not os.path.exists(source):
         cache_dir = default_cache_dir() if cache_dir is None else cache_dir
         cache = os.path.join(cache_dir, f"fid_features_{source}.npz") if cache_dir else None
         return dataset_features(source, cache, batch_size, device, progress)
     else:
+        if os.path.exists(source):
+            _regular_file(source)        # /dev/zero, a FIFO: say what it is
         raise ValueError(f"{source!r} is neither a folder, an .npz file nor a dataset name")
     _need_two(len(images), source)
     return _features_of(images, source, batch_size, device, progress)
@@ -693,9 +807,21 @@ USAGE = """python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz     (FID-50
        python fid.py --save_stats runs/digits_stats.npz digits       (reference statistics, once)"""
 
 
+def _batch_size(text):
+    """--batch_size: images per Inception forward, a whole number >= 1 (0 or less would compute nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of images >= 1 per Inception forward, got "
+                                         f"{value}; the default is 64")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
-        usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="fid.py", usage=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="FID with the 2015-12-05 Inception, ADM/StyleGAN3 convention, offline.",
         epilog="A SOURCE is a folder of images (hidden files and folders skipped; 16-bit grey scaled to 8 bits\n"
                "by v >> 8; alpha dropped), an ADM .npz (arr_0), a statistics .npz (mu, sigma), or a dataset\n"
@@ -708,7 +834,7 @@ def main(argv=None):
                         "cannot use it as its reference batch: it also needs arr_0 (the images, for precision/"
                         "recall) and mu_s/sigma_s (spatial mixed_6/conv statistics, for sFID), which fid.py "
                         "does not compute; give evaluator.py an image .npz instead. OUT must not be SOURCE.")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=_batch_size, default=64, help="images per Inception forward (>= 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache_dir", default=None,
                    help="where a dataset SOURCE's Inception features are cached when they are not the shipped "
@@ -720,7 +846,7 @@ def main(argv=None):
                         "wheel is not installed: the number printed is NOT an FID")
     # The dashed spellings of earlier versions, still accepted; the underscores are the documented ones,
     # as in train.py and sample.py.
-    for name, kw in (("--save-stats", {}), ("--batch-size", dict(type=int)), ("--cache-dir", {}),
+    for name, kw in (("--save-stats", {}), ("--batch-size", dict(type=_batch_size)), ("--cache-dir", {}),
                      ("--self-check", dict(action="store_true"))):
         p.add_argument(name, dest=name[2:].replace("-", "_"), default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     args = p.parse_args(argv)
@@ -773,5 +899,18 @@ def main(argv=None):
         STANDIN["on"] = False
 
 
+def script(argv=None):
+    """`python fid.py`: main(argv), and a refusal ("fid.py: error: ...", which main raises as SystemExit with
+    that message) printed on stderr with exit status 2, as argparse and the other scripts (data.run_script)
+    report a problem the person can fix; sys.exit(message) would exit with status 1."""
+    try:
+        main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    script()

@@ -91,6 +91,14 @@ def _show(value):
     return ("an " if kind[:1].lower() in "aeiou" else "a ") + kind
 
 
+def _text(text, limit=200):
+    """Text of the file (or of an error about it) for a message: at most `limit` characters, control and other
+    unprintable characters escaped as repr escapes them (a name holding a newline or an ANSI escape code
+    cannot break the message into lines or drive the terminal)."""
+    text = repr(str(text)[:limit + 1])[1:-1]
+    return text[:limit] + "..." if len(text) > limit else text
+
+
 def _names(names, shown=3):
     """The first few of a list of names, then how many more: 'a', 'b', 'c' and 199997 more."""
     text = ", ".join(_show(n) for n in names[:shown])
@@ -271,9 +279,9 @@ class _Reader:
                 op, arg, pos = next(ops)
             except ValueError as e:
                 if f.tell() >= end:       # a declared length, or the final STOP, lies past the end
-                    raise OfficialCheckpointError(f"{what} ends early ({e}), as after an interrupted download: "
+                    raise OfficialCheckpointError(f"{what} ends early ({_text(e)}), as after an interrupted download: "
                                                   "compare its size with the published one") from None
-                raise OfficialCheckpointError(f"{what} is not a pickle ({e})") from None
+                raise OfficialCheckpointError(f"{what} is not a pickle ({_text(e)})") from None
             self.spend(1)
             name = op.name
             if name not in _OPCODES or (name == "BINPERSID" and not records):
@@ -396,7 +404,7 @@ class _Reader:
             elif full in _STANDIN_NAMES or full.startswith(_STANDIN_PREFIXES):
                 self.globals[full] = type(name.rsplit(".", 1)[-1], (StandIn,), {"global_name": full})
             else:
-                raise OfficialCheckpointError(f"refused global {full}: it is not among the globals an official "
+                raise OfficialCheckpointError(f"refused global {_text(full)}: it is not among the globals an official "
                                               "TVM snapshot holds, and this loader builds nothing else")
         return self.globals[full]
 
@@ -516,9 +524,9 @@ def _read_pickle(path):
     except OfficialCheckpointError:
         raise
     except Exception as e:               # a file that breaks an admitted call (wrong arguments, ...)
-        text = " ".join(str(e).split())
+        text = " ".join(str(e)[:1000].split())
         raise OfficialCheckpointError(f"not read as an official TVM snapshot ({type(e).__name__}: "
-                                      f"{text[:200]}{'...' if len(text) > 200 else ''})") from None
+                                      f"{_text(text)})") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2607,6 +2607,188 @@ def test_labels_are_uniform_over_classes():
     assert ((counts - 500) ** 2 / 500).sum() < 27.9
 
 
+# ---- fid.py, released.py and evidence.py: hostile and broken input (round 2) ----
+# Each test failed on the code before its fix (a traceback, a hang, a wrong number with exit 0, or a message
+# that quotes the file raw). The helpers (_refused, _write, _ops, _unicode, fake_detector, _run_fid,
+# _images_folder) are defined further down; the tests call them when they run.
+
+@pytest.mark.parametrize("kind", ["S line", "F line", "ANSI global", "ANSI stack global"])
+def test_official_refusals_quote_the_file_escaped_and_bounded(tmp_path, kind):
+    """A text opcode S or F followed by a 3 MB line gave a 3,000,000-character message; a global whose name
+    holds a newline and ANSI escape codes was printed raw (a fake second line, a cleared screen). Each is now
+    one line of at most 300 characters besides the path, with no newline and no ESC."""
+    evil = "evil\n\x1b[31mFAKE: all good\x1b[0m\x1b[2J"
+    data = {"S line": b"\x80\x02S" + b"a" * 3_000_000 + b"\n.",
+            "F line": b"\x80\x02F" + b"x" * 3_000_000 + b"\n.",
+            "ANSI global": _ops(b"c" + evil.encode() + b"\n" + b"name\x1b[2J\n"),
+            "ANSI stack global": _ops(_unicode("torch_utils"), _unicode(evil), b"\x93")}[kind]
+    message = _refused(_write(tmp_path, "evil.pkl", data), r"not a pickle|refused global")
+    assert "\x1b" not in message and "\r" not in message, message[:2000]
+    if "ANSI" in kind:
+        assert r"\x1b[31mFAKE" in message, message
+
+
+def fid_refused(argv, capsys, match):
+    """fid.main(argv) stops with exit status 2 and one line "fid.py: error: ..." on stderr matching `match`
+    (as `python fid.py` prints it), within 20 s -> that line. Runs the stand-in detector."""
+    capsys.readouterr()
+    with time_limit(20), pytest.raises(SystemExit) as e:
+        fid.script(["--standin", "--device", "cpu", *[str(a) for a in argv]])
+    err = capsys.readouterr().err.strip()
+    line = err.splitlines()[-1] if err else ""
+    assert e.value.code == 2, (e.value.code, err[-2000:])
+    assert "Traceback" not in err and line.startswith("fid.py: error: ") and re.search(match, line), err[-2000:]
+    assert len(line) < 1000, line[:2000]
+    return line
+
+
+def _tiny_npz(path, n=3, side=4, seed=0):
+    fid.save_images_npz(str(path), np.random.default_rng(seed).integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+    return path
+
+
+def test_fid_py_refusals_exit_2_with_one_line(tmp_path):
+    """`python fid.py` on a missing file: one line and exit status 2, as argparse and the other scripts report
+    a problem the person can fix (it was sys.exit(message): status 1)."""
+    run = subprocess.run([sys.executable, os.path.join(HERE, "fid.py"), str(tmp_path / "missing.npz"), "digits"],
+                         cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    assert run.stderr == f"fid.py: error: no such file: {tmp_path / 'missing.npz'}\n", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_fid_batch_size_below_one_is_refused(tmp_path, monkeypatch, capsys, value):
+    """--batch_size -1 printed 'FID inf' with exit 0 (no batch ran; the features were np.empty's garbage) and
+    --batch_size 0 'range() arg 3 must not be zero': refused by the parser, and by inception_features."""
+    a, b = _tiny_npz(tmp_path / "a.npz"), _tiny_npz(tmp_path / "b.npz", seed=1)
+    fid_refused(["--batch_size", value, a, b], capsys, r"--batch_size: expected a whole number of images >= 1")
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    with pytest.raises(ValueError, match="batch_size"):
+        fid.inception_features(np.zeros((3, 4, 4, 3), np.uint8), batch_size=int(value))
+
+
+@pytest.mark.parametrize("case", ["-I", "asymmetric"])
+def test_fid_statistics_sigma_must_be_a_covariance(tmp_path, capsys, case):
+    """sigma = -I gave 'FID 0.0000', an identity with one off-diagonal 5.0 a number, both with exit 0: a sigma
+    that is not symmetric positive semi-definite is refused; a real covariance (np.cov of 50 features, singular,
+    stored as float64 or float32) is read."""
+    sigma = -np.eye(2048) if case == "-I" else np.eye(2048)
+    sigma[0, 1] = 5.0 if case == "asymmetric" else 0.0
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=sigma)
+    np.savez(tmp_path / "good.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    fid_refused([tmp_path / "bad.npz", tmp_path / "good.npz"], capsys,
+                r"bad\.npz: sigma is not a covariance .*symmetric positive semi-definite.*" +
+                (r"smallest eigenvalue is -1 " if case == "-I" else r"sigma\[0, 1\] = 5 but sigma\[1, 0\] = 0"))
+    if case == "asymmetric":
+        return
+    features = np.random.default_rng(0).standard_normal((50, 2048)) * np.linspace(0.01, 3.0, 2048)
+    mu, sigma = fid.feature_stats(features)
+    for dtype in (np.float64, np.float32):
+        np.savez(tmp_path / "real.npz", mu=mu, sigma=sigma.astype(dtype))
+        np.testing.assert_array_equal(fid.npz_stats(str(tmp_path / "real.npz"))[1], sigma.astype(dtype))
+
+
+@pytest.mark.parametrize("kind", ["FIFO .npz", "FIFO image in a folder", "/dev/zero", "link.npz to /dev/zero"])
+def test_fid_sources_that_are_not_regular_files_are_refused_before_opening(tmp_path, capsys, kind):
+    """A FIFO given as a SOURCE, or named z.png in a folder of images, hung fid.py forever (open() waits for
+    a writer); /dev/zero was 'neither a folder, an .npz file nor a dataset name', and through a link named
+    .npz it 'held pickled Python objects'. Each is named in one line, within the time limit."""
+    a = _tiny_npz(tmp_path / "a.npz")
+    if kind == "FIFO .npz":
+        bad = tmp_path / "fifo.npz"
+        os.mkfifo(bad)
+        source, what = bad, "a named pipe (FIFO)"
+    elif kind == "FIFO image in a folder":
+        source = _images_folder(tmp_path / "folder", np.zeros((2, 4, 4, 3), np.uint8))
+        bad = tmp_path / "folder" / "z.png"
+        os.mkfifo(bad)
+        what = "a named pipe (FIFO)"
+    else:
+        bad = "/dev/zero" if kind == "/dev/zero" else tmp_path / "link.npz"
+        if kind != "/dev/zero":
+            os.symlink("/dev/zero", bad)
+        source, what = bad, "a character device"
+    fid_refused([a, source], capsys, re.escape(f"{bad} is {what}, not a regular file"))
+
+
+def test_fid_empty_images_are_refused(tmp_path, capsys):
+    """An image .npz of 0 x 0 images ended in a ZeroDivisionError traceback (in the resize)."""
+    a = _tiny_npz(tmp_path / "a.npz")
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((3, 0, 0, 3), np.uint8))
+    fid_refused([a, tmp_path / "empty.npz"], capsys, r"empty\.npz: images of shape \(3, 0, 0, 3\) hold no pixels")
+
+
+def _npz_declaring(path, shape, data=b"\0" * 1000):
+    """A small .npz whose arr_0.npy header declares uint8 `shape`, followed by `data` only."""
+    import zipfile
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("arr_0.npy", header.getvalue() + data)
+    return path
+
+
+def test_fid_npz_larger_than_the_memory_is_refused_from_its_header(tmp_path, monkeypatch, capsys):
+    """A 1 KB .npz declaring arr_0 of 2^20 x 1024 x 1024 x 3 uint8 (3 PiB) ended in numpy's _ArrayMemoryError
+    traceback (the probe's 9 MB file declared 8.8 GiB, more than its machine had): the header is read first
+    and the array refused, with its size and the memory available, by fid.py and by sample.py --fid_ref's
+    loader; a real image .npz is refused too when the memory available (made small here) cannot hold it."""
+    a, huge = _tiny_npz(tmp_path / "a.npz"), _npz_declaring(tmp_path / "huge.npz", (2 ** 20, 1024, 1024, 3))
+    fid_refused([a, huge], capsys, r"huge\.npz: arr_0, uint8 of shape \(1048576, 1024, 1024, 3\), takes "
+                                   r"3,072\.00 GiB, more than the [\d,.]+ GiB of memory available now")
+    monkeypatch.setitem(fid.STANDIN, "on", True)
+    with pytest.raises(sample.SampleError, match=r"--fid_ref .*huge\.npz: .*3,072\.00 GiB, more than"):
+        evaluate.load_reference(str(huge), progress=False)
+    monkeypatch.setattr(fid, "available_memory", lambda: 100)
+    fid_refused([a, "digits"], capsys, r"a\.npz: arr_0, uint8 of shape \(3, 4, 4, 3\), takes 0\.00 GiB, more than "
+                                       r"the 0\.00 GiB")
+    folder = _images_folder(tmp_path / "folder", np.zeros((3, 4, 4, 3), np.uint8))
+    fid_refused([folder, "digits"], capsys, r"the 3 images of 4 x 4 pixels under .*folder takes 0\.00 GiB")
+
+
+def test_fid_images_above_pils_pixel_limit_are_refused(tmp_path, monkeypatch, capsys):
+    """Above Image.MAX_IMAGE_PIXELS (and below twice that) PIL only warns: two 20 KB PNGs of 13000 x 13000
+    made fid.py take 5.2 GB. Such an image is refused, named (shown with the limit lowered to 1,000 pixels and
+    images of 40 x 40)."""
+    from PIL import Image
+    folder = _images_folder(tmp_path / "folder", np.zeros((2, 40, 40, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    fid_refused([_tiny_npz(tmp_path / "a.npz"), folder], capsys,
+                r"folder/000000\.png is too large an image for fid\.py \(Image size \(1600 pixels\) exceeds limit "
+                r"of 1000 pixels.*MAX_IMAGE_PIXELS, 1,000 pixels")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--steps", "-5"], r"--steps -5: expected a whole number >= 1"),
+    (["--seeds", "0"], r"--seeds 0: expected a whole number >= 1"),
+    (["--quick", "--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--digits", "--steps", "0"], r"--steps 0: expected a whole number >= 1"),
+    (["--digits", "--fid_samples", "0"], r"--fid_samples 0: expected a whole number >= 2"),
+    (["--out", "/dev/null/x"], r"--out /dev/null/x: /dev/null is a file, so the folder cannot be made there"),
+    (["--digits", "--out", "FILE/sub"], r"--out .*FILE/sub: .*FILE is a file")])
+def test_evidence_refuses_non_positive_counts_and_an_out_under_a_file(tmp_path, monkeypatch, capsys, argv, match):
+    """--steps 0 silently became 300 (--quick) or 2500, --seeds 0 became 1 (`args.steps or ...`), --steps -5
+    ended in an IndexError, --out /dev/null/x in NotADirectoryError: each is refused in one line, exit status
+    2, before any run (a run here fails the test)."""
+    def ran(*args, **kwargs):
+        raise AssertionError(f"evidence.py ran with {args} {kwargs}")
+    monkeypatch.setattr(evidence, "plan", ran)
+    monkeypatch.setattr(evidence, "digits", ran)
+    (tmp_path / "FILE").write_text("")
+    argv = [a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "ev")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evidence.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "Traceback" not in err, (e.value.code, err[-2000:])
+    assert err.splitlines()[-1].startswith("evidence.py: error: ") and re.search(match, err.splitlines()[-1]), err
+    assert not os.path.exists(tmp_path / "ev")
+
+
 def two_rank_envs(base=None):
     """The environments torchrun gives 2 processes on one machine (without its elastic agent), on a free
     port, with one thread each and the compiled kernels (no Triton interpreter)."""
