@@ -206,18 +206,20 @@ def resolve(cfg):
     return cfg
 
 
-# The largest network a run may ask for: released.py's DIT_LIMITS for the official files (depth 128, width
-# 8192, 128 heads), and at most MAX_PARAMS parameters (the DiT's blocks hold about 12 hidden^2 each). Beyond
-# them the allocation itself fails deep inside torch (--depth 100000 took 23 GB before it did).
-MODEL_LIMITS = dict(depth=128, hidden_size=8192, num_heads=128)
+# The largest network this code builds, from train.py's options, a checkpoint's config or an official file
+# (released.py reads the sizes off its weights): each size within DIT_LIMITS, and at most MAX_PARAMS
+# parameters (16 GB of float32 weights; a DiT's block holds about 12 hidden^2). Beyond them the allocation
+# fails deep inside torch (--depth 100000 took 23 GB before it did).
+DIT_LIMITS = dict(input_size=(1, 256), patch_size=(1, 16), in_channels=(1, 16), hidden_size=(1, 8192),
+                  depth=(1, 128), num_heads=(1, 128), num_classes=(1, 100_000))
 MAX_PARAMS = 4_000_000_000
 
 
 def model_limit_errors(cfg):
-    """-> a sentence per size of the network past MODEL_LIMITS or MAX_PARAMS (train.py's options, and the config
+    """-> a sentence per size of the network past DIT_LIMITS or MAX_PARAMS (train.py's options, and the config
     a checkpoint carries)."""
-    errors = [f"--{k} {getattr(cfg, k)}: at most {hi:,} (MODEL_LIMITS in config.py)"
-              for k, hi in MODEL_LIMITS.items() if getattr(cfg, k) > hi]
+    errors = [f"--{k} {getattr(cfg, k)}: at most {DIT_LIMITS[k][1]:,} (DIT_LIMITS in config.py)"
+              for k in ("depth", "hidden_size", "num_heads") if getattr(cfg, k) > DIT_LIMITS[k][1]]
     params = 12 * cfg.depth * cfg.hidden_size ** 2
     if not errors and params > MAX_PARAMS:
         errors.append(f"--depth {cfg.depth} --hidden_size {cfg.hidden_size}: about {params / 1e9:.1f} billion "
@@ -375,8 +377,8 @@ def stored_config_errors(config):
         return errors
     sizes = dataclasses.replace(TrainConfig(), **{k: config[k] for k in ("depth", "hidden_size", "num_heads")})
     errors = [f"its config's {e[2:]}" for e in model_limit_errors(sizes)]
-    limits = dict(input_size=256, in_channels=16, num_classes=100_000)     # released.py's DIT_LIMITS
-    errors += [f"its config's {k} is {config[k]}, above {hi:,}" for k, hi in limits.items() if config[k] > hi]
+    errors += [f"its config's {k} is {config[k]}, above {DIT_LIMITS[k][1]:,}"
+               for k in ("input_size", "in_channels", "num_classes") if config[k] > DIT_LIMITS[k][1]]
     if config["input_size"] % 2 or config["hidden_size"] % config["num_heads"] or config["hidden_size"] % 4:
         errors.append(f"its config's input_size {config['input_size']} is odd (patch 2), or hidden_size "
                       f"{config['hidden_size']} is not a multiple of 4 and of num_heads {config['num_heads']}")

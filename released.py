@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 import tvm
-from config import TrainConfig
+from config import DIT_LIMITS, MAX_PARAMS, TrainConfig  # the sizes a network may have
 from data import LATENT_STATS, SampleError
 from train import load_model_from_checkpoint, save_checkpoint
 
@@ -66,12 +66,9 @@ MAX_NAME = 200               # characters of a global's name, and of a module, p
 MAX_TENSOR_DIMS = 8          # dimensions of one tensor (the DiT's have at most 4)
 MAX_MODULES = 10_000         # modules in the network's tree (XL/2: ~600)
 MAX_DEPTH = 16               # nesting of modules (compiled wrapper > wrapper > DiT > blocks > i > attn > qkv: 7)
-# The network a file declares must be a tvm.DiT within these bounds (XL/2-18h: input 32 or 64, patch 2,
-# 4 channels, hidden 1152, depth 28, 18 heads, 1000 classes, 678M parameters).
-DIT_LIMITS = dict(input_size=(1, 256), patch_size=(1, 16), in_channels=(1, 16), hidden_size=(1, 8192),
-                  depth=(1, 128), num_heads=(1, 128), num_classes=(1, 100_000))
-MAX_PARAMS = 4_000_000_000   # 16 GB of float32 weights
-
+# The network a file declares must be a tvm.DiT within config.DIT_LIMITS and MAX_PARAMS, imported above
+# (XL/2-18h: input 32 or 64, patch 2, 4 channels, hidden 1152, depth 28, 18 heads, 1000 classes, 678M
+# parameters).
 
 class OfficialCheckpointError(SampleError):
     """An official pickle that cannot be read, or that holds something this loader refuses to build. The
