@@ -2689,6 +2689,14 @@ def test_fid_statistics_sigma_must_be_a_covariance(tmp_path, capsys, case):
         np.testing.assert_array_equal(fid.npz_stats(str(tmp_path / "real.npz"))[1], sigma.astype(dtype))
 
 
+def test_fid_reads_a_statistics_source_before_computing_the_other_sources_features(tmp_path, capsys, monkeypatch):
+    """A bad statistics file given second was refused only after the first SOURCE's features (an hour for
+    50,000 images): statistics are read first, so the refusal comes before any image meets the detector."""
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=-np.eye(2048))
+    monkeypatch.setattr(fid, "inception_features", lambda *a, **k: pytest.fail("features computed first"))
+    fid_refused([_tiny_npz(tmp_path / "a.npz"), tmp_path / "bad.npz"], capsys, r"bad\.npz: sigma is not a covariance")
+
+
 @pytest.mark.parametrize("kind", ["FIFO .npz", "FIFO image in a folder", "/dev/zero", "link.npz to /dev/zero"])
 def test_fid_sources_that_are_not_regular_files_are_refused_before_opening(tmp_path, capsys, kind):
     """A FIFO given as a SOURCE, or named z.png in a folder of images, hung fid.py forever (open() waits for
