@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import attention_jvp
 import benchmark
+import config as config_module   # config.py (the name "config" is a local variable throughout)
 import data as data_module
 import evaluate
 import evidence
@@ -2224,6 +2225,7 @@ OTHER_REPOSITORIES = {
     "destroy_probe.py": "a probe that a test writes into its temporary folder",
     "broadcast_probe.py": "likewise",
     "patience_probe.py": "likewise",
+    "savefail_probe.py": "likewise",
     "generate_images.py": "the official code's sampler (lumalabs/tvm)",
     "training/encoders.py": "lumalabs/tvm", "training/loss.py": "lumalabs/tvm",
     "training/wrapper.py": "lumalabs/tvm", "training/dit.py": "lumalabs/tvm",
@@ -5828,3 +5830,127 @@ def test_an_image_past_pils_pixel_limit_is_refused_before_it_fills_memory(tmp_pa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60 * 60 - 1)       # past it, under twice it: a warning
     with pytest.raises(train.TrainError, match=r"cannot read image .*big\.png \(DecompressionBombWarning"):
         encode_image_folder(str(tmp_path / "imgs"), str(tmp_path / "c"), 256, fake_encoder, workers=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutants of this round's code that the tests above let through (a mutation run, 2026-12-05): one test each
+# ------------------------------------------------------------------------------------------------
+
+def test_size_limits_hold_at_their_edges():
+    """DIT_LIMITS admit their own values and refuse one more; MAX_PARAMS refuses a network within every size
+    limit but with 12.9e9 parameters, and admits one of 3.9e9; a stored config with an infinite w or an
+    unknown res is refused."""
+    cfg = lambda **kw: dataclasses.replace(train.TrainConfig(), **{**dict(depth=2, hidden_size=64, num_heads=4), **kw})
+    for k, edge in (("depth", 128), ("hidden_size", 8192), ("num_heads", 128)):
+        assert config_module.model_limit_errors(cfg(**{k: edge})) == [], k
+        assert f"--{k} {edge + 1}: at most {edge:,}" in config_module.model_limit_errors(cfg(**{k: edge + 1}))[0]
+    assert "MAX_PARAMS" in config_module.model_limit_errors(cfg(depth=64, hidden_size=4096))[0]
+    assert config_module.model_limit_errors(cfg(depth=24, hidden_size=3712)) == []       # 3.97e9
+    good = dict(model="tiny", depth=4, hidden_size=64, num_heads=4, input_size=8, in_channels=1, num_classes=10,
+                res=0, w=1.5)
+    assert config_module.stored_config_errors(good) == []
+    for bad, said in ((dict(w=float("inf")), "w is inf"), (dict(w=-math.inf), "w is -inf"), (dict(res=7), "res is '7'")):
+        assert said in config_module.stored_config_errors({**good, **bad})[0], bad
+
+
+def test_every_option_that_needs_another_is_refused_without_it(tmp_path, monkeypatch, capsys):
+    """Each entry of config.NEEDS, given alone on the digits (no --fid_every, no --benchmark, no torchrun):
+    refused, naming what it needs. --fid true makes --fid_standin, --fid_samples and --fid_real apply."""
+    values = dict(fid_ref="digits", fid_n=5, fid_steps="1", fid_w=2.0, fid_batch=8, fid_standin="true",
+                  fid_samples=20, fid_real=20, vae="x", latent_cache="x", workers=2, decoder="bf16", bench_check="false",
+                  bench_cases="x", bench_memory_gib=1.0, bench_profile="true", dist_backend="gloo", grad_sync="flat")
+    assert set(values) == set(config_module.NEEDS)
+    for k, v in values.items():
+        with pytest.raises(train.TrainError, match=f"--{k} .* has no effect without"):
+            train.parse_config([str(a) for a in TINY + ["--out", tmp_path, f"--{k}", v]])
+    for k in ("fid_standin", "fid_samples", "fid_real"):
+        train.parse_config([str(a) for a in TINY + ["--fid", "true", "--out", tmp_path, f"--{k}", values[k]]])
+
+
+def test_resume_at_the_last_step_is_no_error(tmp_path):
+    """--resume with --steps equal to the checkpoint's step runs no step and ends as done (only a lower --steps
+    is refused)."""
+    run_train(tmp_path, "--steps", 2, "--batch_size", 4)
+    run_train(tmp_path, "--steps", 2, "--batch_size", 4, "--resume")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_sample_count_limit_and_unknown_decoder_keys(monkeypatch, capsys):
+    """sample.py --n is refused one past MAX_SAMPLES and taken at it; --bench_decoders refuses a list with any
+    unknown key, not only one of nothing but unknown keys."""
+    line = refused("sample.py", ["--ckpt", "x.pt", "--n", sample.MAX_SAMPLES + 1], monkeypatch, capsys)
+    assert "at most 100,000,000 samples" in line
+    assert sample.parse_args(["--ckpt", "x.pt", "--n", str(sample.MAX_SAMPLES)]).n == sample.MAX_SAMPLES
+    with pytest.raises(ValueError, match=r"\['bogus'\] unknown"):
+        benchmark.select_variants("float32_b32,bogus")
+
+
+def test_fid_checks_hold_at_their_tolerances_and_edges(tmp_path, monkeypatch):
+    """sigma off symmetric by 1e-4 (above the 1e-6 tolerance) or with an eigenvalue of -1e-4 is refused;
+    images with no width, not only no height; an .npz whose float64 array takes 1,600 bytes against 1,000
+    available (its element count alone would pass)."""
+    sym = np.eye(2048)
+    sym[0, 1] = 1e-4
+    with pytest.raises(ValueError, match=r"sigma\[0, 1\]"):
+        fid._check_stats(np.zeros(2048), sym, "s.npz")
+    with pytest.raises(ValueError, match=r"smallest eigenvalue is -0\.0001"):
+        fid._check_stats(np.zeros(2048), np.diag(np.r_[np.ones(2047), -1e-4]), "s.npz")
+    for shape in ((2, 8, 0, 3), (2, 0, 8, 3)):
+        with pytest.raises(ValueError, match="hold no pixels"):
+            fid._check_images(np.zeros(shape, np.uint8))
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros(200))
+    monkeypatch.setattr(fid, "available_memory", lambda: 1000)
+    with pytest.raises(fid.TooLarge, match="float64"):
+        fid._read_npz(str(tmp_path / "f.npz"), lambda files: ["arr_0"])
+
+
+def test_leaving_the_process_group_drops_the_patient_groups_handle():
+    """leave_process_group clears data._PATIENT before destroying the groups: a handle kept past
+    destroy_process_group is destroyed at exit, which aborted 2 of 20 two-process runs."""
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        data_module.join_patient_group()
+        assert data_module.patient_group() is not None
+    finally:
+        data_module.leave_process_group()
+    assert data_module._PATIENT == {"group": None, "main": None} and not dist.is_initialized()
+
+
+def test_end_of_run_fid_writes_its_features_atomically(tmp_path, monkeypatch):
+    """The real images' features go through data._write_atomically (a kill mid-write leaves the old file or
+    none, never half of one)."""
+    net, cfg, data = end_of_run_fid_setup(tmp_path, monkeypatch)
+    data.images = torch.flip(data.images, dims=[-1])
+    written, write = [], data_module._write_atomically
+    monkeypatch.setattr(data_module, "_write_atomically", lambda path, fn: written.append(path) or write(path, fn))
+    train.report_fid(train.build_net(cfg).eval(), cfg, data, torch.device("cpu"))
+    assert written == [os.path.join(str(tmp_path), "fid_real_features_30.npz")]
+
+
+SAVEFAIL = """
+import os, sys
+sys.path.insert(0, {root!r})
+import data, train
+real = train.save_checkpoint
+def save(state, path):
+    if int(os.environ["RANK"]) == 0:
+        raise data.TrainError("the disk is full (planted)")
+    return real(state, path)
+train.save_checkpoint = save
+data.run_script(lambda: train.main({argv!r}), "train.py")
+"""
+
+
+def test_a_failed_checkpoint_save_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 writes the checkpoint; when that fails (a full disk), rank 1 stops with the same message instead
+    of going on into the next step's collective and waiting there for rank 0 until the group's timeout."""
+    script = tmp_path / "savefail_probe.py"
+    argv = [str(a) for a in TINY + ["--steps", 3, "--batch_size", 4, "--ckpt_every", 1, "--out", tmp_path / "r"]]
+    script.write_text(SAVEFAIL.format(root=ROOT, argv=argv))
+    runs = run_processes([[sys.executable, str(script)]] * 2, timeout=120, envs=two_rank_envs())
+    for r in runs:
+        assert r.returncode == 2 and "train.py: error: the disk is full (planted)" in r.stdout, r.stdout[-2000:]
