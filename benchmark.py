@@ -2,6 +2,7 @@
 $ python benchmark.py step --bench_cases XL/2-18h:256:32     (the same as: python train.py --benchmark ...)
 $ python benchmark.py sample --out runs/bench                (the same as: python sample.py --benchmark ...)
 $ python benchmark.py step --device cpu --compile false --attention reference --bench_cases tiny:64:8
+$ python benchmark.py checkpoint runs/ckpt_bench 13.5                 (the checkpoint check's cost)
 
 Benchmarks on random weights and random data (nothing to download): the training step of train.py, and
 the evaluation path of sample.py and fid.py. train.py --benchmark and sample.py --benchmark run this file.
@@ -40,7 +41,7 @@ from config import HERE, MODELS, TrainConfig, build_net, parse_config, prepare_n
 from data import SampleError, TrainError, run_script
 from sample import sample_latents
 from step import CudaGraphStep, _fields, make_optimizer, make_step, train_step
-from train import setup_distributed
+from train import damaged_member, save_checkpoint, setup_distributed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -716,6 +717,38 @@ def _dit_step(net, x1, y, amp):
 # python benchmark.py step|sample ...: what train.py --benchmark and sample.py --benchmark run
 # ------------------------------------------------------------------------------------------------
 
+def checkpoint_benchmark(folder, gib=13.5):
+    """What the checkpoint's integrity check costs: a train.py-layout checkpoint of `gib` GiB of float32 (XL/2-18h's
+    is 13.5: weights, two EMAs and AdamW's two moments) written by save_checkpoint into `folder`, then timed:
+    train.damaged_member (every member's CRC-32, what load_checkpoint adds) twice, then torch.load. The first
+    check may read from the disk, the second from the page cache, as torch.load does after it.
+    -> {seconds}; the file is removed at the end."""
+    os.makedirs(folder, exist_ok=True)
+    path, parts = os.path.join(folder, "ckpt.pt"), max(1, round(gib))
+    per = int(gib * 2 ** 30 / 4 / parts)
+    state = dict(config={}, model={f"w{i}": torch.zeros(per) for i in range(parts)}, ema={}, target={}, opt={}, step=0)
+    t0 = time.perf_counter()
+    save_checkpoint(state, path)
+    seconds = dict(save=time.perf_counter() - t0)
+    state = None
+    size = os.path.getsize(path) / 2 ** 30
+    try:
+        for k in (1, 2):
+            t0 = time.perf_counter()
+            assert damaged_member(path) is None
+            seconds[f"crc_check_{k}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with open(path, "rb") as f:
+            torch.load(f, map_location="cpu", weights_only=True)
+        seconds["torch_load"] = time.perf_counter() - t0
+    finally:
+        os.remove(path)
+    rate = {k: size / v for k, v in seconds.items()}
+    print(f"checkpoint of {size:.2f} GiB in {folder}: " + ", ".join(f"{k} {v:.1f} s ({rate[k]:.2f} GiB/s)"
+                                                                  for k, v in seconds.items()))
+    return seconds
+
+
 def main(argv=None):
     """step [train.py's options] or sample [sample.py's options] -> the benchmark's result."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -736,7 +769,12 @@ def main(argv=None):
         return sampling_benchmark(args.out, [int(b) for b in args.bench_batches.split(",")], args.bench_n,
                                   vae=args.vae or "random", parts=args.bench_parts.split(","), stream_n=args.bench_fid_n,
                                   stream_batch=args.batch_size, decoder=args.decoder, decoders=args.bench_decoders)
-    print(__doc__.strip() + "\n\nusage: python benchmark.py step [train.py's options] | sample --out DIR [sample.py's options]",
+    if kind == "checkpoint":
+        if not 1 <= len(options) <= 2:
+            raise TrainError("usage: python benchmark.py checkpoint DIR [GiB, default 13.5]")
+        return checkpoint_benchmark(options[0], *map(float, options[1:])) and 0
+    print(__doc__.strip() + "\n\nusage: python benchmark.py step [train.py's options] | sample --out DIR [sample.py's options]"
+          " | checkpoint DIR [GiB]",
           file=sys.stdout if kind in ("-h", "--help") else sys.stderr)
     return 0 if kind in ("-h", "--help") else 2
 

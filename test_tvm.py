@@ -5954,3 +5954,13 @@ def test_a_failed_checkpoint_save_on_rank_0_stops_every_rank(tmp_path):
     runs = run_processes([[sys.executable, str(script)]] * 2, timeout=120, envs=two_rank_envs())
     for r in runs:
         assert r.returncode == 2 and "train.py: error: the disk is full (planted)" in r.stdout, r.stdout[-2000:]
+
+
+def test_checkpoint_benchmark_times_the_check_on_a_written_checkpoint(tmp_path, capsys):
+    """python benchmark.py checkpoint DIR GiB: a checkpoint written by save_checkpoint, its CRC check timed
+    twice and torch.load once, the file removed after; a bad command line is refused in one line."""
+    seconds = benchmark.checkpoint_benchmark(str(tmp_path), 0.01)
+    assert set(seconds) == {"save", "crc_check_1", "crc_check_2", "torch_load"} and min(seconds.values()) > 0
+    assert "checkpoint of 0.01 GiB" in capsys.readouterr().out and os.listdir(tmp_path) == []
+    with pytest.raises(train.TrainError, match="usage: python benchmark.py checkpoint DIR"):
+        benchmark.main(["checkpoint"])

@@ -168,8 +168,9 @@ def damaged_member(path, chunk=16 << 20):
     flipped exponent turns up later as a NaN that looks like a learning-rate problem). Reads the file once, in
     chunks. Cost, measured on 2 busy cores of an AMD EPYC: 1.0-1.24 GB/s over a 1.07 GB checkpoint in the page
     cache, where its torch.load ran at 0.63-0.75 GB/s, so loading takes about 1.6x as long. Computed from that
-    rate, not measured: a 13.5 GB checkpoint would take 11-13.5 s more, plus its reading from disk if it is
-    not cached (then the check reads it first, and torch.load finds it cached)."""
+    rate, then measured (`python benchmark.py checkpoint DIR 13.5`, 2 cores of an AMD EPYC, 2026-12-05): on a 13.5 GiB
+    checkpoint (XL/2-18h's size) the check took 9.6 s just after the save (1.4 GiB/s), 4.7 s from the page
+    cache (2.9 GiB/s), against 16.7 s for torch.load: a resume or a sample.py start takes 5-10 s longer."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
