@@ -526,7 +526,7 @@ def _bench_stream(res, report, dev, vae_name, n, batch, decoder):
     if dev.type == "cuda":                    # as sample.py --compile (on a CPU, inductor would take minutes)
         net.compile_blocks()
     amp = torch.autocast(dev.type, dtype=torch.bfloat16)
-    vae = data.RandomVAE(dev, decoder=decoder) if vae_name == "random" else data.load_vae(dev, vae_name, decoder)
+    vae = sample.load_vae(dev, vae_name, decoder)
     try:
         fid.load_inception(dev)
     except (ImportError, RuntimeError):
@@ -772,7 +772,8 @@ def main(argv=None):
     if kind == "checkpoint":
         if not 1 <= len(options) <= 2:
             raise TrainError("usage: python benchmark.py checkpoint DIR [GiB, default 13.5]")
-        return checkpoint_benchmark(options[0], *map(float, options[1:])) and 0
+        checkpoint_benchmark(options[0], *map(float, options[1:]))
+        return 0
     print(__doc__.strip() + "\n\nusage: python benchmark.py step [train.py's options] | sample --out DIR [sample.py's options]"
           " | checkpoint DIR [GiB]",
           file=sys.stdout if kind in ("-h", "--help") else sys.stderr)

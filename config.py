@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
 
 import tvm
 from data import DECODERS, TrainError, file_in_the_way
@@ -348,6 +349,11 @@ def check_resumable(saved, cfg, path):
                          f"settings (its config is printed by `python -c \"import torch; print(torch.load("
                          f"'{path}')['config'])\"`), or start a new run with another --out")
     return {k: (saved.get(k), now[k]) for k in now if k not in STRUCTURAL and k != "resume" and saved.get(k) != now[k]}
+
+
+def precision_on(precision, device):
+    """--precision as it runs on `device`: "auto" is bf16 autocast on a GPU (the paper's), float32 on a CPU."""
+    return precision if precision != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
 
 
 def prepare_net(net, cfg):

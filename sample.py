@@ -304,7 +304,7 @@ def _sample(args):
         print(f"note: --cfg {w:g} lies outside the guidance weights this model was trained on "
               f"({config['w']:g}" + (f"..{w_hi:g}" if w_hi != config["w"] else "") + "); the network "
               "takes w as an input but has not learned other values", file=sys.stderr)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = train.precision_on(args.precision, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     if args.compile:
         net.compile_blocks()

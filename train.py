@@ -71,7 +71,7 @@ import fid
 from evaluate import report_fid   # train.report_fid: what _finish calls (the tests replace it)
 import tvm
 from config import (MODELS, PRESETS, TINY, TrainConfig, build_net, check_resumable, config_errors,  # noqa: F401
-                    model_kwargs, parse_config, prepare_net, resolve, stored_config_errors)
+                    model_kwargs, parse_config, precision_on, prepare_net, resolve, stored_config_errors)
 # The step's names stay reachable as train.X (benchmark.py and the tests use them).
 from step import (STAT_NAMES, CudaGraphStep, FlatGradients, broadcast_from_rank_0, make_optimizer,  # noqa: F401
                   make_step, step_on_device, step_report, train_step)
@@ -459,8 +459,7 @@ def check_attention(cfg, device):
     over 128) is refused before the run starts, not at its first step."""
     if cfg.attention != "triton":
         return
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[precision]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[precision_on(cfg.precision, device)]
     q = torch.zeros(1, 1, 2, max(cfg.hidden_size // cfg.num_heads, 1), device=device, dtype=dtype)
     reason = attention_jvp._triton_unsupported(q, q, q)
     if reason:
@@ -493,7 +492,7 @@ def _train(cfg, rank, world, device, on_exit):
     closes rank 0's RunLog however it ends)."""
     master = rank == 0
     cuda = device.type == "cuda"
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    precision = precision_on(cfg.precision, device)
     dtype = torch.float64 if precision == "fp64" else torch.float32
     # cache_enabled=False: autocast's cache of cast weights must not outlive a CUDA-graph capture
     amp = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if precision == "bf16" else nullcontext()
