@@ -207,24 +207,16 @@ def resolve(cfg):
     return cfg
 
 
-# The largest network this code builds, from train.py's options, a checkpoint's config or an official file
-# (released.py reads the sizes off its weights): each size within DIT_LIMITS, and at most MAX_PARAMS
-# parameters (16 GB of float32 weights; a DiT's block holds about 12 hidden^2). Beyond them the allocation
-# fails deep inside torch (--depth 100000 took 23 GB before it did).
-DIT_LIMITS = dict(input_size=(1, 256), patch_size=(1, 16), in_channels=(1, 16), hidden_size=(1, 8192),
-                  depth=(1, 128), num_heads=(1, 128), num_classes=(1, 100_000))
-MAX_PARAMS = 4_000_000_000
-
-
 def model_limit_errors(cfg):
-    """-> a sentence per size of the network past DIT_LIMITS or MAX_PARAMS (train.py's options, and the config
-    a checkpoint carries)."""
-    errors = [f"--{k} {getattr(cfg, k)}: at most {DIT_LIMITS[k][1]:,} (DIT_LIMITS in config.py)"
-              for k in ("depth", "hidden_size", "num_heads") if getattr(cfg, k) > DIT_LIMITS[k][1]]
+    """-> a sentence per size of the network past tvm.DIT_LIMITS or tvm.MAX_PARAMS (train.py's options, and the
+    config a checkpoint carries)."""
+    limits = tvm.DIT_LIMITS
+    errors = [f"--{k} {getattr(cfg, k)}: at most {limits[k][1]:,} (tvm.DIT_LIMITS)"
+              for k in ("depth", "hidden_size", "num_heads") if getattr(cfg, k) > limits[k][1]]
     params = 12 * cfg.depth * cfg.hidden_size ** 2
-    if not errors and params > MAX_PARAMS:
+    if not errors and params > tvm.MAX_PARAMS:
         errors.append(f"--depth {cfg.depth} --hidden_size {cfg.hidden_size}: about {params / 1e9:.1f} billion "
-                      f"parameters, more than the {MAX_PARAMS / 1e9:g} billion this code builds (MAX_PARAMS)")
+                      f"parameters, more than the {tvm.MAX_PARAMS / 1e9:g} billion this code builds (tvm.MAX_PARAMS)")
     return errors
 
 
@@ -383,8 +375,8 @@ def stored_config_errors(config):
         return errors
     sizes = dataclasses.replace(TrainConfig(), **{k: config[k] for k in ("depth", "hidden_size", "num_heads")})
     errors = [f"its config's {e[2:]}" for e in model_limit_errors(sizes)]
-    errors += [f"its config's {k} is {config[k]}, above {DIT_LIMITS[k][1]:,}"
-               for k in ("input_size", "in_channels", "num_classes") if config[k] > DIT_LIMITS[k][1]]
+    errors += [f"its config's {k} is {config[k]}, above {tvm.DIT_LIMITS[k][1]:,}"
+               for k in ("input_size", "in_channels", "num_classes") if config[k] > tvm.DIT_LIMITS[k][1]]
     if config["input_size"] % 2 or config["hidden_size"] % config["num_heads"] or config["hidden_size"] % 4:
         errors.append(f"its config's input_size {config['input_size']} is odd (patch 2), or hidden_size "
                       f"{config['hidden_size']} is not a multiple of 4 and of num_heads {config['num_heads']}")

@@ -281,10 +281,11 @@ class DigitsData:
                 or labels.shape != images.shape[:1] or labels.dtype.kind not in "iu"):
             raise TrainError(f"--data {path} holds images {images.dtype} {images.shape} and labels {labels.dtype} "
                              f"{labels.shape}. {want}")
-        if images.shape[1] % 2 or not 2 <= images.shape[1] <= 256 or not 0 <= labels.min() <= labels.max() < 100_000:
+        side, classes = tvm.DIT_LIMITS["input_size"][1], tvm.DIT_LIMITS["num_classes"][1]
+        if images.shape[1] % 2 or not 2 <= images.shape[1] <= side or not 0 <= labels.min() <= labels.max() < classes:
             raise TrainError(f"--data {path} holds {images.shape[1]} x {images.shape[1]} images with labels "
                              f"{labels.min()}..{labels.max()}: the DiT cuts 2 x 2 patches, so the side must be even, "
-                             "2..256, and the labels must be class numbers 0..99,999. " + want)
+                             f"2..{side}, and the labels must be class numbers 0..{classes - 1:,}. " + want)
         self.images = torch.from_numpy(images.astype(np.float32) / 8.0 - 1.0)[:, None]      # (N, 1, 8, 8)
         self.labels = labels.astype(np.int64)                                              # (N,)
         self.num_classes = int(self.labels.max()) + 1

@@ -19,9 +19,10 @@ from collections import OrderedDict
 import torch
 
 import tvm
-from config import DIT_LIMITS, MAX_PARAMS, TrainConfig  # the sizes a network may have
+from config import TrainConfig
 from data import LATENT_STATS, SampleError
 from train import load_model_from_checkpoint, save_checkpoint
+from tvm import DIT_LIMITS, MAX_PARAMS   # the sizes a network may have
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ MAX_NAME = 200               # characters of a global's name, and of a module, p
 MAX_TENSOR_DIMS = 8          # dimensions of one tensor (the DiT's have at most 4)
 MAX_MODULES = 10_000         # modules in the network's tree (XL/2: ~600)
 MAX_DEPTH = 16               # nesting of modules (compiled wrapper > wrapper > DiT > blocks > i > attn > qkv: 7)
-# The network a file declares must be a tvm.DiT within config.DIT_LIMITS and MAX_PARAMS, imported above
+# The network a file declares must be a tvm.DiT within tvm.DIT_LIMITS and MAX_PARAMS, imported above
 # (XL/2-18h: input 32 or 64, patch 2, 4 channels, hidden 1152, depth 28, 18 heads, 1000 classes, 678M
 # parameters).
 

@@ -328,6 +328,14 @@ DIT_CONFIGS = {
     "XL/2-18h": dict(hidden_size=1152, depth=28, num_heads=18, patch_size=2),
 }
 
+# The largest DiT this code builds, whether from train.py's options, a checkpoint's config, the digits'
+# shape or an official file (released.py reads the sizes off its weights): each size within DIT_LIMITS
+# (lowest, highest), and at most MAX_PARAMS parameters (16 GB of float32 weights; a block holds about
+# 12 hidden^2). Beyond them the allocation fails deep inside torch (--depth 100000 took 23 GB before it did).
+DIT_LIMITS = dict(input_size=(1, 256), patch_size=(1, 16), in_channels=(1, 16), hidden_size=(1, 8192),
+                  depth=(1, 128), num_heads=(1, 128), num_classes=(1, 100_000))
+MAX_PARAMS = 4_000_000_000
+
 
 class DiT(nn.Module):
     """DiT with TVM's changes: parameter-free RMSNorm for every LayerNorm, QK-norm, RMS-normalised
